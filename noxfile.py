@@ -1,0 +1,51 @@
+"""Sessions that check embedding-constraint: `nox` runs tests, lint and typecheck."""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.reuse_existing_virtualenvs = True
+nox.options.error_on_missing_interpreters = True
+
+# An unpinned `torch` pulls a multi-GB CUDA build; pin the CPU build and let the
+# environment choose another spec (EMBEDDING_CONSTRAINT_TORCH="torch==2.6.0", say).
+TORCH = os.environ.get("EMBEDDING_CONSTRAINT_TORCH", "torch==2.13.0")
+LIGHTNING = ["pytorch-lightning>=2.2", "lightning>=2.2"]
+
+
+def _install(session: nox.Session, extras: str, *more: str) -> None:
+    """Install the pinned torch first, so nothing else can pull an unpinned one."""
+    session.install(TORCH)
+    session.install("-e", f".[{extras}]", *more)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the test suite, doctests and executed examples, under both Lightning flavours."""
+    _install(session, "test,demo", *LIGHTNING)
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Check style and formatting with ruff."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """Type-check the package, tests and examples with mypy --strict."""
+    _install(session, "test,demo", *LIGHTNING, "mypy>=1.11", "nox")
+    session.run("mypy", "--strict")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """Run the produce demo: expand a vocabulary with and without the constraint."""
+    _install(session, "demo")
+    session.run("python", "examples/produce_demo.py", *session.posargs)

@@ -1,0 +1,28 @@
+"""Train part of a weight while the rest stays exactly fixed.
+
+`FixedRows` is a :mod:`torch.nn.utils.parametrize` parametrization; `fix_rows` and `bake`
+apply and remove it with plain state dicts; `EmbeddingConstraint` does both around a
+PyTorch Lightning fit.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from embedding_constraint.fix_rows import bake, fix_rows, is_fixed
+from embedding_constraint.fixed_rows import FixedRows
+
+if TYPE_CHECKING:
+    from embedding_constraint.callback import EmbeddingConstraint
+
+__all__ = ["EmbeddingConstraint", "FixedRows", "bake", "fix_rows", "is_fixed"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # The callback needs pytorch_lightning, an optional dependency: import it on first use.
+    if name == "EmbeddingConstraint":
+        from embedding_constraint.callback import EmbeddingConstraint
+
+        return EmbeddingConstraint
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,312 @@
+"""`fix_rows` and `bake`: constrain a module's rows, and turn the result back into a plain weight.
+
+`fix_rows` registers :class:`~embedding_constraint.FixedRows` and keeps the module's
+``state_dict()`` plain: the same keys and shapes as the unconstrained module, so checkpoints
+load into ordinary modules and ordinary checkpoints load into constrained ones. Every module
+under the root that holds the same Parameter (tied weights) reads the constrained tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from embedding_constraint.fixed_rows import FixedRows
+
+__all__ = ["bake", "fix_rows", "is_fixed"]
+
+
+def _split(name: str) -> tuple[str, str]:
+    owner, _, attr = name.rpartition(".")
+    return owner, attr
+
+
+def _owner(root: nn.Module, name: str) -> tuple[nn.Module, str]:
+    owner_name, attr = _split(name)
+    try:
+        return root.get_submodule(owner_name), attr
+    except AttributeError:
+        raise ValueError(
+            f"Expected `name` to name a parameter under the module. Got {name!r}: "
+            f"there is no submodule {owner_name!r}."
+        ) from None
+
+
+def _holders(root: nn.Module, param: Tensor) -> list[tuple[nn.Module, str]]:
+    """Every (module, attribute) under ``root`` that holds ``param`` itself, once each."""
+    seen: set[int] = set()
+    found = []
+    for module in root.modules():
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        for attr, value in module._parameters.items():
+            if value is param:
+                found.append((module, attr))
+    return found
+
+
+def _check_lookup_options(module: nn.Module) -> None:
+    if isinstance(module, nn.Embedding | nn.EmbeddingBag):
+        kind = type(module).__name__
+        if module.sparse:
+            raise ValueError(
+                f"Expected a dense-gradient {kind}. Got {kind}(sparse=True): a sparse gradient "
+                "cannot flow through the parametrization to the stored free rows. "
+                "Use sparse=False."
+            )
+        if module.max_norm is not None:
+            raise ValueError(
+                f"Expected a {kind} without max_norm. Got max_norm={module.max_norm}: max_norm "
+                "renormalises rows in place inside the weight it reads, which under a "
+                "parametrization is a fresh tensor at every read, so the stored rows would "
+                "never be renormalised (and the fixed rows would be, were it applied)."
+            )
+
+
+class _PlainStateDict:
+    """State-dict hooks that show a constrained tensor as the plain full tensor.
+
+    Saving writes ``<prefix><name>`` (the full tensor) instead of the parametrization's
+    entries. Loading accepts ``<prefix><name>``: its free rows go to the stored parameter,
+    and its fixed rows must equal the reference.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def _constraint(self, module: nn.Module) -> FixedRows | None:
+        if not parametrize.is_parametrized(module, self.name):
+            return None
+        constraint = module.parametrizations[self.name][0]
+        return constraint if isinstance(constraint, FixedRows) else None
+
+    def __call__(
+        self, module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any
+    ) -> None:
+        """Save: replace the parametrization's entries by the full tensor."""
+        if self._constraint(module) is None:
+            return
+        inner = f"{prefix}parametrizations.{self.name}."
+        for key in [k for k in state_dict if k.startswith(inner)]:
+            del state_dict[key]
+        with torch.no_grad():
+            state_dict[prefix + self.name] = module.parametrizations[self.name]().detach()
+
+    def load(
+        self,
+        module: nn.Module,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: Any,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Load: route a plain full tensor to the stored free rows, checking the fixed ones."""
+        constraint = self._constraint(module)
+        key = prefix + self.name
+        if constraint is None or key not in state_dict:
+            return
+        plist = module.parametrizations[self.name]
+        inner = f"{prefix}parametrizations.{self.name}."
+        value = state_dict[key]
+        expected = (constraint.num_fixed + plist.original.shape[0], *plist.original.shape[1:])
+        if not isinstance(value, Tensor) or tuple(value.shape) != expected:
+            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            error_msgs.append(
+                f"size mismatch for {key}: expected a tensor of shape {expected}, got {got}."
+            )
+            del state_dict[key]
+            return
+        with torch.no_grad():
+            fixed_at = constraint.fixed_row_indices().to(value.device)
+            incoming = value.index_select(0, fixed_at).to(constraint.reference)
+            differ = (incoming != constraint.reference).reshape(constraint.num_fixed, -1).any(1)
+            if bool(differ.any()):
+                rows = fixed_at[differ.to(fixed_at.device)].tolist()
+                shown = ", ".join(map(str, rows[:10])) + (", ..." if len(rows) > 10 else "")
+                raise ValueError(
+                    f"Expected the fixed rows of {key!r} to equal the reference. "
+                    f"Got {len(rows)} differing row(s): [{shown}]."
+                )
+            free = (
+                value[constraint.num_fixed :]
+                if constraint.free_rows is None
+                else value.index_select(0, constraint.free_rows.to(value.device))
+            )
+        del state_dict[key]
+        state_dict[inner + "original"] = free
+        # The reference is the constraint's own: a plain state dict never replaces it.
+        for buffer_name, buffer in constraint.state_dict(prefix=inner + "0.").items():
+            state_dict[buffer_name] = buffer
+
+
+def _ours(hook: Any) -> _PlainStateDict | None:
+    target = getattr(hook, "hook", hook)  # torch stores load pre-hooks wrapped in .hook
+    target = getattr(target, "__self__", target)  # and ours are bound methods there
+    return target if isinstance(target, _PlainStateDict) else None
+
+
+def _register_plain_hooks(module: nn.Module, name: str) -> None:
+    hooks = _PlainStateDict(name)
+    module.register_state_dict_post_hook(hooks)
+    module.register_load_state_dict_pre_hook(hooks.load)
+
+
+def _remove_plain_hooks(module: nn.Module, name: str) -> None:
+    for registry in (module._state_dict_hooks, module._load_state_dict_pre_hooks):
+        for handle_id, hook in list(registry.items()):
+            ours = _ours(hook)
+            if ours is not None and ours.name == name:
+                del registry[handle_id]
+
+
+def _share_parametrization(source: nn.Module, source_attr: str, module: nn.Module, attr: str) -> None:
+    """Make ``module.<attr>`` read the same parametrization as ``source.<source_attr>``."""
+    del module._parameters[attr]
+    if not parametrize.is_parametrized(module):
+        parametrize._inject_new_class(module)
+        module.parametrizations = nn.ModuleDict()
+    parametrize._inject_property(module, attr)
+    module.parametrizations[attr] = source.parametrizations[source_attr]
+
+
+def is_fixed(module: nn.Module, name: str = "weight") -> bool:
+    """Return whether ``module.<name>`` is constrained by :class:`FixedRows`."""
+    owner_name, attr = _split(name)
+    try:
+        owner = module.get_submodule(owner_name)
+    except AttributeError:
+        return False
+    if not parametrize.is_parametrized(owner, attr):
+        return False
+    return any(isinstance(p, FixedRows) for p in owner.parametrizations[attr])
+
+
+def fix_rows(
+    module: nn.Module,
+    reference: Tensor,
+    *,
+    name: str = "weight",
+    rows: Tensor | Sequence[int] | None = None,
+) -> nn.Module:
+    r"""Hold rows of ``module.<name>`` at ``reference`` while the other rows train.
+
+    Registers :class:`FixedRows` on the parameter and keeps ``module.state_dict()`` plain:
+    the same keys and shapes as the unconstrained module. Loading a plain state dict loads
+    its free rows; its fixed rows must equal the reference. The Parameter object is kept,
+    so an optimizer created before the call still trains it if it has taken no step.
+
+    ``name`` may be dotted (``"transformer.wte.weight"``). Every module under ``module``
+    that holds the same Parameter (an output head tied to the embedding) reads the
+    constrained tensor, and the optimizer sees the parameter once.
+
+    Args:
+        module (nn.Module): the module, or a root module above it.
+        reference (Tensor): the fixed rows' values, shape ``(k, *trailing)``.
+        name (str, optional): the parameter, dotted under ``module``. Default: ``"weight"``.
+        rows (Tensor or sequence of int, optional): positions of the fixed rows, one per
+            reference row. Default: ``None``, the first ``k`` rows.
+
+    Returns:
+        nn.Module: ``module``, constrained in place.
+
+    Raises:
+        TypeError: ``module`` is not an ``nn.Module``, or see :class:`FixedRows`.
+        ValueError: there is no such parameter, it is already parametrized, it is an
+            ``nn.Embedding``/``nn.EmbeddingBag`` with ``sparse=True`` or ``max_norm``, or the
+            reference does not fit it (see :class:`FixedRows`). The module is left unchanged.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from embedding_constraint import fix_rows, bake
+        >>> emb = nn.Embedding(5, 3)
+        >>> reference = torch.zeros(2, 3)
+        >>> _ = fix_rows(emb, reference)
+        >>> list(emb.state_dict()), emb.state_dict()["weight"].shape
+        (['weight'], torch.Size([5, 3]))
+        >>> torch.equal(bake(emb).weight[:2], reference)
+        True
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"Expected `module` to be a torch.nn.Module. Got {type(module).__name__}.")
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"Expected `name` to be a non-empty str. Got {name!r}.")
+    owner, attr = _owner(module, name)
+    if parametrize.is_parametrized(owner, attr):
+        raise ValueError(
+            f"Expected an unconstrained parameter. Got {name!r}, which is already parametrized; "
+            "call bake() before constraining it again."
+        )
+    param = owner._parameters.get(attr)
+    if not isinstance(param, nn.Parameter):
+        available = [n for n, _ in module.named_parameters()]
+        raise ValueError(
+            f"Expected `module` to have a parameter named {name!r}. "
+            f"Got none; its parameters are {available}."
+        )
+    holders = _holders(module, param)
+    for holder, _ in holders:
+        _check_lookup_options(holder)
+    constraint = FixedRows(reference, rows=rows)
+    constraint.check_compatible(param)
+    # Nothing below can fail on user input: the module changes only from here on.
+    parametrize.register_parametrization(owner, attr, constraint)
+    _register_plain_hooks(owner, attr)
+    for holder, holder_attr in holders:
+        if holder is not owner or holder_attr != attr:
+            _share_parametrization(owner, attr, holder, holder_attr)
+            _register_plain_hooks(holder, holder_attr)
+    return module
+
+
+def bake(module: nn.Module, *, name: str = "weight") -> nn.Module:
+    r"""Replace a constrained ``module.<name>`` by a plain Parameter holding its current value.
+
+    The inverse of :func:`fix_rows` (and of registering :class:`FixedRows` by hand): the
+    Parameter object is the one that was constrained, now of the full shape, with the fixed
+    rows equal to the reference. Tied modules still share it afterwards.
+
+    Args:
+        module (nn.Module): the module, or a root module above it.
+        name (str, optional): the parameter, dotted under ``module``. Default: ``"weight"``.
+
+    Returns:
+        nn.Module: ``module``, with a plain parameter in place.
+
+    Raises:
+        ValueError: ``module.<name>`` is not constrained by :class:`FixedRows` alone.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"Expected `module` to be a torch.nn.Module. Got {type(module).__name__}.")
+    owner, attr = _owner(module, name)
+    if not parametrize.is_parametrized(owner, attr):
+        raise ValueError(f"Expected {name!r} to be constrained by fix_rows. Got a plain tensor.")
+    plist = owner.parametrizations[attr]
+    if len(plist) != 1 or not isinstance(plist[0], FixedRows):
+        kinds = [type(p).__name__ for p in plist]
+        raise ValueError(f"Expected {name!r} to be constrained by FixedRows alone. Got {kinds}.")
+    # Modules that share the parametrization (tied weights) get the stored Parameter back first;
+    # baking the owner last then sets that same Parameter to the full value.
+    sharers = [
+        (holder, holder_attr)
+        for holder in module.modules()
+        if holder is not owner and parametrize.is_parametrized(holder)
+        for holder_attr, holder_plist in holder.parametrizations.items()
+        if holder_plist is plist
+    ]
+    for holder, holder_attr in sharers:
+        parametrize.remove_parametrizations(holder, holder_attr, leave_parametrized=False)
+        _remove_plain_hooks(holder, holder_attr)
+    parametrize.remove_parametrizations(owner, attr, leave_parametrized=True)
+    _remove_plain_hooks(owner, attr)
+    return module
+

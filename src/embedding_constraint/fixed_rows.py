@@ -1,0 +1,233 @@
+"""The `FixedRows` parametrization: some rows of a tensor held at reference values.
+
+The stored tensor (``parametrizations.<name>.original``) holds only the free rows, so an
+optimizer never sees, decays or keeps state for the fixed ones. Reading the parametrized
+tensor puts the reference rows and the free rows together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["FixedRows"]
+
+
+class _ScatterRows(torch.autograd.Function):
+    """Interleave fixed and free rows into one tensor; gradients reach the free rows only."""
+
+    @staticmethod
+    def forward(
+        free: Tensor, reference: Tensor, rows: Tensor, free_rows: Tensor
+    ) -> Tensor:
+        out = free.new_empty((reference.shape[0] + free.shape[0], *free.shape[1:]))
+        out.index_copy_(0, rows, reference)
+        out.index_copy_(0, free_rows, free)
+        return out
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        ctx.save_for_backward(inputs[3])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
+        (free_rows,) = ctx.saved_tensors
+        grad_free = grad.index_select(0, free_rows) if ctx.needs_input_grad[0] else None
+        return grad_free, None, None, None
+
+
+def _as_rows(rows: Tensor | Sequence[int], count: int) -> Tensor:
+    """Validate ``rows`` as distinct, non-negative integer indices, one per reference row."""
+    if isinstance(rows, Tensor):
+        if rows.dtype.is_floating_point or rows.dtype.is_complex or rows.dtype == torch.bool:
+            raise TypeError(
+                f"Expected `rows` to hold integers. Got a tensor of dtype {rows.dtype}."
+            )
+        index = rows.detach().to(device="cpu", dtype=torch.int64)
+    elif isinstance(rows, Sequence) and not isinstance(rows, str | bytes):
+        if not all(isinstance(r, int) and not isinstance(r, bool) for r in rows):
+            bad = next(r for r in rows if not isinstance(r, int) or isinstance(r, bool))
+            raise TypeError(
+                f"Expected `rows` to hold integers. Got an element of type {type(bad).__name__}: {bad!r}."
+            )
+        index = torch.tensor(list(rows), dtype=torch.int64)
+    else:
+        raise TypeError(
+            "Expected `rows` to be a 1-D integer tensor or a sequence of ints. "
+            f"Got {type(rows).__name__}."
+        )
+    if index.dim() != 1:
+        raise ValueError(
+            f"Expected `rows` to be 1-D. Got a tensor of shape {tuple(index.shape)}."
+        )
+    if index.numel() != count:
+        raise ValueError(
+            f"Expected `rows` to name one row per reference row ({count}). "
+            f"Got {index.numel()} rows."
+        )
+    if index.numel() and int(index.min()) < 0:
+        raise ValueError(
+            f"Expected `rows` to be non-negative. Got {int(index.min())}."
+        )
+    unique, counts = torch.unique(index, return_counts=True)
+    if unique.numel() != index.numel():
+        raise ValueError(
+            f"Expected `rows` to be distinct. Got duplicates: {unique[counts > 1].tolist()}."
+        )
+    return index
+
+
+class FixedRows(nn.Module):
+    r"""Hold rows of a tensor at reference values while the other rows train.
+
+    Register it with :func:`torch.nn.utils.parametrize.register_parametrization`. The
+    stored parameter then holds only the free rows; reading the tensor returns the
+    reference rows at their positions and the free rows everywhere else
+    (``cat(reference, free)`` when the fixed rows are a prefix).
+
+    The reference is copied into a buffer, so later changes to the caller's tensor change
+    nothing, and it follows ``.to(device/dtype)`` with the module. When registered, it is
+    converted to the dtype and device of the tensor it constrains: in a lower precision
+    than the reference (bfloat16, say), the fixed rows are the rounded reference.
+
+    Args:
+        reference (Tensor): the fixed rows' values, shape ``(k, *trailing)``, where
+            ``trailing`` is the constrained tensor's shape after the row dimension.
+        rows (Tensor or sequence of int, optional): the positions of the fixed rows, one per
+            reference row: ``weight[rows[i]]`` is held at ``reference[i]``. Default: ``None``,
+            the first ``k`` rows.
+
+    Raises:
+        TypeError: ``reference`` is not a floating-point tensor, or ``rows`` does not hold
+            integers.
+        ValueError: ``reference`` is 0-d or holds NaN or Inf; ``rows`` is not 1-D, has a
+            different count than ``reference``, is negative or has duplicates. When
+            registered: the tensor has another trailing shape, fewer rows than ``reference``
+            or fewer than ``max(rows) + 1`` rows.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch.nn.utils import parametrize
+        >>> from embedding_constraint import FixedRows
+        >>> emb = nn.Embedding(5, 3)
+        >>> reference = torch.zeros(2, 3)
+        >>> _ = parametrize.register_parametrization(emb, "weight", FixedRows(reference))
+        >>> emb.parametrizations.weight.original.shape  # only the free rows are stored
+        torch.Size([3, 3])
+        >>> torch.equal(emb.weight[:2], reference)
+        True
+    """
+
+    reference: Tensor
+    rows: Tensor | None
+    free_rows: Tensor | None
+
+    def __init__(self, reference: Tensor, rows: Tensor | Sequence[int] | None = None) -> None:
+        super().__init__()
+        if not isinstance(reference, Tensor):
+            raise TypeError(
+                f"Expected `reference` to be a torch.Tensor. Got {type(reference).__name__}."
+            )
+        if not reference.is_floating_point():
+            raise TypeError(
+                "Expected `reference` to be a floating-point tensor. "
+                f"Got a tensor of dtype {reference.dtype}."
+            )
+        if reference.dim() == 0:
+            raise ValueError(
+                "Expected `reference` to have a row dimension. Got a 0-d tensor."
+            )
+        finite = torch.isfinite(reference)
+        if not bool(finite.all()):
+            bad = (~finite).reshape(reference.shape[0], -1).any(dim=1).nonzero().flatten()
+            raise ValueError(
+                "Expected `reference` to be finite. "
+                f"Got NaN or Inf in reference rows {bad.tolist()}."
+            )
+        index = None if rows is None else _as_rows(rows, reference.shape[0])
+        reference = reference.detach().clone(memory_format=torch.contiguous_format)
+        if index is not None:
+            # Sorted rows make the prefix case recognisable and the layout canonical.
+            index, order = torch.sort(index)
+            reference = reference[order.to(reference.device)]
+            if torch.equal(index, torch.arange(index.numel())):
+                index = None
+        self.register_buffer("reference", reference)
+        self.register_buffer("rows", index)
+        # The complement of `rows`; it depends on the constrained tensor's row count, known
+        # at registration (`right_inverse`). Derived state, so not saved.
+        self.register_buffer("free_rows", None, persistent=False)
+
+    @property
+    def num_fixed(self) -> int:
+        """Number of fixed rows."""
+        return self.reference.shape[0]
+
+    def fixed_row_indices(self) -> Tensor:
+        """Return the positions of the fixed rows (int64, on the reference's device)."""
+        if self.rows is None:
+            return torch.arange(self.num_fixed, device=self.reference.device)
+        return self.rows
+
+    def check_compatible(self, tensor: Tensor) -> None:
+        """Raise if ``tensor`` cannot be constrained by these rows; change nothing.
+
+        Raises:
+            ValueError: the trailing shape differs, ``tensor`` has fewer rows than the
+                reference, or a fixed row lies past its last row.
+        """
+        if tensor.dim() == 0:
+            raise ValueError("Expected a tensor with a row dimension. Got a 0-d tensor.")
+        if tensor.shape[1:] != self.reference.shape[1:]:
+            expected = ", ".join(["k", *map(str, tensor.shape[1:])])
+            raise ValueError(
+                f"Expected a reference of shape ({expected}) for a tensor of shape "
+                f"{tuple(tensor.shape)}. Got a reference of shape {tuple(self.reference.shape)}."
+            )
+        if self.num_fixed > tensor.shape[0]:
+            raise ValueError(
+                f"Expected at most {tensor.shape[0]} reference rows for a tensor of shape "
+                f"{tuple(tensor.shape)}. Got {self.num_fixed}."
+            )
+        if self.rows is not None and int(self.rows.max()) >= tensor.shape[0]:
+            raise ValueError(
+                f"Expected `rows` below {tensor.shape[0]}, the row count of a tensor of shape "
+                f"{tuple(tensor.shape)}. Got row {int(self.rows.max())}."
+            )
+
+    def forward(self, free: Tensor) -> Tensor:
+        """Return the full tensor: reference rows at their positions, ``free`` elsewhere."""
+        if self.rows is None:
+            return torch.cat((self.reference, free))
+        if self.free_rows is None:
+            raise RuntimeError(
+                "FixedRows has not been registered: its free rows are not known yet."
+            )
+        out: Tensor = _ScatterRows.apply(free, self.reference, self.rows, self.free_rows)
+        return out
+
+    @torch.no_grad()
+    def right_inverse(self, tensor: Tensor) -> Tensor:
+        """Return the free rows of ``tensor``, the part that is stored and trained.
+
+        Called by ``register_parametrization`` and when the tensor is assigned. Converts the
+        reference to ``tensor``'s dtype and device.
+        """
+        self.check_compatible(tensor)
+        self.reference = self.reference.to(device=tensor.device, dtype=tensor.dtype)
+        if self.rows is None:
+            return tensor[self.num_fixed :].clone(memory_format=torch.contiguous_format)
+        self.rows = self.rows.to(tensor.device)
+        keep = torch.ones(tensor.shape[0], dtype=torch.bool, device=tensor.device)
+        keep[self.rows] = False
+        self.free_rows = keep.nonzero().flatten()
+        return tensor.index_select(0, self.free_rows)
+
+    def extra_repr(self) -> str:
+        where = "prefix" if self.rows is None else "rows"
+        return f"fixed={self.num_fixed} ({where}), trailing_shape={tuple(self.reference.shape[1:])}"

@@ -1,0 +1,178 @@
+"""FixedRows under raw `register_parametrization`: exactness, training, storage and gradients."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from embedding_constraint import FixedRows
+
+OptimizerFactory = Callable[[Iterable[Tensor]], torch.optim.Optimizer]
+
+OPTIMIZERS: dict[str, OptimizerFactory] = {
+    "sgd-momentum": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+    "sgd-nesterov": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
+    "adam": lambda p: torch.optim.Adam(p, lr=0.05),
+    "adamw-decay": lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.5),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=0.01),
+}
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+ROWS: dict[str, list[int] | None] = {"prefix": None, "scattered": [7, 0, 4, 9]}
+N, D = 12, 5
+
+
+def _assemble_by_hand(free: Tensor, reference: Tensor, rows: list[int] | None) -> Tensor:
+    """The constrained weight, built independently of the library."""
+    fixed = list(range(reference.shape[0])) if rows is None else rows
+    free_at = [r for r in range(N) if r not in fixed]
+    weight = torch.zeros(N, *free.shape[1:], dtype=free.dtype)
+    weight = weight.index_put((torch.tensor(fixed),), reference)
+    return weight.index_put((torch.tensor(free_at),), free)
+
+
+def _loss(weight: Tensor, step: int) -> Tensor:
+    tokens = torch.tensor([[0, 3, 4, 7], [9, 9, 1, 11], [2, 4, 6, 8]])[step % 3]
+    target = torch.linspace(-1.0, 1.0, D, dtype=weight.dtype)
+    return (nn.functional.embedding(tokens, weight) - target).pow(2).sum()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("where", ROWS)
+def test_fixed_rows_exact_and_free_rows_train_like_a_separate_tensor(
+    dtype: torch.dtype, optimizer: str, where: str
+) -> None:
+    torch.manual_seed(0)
+    rows = ROWS[where]
+    reference = torch.randn(4, D, dtype=dtype)
+    emb = nn.Embedding(N, D, dtype=dtype)
+    parametrize.register_parametrization(emb, "weight", FixedRows(reference, rows=rows))
+    stored = emb.parametrizations.weight.original
+    by_hand = nn.Parameter(stored.detach().clone())
+
+    opt = OPTIMIZERS[optimizer]([stored])
+    opt_by_hand = OPTIMIZERS[optimizer]([by_hand])
+    fixed_at = torch.arange(4) if rows is None else torch.tensor(rows)
+    for step in range(6):
+        for o, weight_fn in ((opt, lambda: emb.weight), (opt_by_hand, None)):
+            o.zero_grad()
+            weight = weight_fn() if weight_fn else _assemble_by_hand(by_hand, reference, rows)
+            _loss(weight, step).backward()
+            torch.nn.utils.clip_grad_norm_(o.param_groups[0]["params"], max_norm=1.0)
+            o.step()
+        assert torch.equal(emb.weight[fixed_at], reference)
+
+    assert torch.equal(stored, by_hand), "free rows must train exactly as a separate tensor"
+    initial_free = _assemble_by_hand(torch.zeros(N - 4, D, dtype=dtype), reference, rows)
+    assert not torch.equal(emb.weight, initial_free), "free rows did not move"
+    assert set(opt.state) == {stored}
+    for value in opt.state[stored].values():
+        if isinstance(value, Tensor) and value.dim():
+            assert value.shape == (N - 4, D), "optimizer state must cover only the free rows"
+
+
+def test_stored_parameter_holds_only_free_rows_and_keeps_its_identity() -> None:
+    emb = nn.Embedding(10, 3)
+    param = emb.weight
+    before = emb.weight.detach().clone()
+    parametrize.register_parametrization(emb, "weight", FixedRows(torch.ones(4, 3)))
+    assert emb.parametrizations.weight.original is param
+    assert param.shape == (6, 3)
+    assert torch.equal(param, before[4:])
+    assert [p is param for p in emb.parameters()] == [True]
+
+
+def test_optimizer_created_before_registration_trains_the_free_rows() -> None:
+    emb = nn.Embedding(8, 2)
+    opt = torch.optim.Adam(emb.parameters(), lr=0.1)
+    parametrize.register_parametrization(emb, "weight", FixedRows(torch.zeros(3, 2)))
+    free_before = emb.parametrizations.weight.original.detach().clone()
+    opt.zero_grad()
+    emb(torch.arange(8)).sum().backward()
+    opt.step()
+    assert free_before.shape == (5, 2)
+    torch.testing.assert_close(
+        emb.parametrizations.weight.original, free_before - 0.1, rtol=0, atol=1e-6
+    )
+    assert torch.equal(emb.weight[:3], torch.zeros(3, 2))
+
+
+def test_reference_is_a_private_copy() -> None:
+    reference = torch.ones(2, 3)
+    emb = nn.Embedding(4, 3)
+    parametrize.register_parametrization(emb, "weight", FixedRows(reference))
+    reference.add_(5.0)
+    assert torch.equal(emb.weight[:2], torch.ones(2, 3))
+
+
+def test_reference_follows_to_dtype_and_is_converted_at_registration() -> None:
+    emb = nn.Embedding(4, 3)
+    reference = torch.tensor([[0.1, 0.2, 0.3]], dtype=torch.float64)
+    parametrize.register_parametrization(emb, "weight", FixedRows(reference))
+    assert emb.weight.dtype == torch.float32
+    assert torch.equal(emb.weight[:1], reference.float())
+    emb.to(torch.bfloat16)
+    assert emb.weight.dtype == torch.bfloat16
+    assert emb.parametrizations.weight[0].reference.dtype == torch.bfloat16
+    assert torch.equal(emb.weight[:1], reference.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize(
+    ("module", "name", "reference"),
+    [
+        (nn.Embedding(6, 4), "weight", torch.randn(2, 4)),
+        (nn.EmbeddingBag(6, 4, mode="sum"), "weight", torch.randn(2, 4)),
+        (nn.Linear(4, 6), "weight", torch.randn(2, 4)),
+        (nn.Linear(4, 6), "bias", torch.randn(2)),
+    ],
+    ids=["embedding", "embedding-bag", "linear-weight", "linear-bias"],
+)
+def test_serves_any_tensor_with_a_row_dimension(
+    module: nn.Module, name: str, reference: Tensor
+) -> None:
+    parametrize.register_parametrization(module, name, FixedRows(reference, rows=[5, 1]))
+    opt = torch.optim.SGD(module.parameters(), lr=0.5)
+    if isinstance(module, nn.Linear):
+        x: tuple[Tensor, ...] = (torch.randn(3, 4),)
+    elif isinstance(module, nn.EmbeddingBag):
+        x = (torch.tensor([0, 1, 2, 5, 3, 4]), torch.tensor([0, 3]))
+    else:
+        x = (torch.arange(6),)
+    for _ in range(3):
+        opt.zero_grad()
+        module(*x).pow(2).sum().backward()
+        opt.step()
+    value = getattr(module, name)
+    assert torch.equal(value[[1, 5]], reference[[1, 0]])
+    assert getattr(module.parametrizations, name).original.shape[0] == 4
+
+
+@pytest.mark.parametrize("rows", [None, [4, 0, 2]], ids=["prefix", "scattered"])
+def test_gradcheck_float64(rows: list[int] | None) -> None:
+    constraint = FixedRows(torch.randn(3, 2, dtype=torch.float64), rows=rows)
+    constraint.right_inverse(torch.zeros(6, 2, dtype=torch.float64))
+    free = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(constraint, (free,))
+    assert torch.autograd.gradgradcheck(constraint, (free,))
+
+
+def test_rows_given_as_a_prefix_are_stored_as_the_prefix_case() -> None:
+    constraint = FixedRows(torch.randn(3, 2), rows=torch.tensor([2, 0, 1]))
+    assert constraint.rows is None
+    emb = nn.Embedding(5, 2)
+    reference = constraint.reference.clone()
+    parametrize.register_parametrization(emb, "weight", constraint)
+    assert torch.equal(emb.weight[:3], reference)
+
+
+def test_rows_are_matched_to_reference_rows_in_the_given_order() -> None:
+    reference = torch.arange(6.0).reshape(3, 2)
+    emb = nn.Embedding(6, 2)
+    parametrize.register_parametrization(emb, "weight", FixedRows(reference, rows=[5, 1, 3]))
+    assert torch.equal(emb.weight[5], reference[0])
+    assert torch.equal(emb.weight[1], reference[1])
+    assert torch.equal(emb.weight[3], reference[2])
