@@ -1,0 +1,191 @@
+"""`fix_rows` and `bake`: plain state dicts, loading both ways, baking, tied weights, copies."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from embedding_constraint import FixedRows, bake, fix_rows, is_fixed
+
+
+def _train(module: nn.Module, steps: int = 3) -> None:
+    opt = torch.optim.AdamW(module.parameters(), lr=0.1, weight_decay=0.1)
+    for _ in range(steps):
+        opt.zero_grad()
+        module(torch.arange(6)).pow(2).sum().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("rows", [None, [5, 2]], ids=["prefix", "scattered"])
+def test_state_dict_has_plain_keys_and_shapes(rows: list[int] | None) -> None:
+    emb = nn.Embedding(6, 3)
+    plain_keys = {k: v.shape for k, v in emb.state_dict().items()}
+    fix_rows(emb, torch.ones(2, 3), rows=rows)
+    assert {k: v.shape for k, v in emb.state_dict().items()} == plain_keys
+    assert torch.equal(emb.state_dict()["weight"], emb.weight.detach())
+
+
+def test_state_dict_under_a_parent_module_uses_the_parent_prefix() -> None:
+    model = nn.Sequential(nn.Embedding(6, 3), nn.Linear(3, 2))
+    plain_keys = set(model.state_dict())
+    fix_rows(model[0], torch.ones(2, 3))
+    fix_rows(model[1], torch.zeros(1), name="bias")
+    state = model.state_dict()
+    assert set(state) == plain_keys
+    assert torch.equal(state["0.weight"][:2], torch.ones(2, 3))
+    assert torch.equal(state["1.bias"][:1], torch.zeros(1))
+
+
+@pytest.mark.parametrize("rows", [None, [5, 2]], ids=["prefix", "scattered"])
+def test_plain_module_loads_a_constrained_state_dict_and_back(rows: list[int] | None) -> None:
+    reference = torch.randn(2, 3)
+    emb = nn.Embedding(6, 3)
+    fix_rows(emb, reference, rows=rows)
+    _train(emb)
+    plain = nn.Embedding(6, 3)
+    plain.load_state_dict(emb.state_dict())
+    assert torch.equal(plain.weight, emb.weight)
+
+    with torch.no_grad():
+        free = [r for r in range(6) if r not in (rows or [0, 1])]
+        plain.weight[free] += 1.0
+    emb.load_state_dict(plain.state_dict())
+    assert torch.equal(emb.weight, plain.weight)
+    assert emb.parametrizations.weight.original.shape == (4, 3)
+
+
+def test_loading_a_plain_state_dict_with_other_fixed_rows_names_them() -> None:
+    reference = torch.zeros(3, 2)
+    emb = nn.Embedding(8, 2)
+    fix_rows(emb, reference, rows=[6, 1, 3])
+    before = copy.deepcopy(emb.state_dict())
+    incoming = emb.state_dict()
+    incoming["weight"][[3, 6]] = 1.0
+    incoming["weight"][0] = 7.0  # a free row: would load, but the call must fail as a whole
+    with pytest.raises(ValueError, match=r"fixed rows of 'weight'.*2 differing row\(s\): \[3, 6\]"):
+        emb.load_state_dict(incoming)
+    assert torch.equal(emb.state_dict()["weight"], before["weight"])
+
+
+def test_loading_a_plain_state_dict_of_the_wrong_shape_fails_clearly() -> None:
+    emb = nn.Embedding(8, 2)
+    fix_rows(emb, torch.zeros(3, 2))
+    with pytest.raises(RuntimeError, match=r"size mismatch for weight: expected .*\(8, 2\), got \(9, 2\)"):
+        emb.load_state_dict({"weight": torch.zeros(9, 2)})
+
+
+def test_a_checkpoint_file_round_trips_through_torch_save() -> None:
+    emb = nn.Embedding(6, 3)
+    fix_rows(emb, torch.randn(2, 3))
+    _train(emb)
+    buffer = io.BytesIO()
+    torch.save(emb.state_dict(), buffer)
+    buffer.seek(0)
+    plain = nn.Embedding(6, 3)
+    plain.load_state_dict(torch.load(buffer, weights_only=True))
+    assert torch.equal(plain.weight, emb.weight)
+
+
+def test_bake_restores_a_plain_module_with_the_same_parameter() -> None:
+    reference = torch.randn(2, 3)
+    emb = nn.Embedding(6, 3)
+    param = emb.weight
+    fix_rows(emb, reference, rows=[4, 0])
+    _train(emb)
+    trained = emb.weight.detach().clone()
+    assert is_fixed(emb)
+    bake(emb)
+    assert type(emb) is nn.Embedding
+    assert type(emb.weight) is nn.Parameter
+    assert emb.weight is param
+    assert not hasattr(emb, "parametrizations")
+    assert not is_fixed(emb)
+    assert torch.equal(emb.weight, trained)
+    assert torch.equal(emb.weight[[4, 0]], reference)
+    assert not emb._state_dict_hooks
+    assert not emb._load_state_dict_pre_hooks
+
+
+def test_fix_rows_again_after_bake() -> None:
+    emb = nn.Embedding(6, 3)
+    fix_rows(emb, torch.ones(2, 3))
+    bake(emb)
+    fix_rows(emb, torch.zeros(3, 3))
+    assert torch.equal(emb.weight[:3], torch.zeros(3, 3))
+    assert list(emb.state_dict()) == ["weight"]
+    assert len(emb._state_dict_hooks) == 1
+
+
+def test_bake_of_a_raw_registration_works_too() -> None:
+    from torch.nn.utils import parametrize
+
+    emb = nn.Embedding(4, 2)
+    parametrize.register_parametrization(emb, "weight", FixedRows(torch.ones(1, 2)))
+    bake(emb)
+    assert type(emb.weight) is nn.Parameter
+    assert torch.equal(emb.weight[0], torch.ones(2))
+
+
+def test_deepcopy_keeps_the_constraint_and_plain_state_dict() -> None:
+    reference = torch.randn(2, 3)
+    emb = nn.Embedding(6, 3)
+    fix_rows(emb, reference)
+    clone = copy.deepcopy(emb)
+    _train(clone)
+    assert torch.equal(clone.weight[:2], reference)
+    assert list(clone.state_dict()) == ["weight"]
+    assert not torch.equal(clone.weight, emb.weight)
+    bake(clone)
+    assert list(clone.state_dict()) == ["weight"] and not clone._state_dict_hooks
+    assert list(emb.state_dict()) == ["weight"], "baking the copy must not touch the original"
+
+
+class _TiedLM(nn.Module):
+    """A tiny language model whose output head shares the embedding matrix."""
+
+    def __init__(self, vocab: int = 7, dim: int = 3) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.wte.weight
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        out: Tensor = self.head(torch.tanh(self.wte(tokens)))
+        return out
+
+
+def test_tied_weights_are_constrained_everywhere_and_stay_tied_after_bake() -> None:
+    torch.manual_seed(0)
+    model = _TiedLM()
+    param = model.wte.weight
+    reference = torch.randn(3, 3)
+    keys = set(model.state_dict())
+    fix_rows(model, reference, name="wte.weight", rows=[6, 0, 2])
+    assert set(model.state_dict()) == keys
+    assert [p is param for p in model.parameters()] == [True]
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1)
+    for _ in range(4):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(torch.arange(7)), torch.arange(7).flip(0)).backward()
+        opt.step()
+        assert torch.equal(model.head.weight[[6, 0, 2]], reference)
+        assert torch.equal(model.wte.weight, model.head.weight)
+    trained = model.wte.weight.detach().clone()
+    bake(model, name="wte.weight")
+    assert model.wte.weight is param and model.head.weight is param
+    assert type(model.head) is nn.Linear and type(model.wte) is nn.Embedding
+    assert torch.equal(param, trained)
+
+
+def test_tied_model_state_dict_loads_into_a_plain_tied_model() -> None:
+    model = _TiedLM()
+    fix_rows(model, torch.randn(2, 3), name="head.weight")
+    plain = _TiedLM()
+    plain.load_state_dict(model.state_dict())
+    assert torch.equal(plain.wte.weight, model.wte.weight)
+    model.load_state_dict(plain.state_dict())
+    assert torch.equal(model.head.weight, plain.head.weight)
