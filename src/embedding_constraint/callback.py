@@ -1,0 +1,46 @@
+"""`EmbeddingConstraint` for ``pytorch_lightning``: fix rows of a module for the length of a fit."""
+
+from __future__ import annotations
+
+from pytorch_lightning import Callback
+from pytorch_lightning.utilities import rank_zero_info
+
+from embedding_constraint.callback_base import EmbeddingConstraintHooks
+
+__all__ = ["EmbeddingConstraint"]
+
+
+class EmbeddingConstraint(EmbeddingConstraintHooks, Callback):
+    r"""Hold rows of ``target``'s weight at reference values while a Trainer fits the rest.
+
+    Registers :func:`~embedding_constraint.fix_rows` in ``setup`` (before the optimizers and
+    DDP see the module) and bakes a plain weight at the end of the fit, also when it fails.
+    During the fit, checkpoints hold plain state dicts, and resuming from one works.
+
+    Args:
+        target (nn.Module): the ``nn.Embedding``, ``nn.EmbeddingBag`` or ``nn.Linear`` being
+            trained; a submodule of the LightningModule passed to ``fit``.
+        constraint (Tensor or nn.Module): the reference rows, or a module of ``target``'s class
+            whose weight (and bias, for ``nn.Linear``) are the reference, copied now.
+        rows (Tensor or sequence of int, optional): positions of the fixed rows, one per
+            reference row. Default: ``None``, the first rows.
+
+    Raises:
+        TypeError: ``target`` is not a supported module, or ``constraint`` is neither a tensor
+            nor a module of ``target``'s class.
+        ValueError: the reference does not fit ``target`` (shape, rows, NaN/Inf), ``target``
+            uses ``sparse=True`` or ``max_norm``, or only one of them has a bias.
+        RuntimeError: at ``setup``, when the strategy shards parameters (FSDP, DeepSpeed).
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from embedding_constraint import EmbeddingConstraint
+        >>> old, new = nn.Embedding(4, 2), nn.Embedding(6, 2)
+        >>> constraint = EmbeddingConstraint(new, old)
+        >>> constraint.references["weight"].shape
+        torch.Size([4, 2])
+    """
+
+    _info = staticmethod(rank_zero_info)

@@ -1,0 +1,194 @@
+"""The Lightning-flavour-independent body of `EmbeddingConstraint`.
+
+`pytorch_lightning` and `lightning.pytorch` each have their own `Callback` class, and a
+Trainer accepts only its own. Both flavours of `EmbeddingConstraint` are this mixin put in
+front of their `Callback`, so the hooks and their logic exist once.
+
+Hooks used, in the order Lightning calls them during ``fit``:
+
+- ``setup(stage="fit")``: register the constraint. This runs before ``configure_optimizers``
+  and before the strategy wraps the model (DDP), so both see only the free rows. The hook
+  ``on_fit_start`` would be too late: by then DDP has recorded the full-size parameter and
+  shrinking it makes DDP fail ("parameters that were not used in producing the loss").
+- ``on_fit_end``, ``on_exception`` and ``teardown``: bake the result into a plain weight, so a
+  finished, failed or interrupted fit (an exception in ``training_step``, Ctrl-C, the learning
+  rate or batch size finder that leaves from inside ``on_fit_start``) leaves a plain module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, ClassVar, TypeVar
+
+from torch import Tensor, nn
+
+from embedding_constraint.fix_rows import _check_lookup_options, bake, fix_rows, is_fixed
+from embedding_constraint.fixed_rows import FixedRows
+
+__all__ = ["EmbeddingConstraintHooks"]
+
+_Self = TypeVar("_Self", bound="EmbeddingConstraintHooks")
+
+_TARGETS = (nn.Embedding, nn.EmbeddingBag, nn.Linear)
+# Strategies that shard parameters: each rank holds a flat slice, not the tensor the
+# parametrization reads, so the constraint cannot be applied there.
+_SHARDED_STRATEGIES = frozenset(
+    {"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy"}
+)
+
+
+class EmbeddingConstraintHooks:
+    """Hold rows of a module's weight at reference values for the duration of a fit.
+
+    See the flavour classes ``embedding_constraint.EmbeddingConstraint`` (``pytorch_lightning``)
+    and ``embedding_constraint.lightning.EmbeddingConstraint`` (``lightning.pytorch``).
+    """
+
+    # The flavour's rank-zero logger, set by each flavour class.
+    _info: ClassVar[Callable[..., Any]]
+
+    def __init__(
+        self,
+        target: nn.Module,
+        constraint: Tensor | nn.Module,
+        *,
+        rows: Tensor | Sequence[int] | None = None,
+    ) -> None:
+        self._configure(target, self._references_from(target, constraint), rows)
+
+    def _configure(
+        self,
+        target: nn.Module,
+        references: dict[str, Tensor],
+        rows: Tensor | Sequence[int] | None,
+    ) -> None:
+        _check_lookup_options(target)
+        for attr, reference in references.items():
+            FixedRows(reference, rows=rows).check_compatible(getattr(target, attr))
+        self.target = target
+        # Private copies: training the module the reference came from changes nothing here.
+        self.references = {a: r.detach().clone() for a, r in references.items()}
+        self.rows = None if rows is None else (rows.clone() if isinstance(rows, Tensor) else list(rows))
+        self._fixed: list[tuple[nn.Module, str]] = []
+
+    @classmethod
+    def from_vocabularies(
+        cls: type[_Self],
+        target: nn.Module,
+        old: Tensor | nn.Module,
+        old_vocab: Sequence[Hashable],
+        new_vocab: Sequence[Hashable],
+    ) -> _Self:
+        """Hold every token of both vocabularies at its old row, wherever it now sits.
+
+        Args:
+            target (nn.Module): the module for ``new_vocab``, one row per token.
+            old (Tensor or nn.Module): the trained module (or its weight) for ``old_vocab``.
+            old_vocab (sequence of hashable): the tokens of ``old``'s rows, in order.
+            new_vocab (sequence of hashable): the tokens of ``target``'s rows, in order.
+
+        Returns:
+            The callback, with ``rows`` set to the shared tokens' new positions.
+        """
+        from embedding_constraint.vocab import align
+
+        alignment = align(old_vocab, new_vocab)
+        references = {
+            attr: value.index_select(0, alignment.old_rows.to(value.device))
+            for attr, value in cls._references_from(target, old).items()
+        }
+        callback = cls.__new__(cls)
+        callback._configure(target, references, alignment.new_rows)
+        return callback
+
+    @staticmethod
+    def _references_from(target: nn.Module, constraint: Any) -> dict[str, Tensor]:
+        if not isinstance(target, _TARGETS):
+            raise TypeError(
+                "Expected `target` to be an nn.Embedding, nn.EmbeddingBag or nn.Linear. "
+                f"Got {type(target).__name__}."
+            )
+        if isinstance(constraint, Tensor):
+            return {"weight": constraint}
+        if isinstance(constraint, nn.Module):
+            if type(constraint) is not type(target):
+                raise TypeError(
+                    f"Expected `constraint` to be a {type(target).__name__} like `target`, or a "
+                    f"tensor. Got {type(constraint).__name__}."
+                )
+            references = {"weight": constraint.weight}
+            target_bias = getattr(target, "bias", None)
+            bias = getattr(constraint, "bias", None)
+            if isinstance(target_bias, Tensor) != isinstance(bias, Tensor):
+                raise ValueError(
+                    f"Expected `constraint` to have a bias exactly when `target` has one. "
+                    f"Got target bias: {target_bias is not None}, constraint bias: {bias is not None}."
+                )
+            if isinstance(bias, Tensor):
+                references["bias"] = bias
+            return references
+        raise TypeError(
+            "Expected `constraint` to be a torch.Tensor or a module like `target`. "
+            f"Got {type(constraint).__name__}."
+        )
+
+    @property
+    def state_key(self) -> str:
+        """Distinct per constrained parameter, so several constraints share one Trainer."""
+        shape = tuple(self.target.weight.shape)
+        fixed = next(iter(self.references.values())).shape[0]
+        return f"EmbeddingConstraint{{target={type(self.target).__name__}{shape}, fixed={fixed}}}"
+
+    # -- hooks ------------------------------------------------------------------------------
+
+    def setup(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
+        """Register the constraint before optimizers are created and the model is wrapped."""
+        if stage != "fit" or self._fixed:
+            return
+        strategy = type(trainer.strategy)
+        if _SHARDED_STRATEGIES & {base.__name__ for base in strategy.__mro__}:
+            raise RuntimeError(
+                f"Expected a strategy that keeps whole parameters on each rank (single device, "
+                f"DDP). Got {strategy.__name__}, which shards them: EmbeddingConstraint does not "
+                "support sharded strategies yet."
+            )
+        prefix = self._qualified_name(pl_module)
+        for attr, reference in self.references.items():
+            name = f"{prefix}.{attr}" if prefix else attr
+            fix_rows(pl_module, reference, name=name, rows=self.rows)
+            self._fixed.append((pl_module, name))
+            total = getattr(self.target, attr).shape[0]
+            type(self)._info(
+                f"EmbeddingConstraint: {name} has {reference.shape[0]} fixed and "
+                f"{total - reference.shape[0]} free rows."
+            )
+
+    def on_fit_end(self, trainer: Any, pl_module: nn.Module) -> None:
+        """Bake the trained rows into a plain weight."""
+        self._release()
+
+    def on_exception(self, trainer: Any, pl_module: nn.Module, exception: BaseException) -> None:
+        """Bake, so a failed or interrupted fit leaves a plain module."""
+        self._release()
+
+    def teardown(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
+        """Bake, for exits that skip ``on_fit_end`` (the tuners')."""
+        self._release()
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _qualified_name(self, pl_module: nn.Module) -> str:
+        for name, module in pl_module.named_modules(remove_duplicate=False):
+            if module is self.target:
+                return name
+        raise ValueError(
+            f"Expected `target` to be a submodule of the {type(pl_module).__name__} being fit. "
+            f"Got a {type(self.target).__name__} that it does not contain."
+        )
+
+    def _release(self) -> None:
+        while self._fixed:
+            root, name = self._fixed.pop()
+            if is_fixed(root, name):
+                bake(root, name=name)
+

@@ -1,0 +1,371 @@
+"""`EmbeddingConstraint` in a Lightning Trainer: lifecycle, failures, checkpoints, precision."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from lightning_models import FLAVOURS, Flavour, loader
+from torch import Tensor, nn
+
+
+@pytest.fixture(params=list(FLAVOURS))
+def flavour(request: pytest.FixtureRequest) -> Flavour:
+    return FLAVOURS[request.param]
+
+
+@pytest.fixture
+def pl_flavour() -> Flavour:
+    return FLAVOURS["pytorch_lightning"]
+
+
+def _trained_reference(vocab: int = 6, dim: int = 4) -> nn.Embedding:
+    torch.manual_seed(123)
+    return nn.Embedding(vocab, dim)
+
+
+def _assert_plain(module: nn.Module) -> None:
+    assert type(module.weight) is nn.Parameter
+    assert not hasattr(module, "parametrizations")
+    assert type(module) in (nn.Embedding, nn.Linear, nn.EmbeddingBag)
+
+
+def test_fit_keeps_old_rows_and_leaves_a_plain_module(flavour: Flavour) -> None:
+    old = _trained_reference()
+    model = flavour.model(vocab=10, dim=4)
+    before = model.embedding.weight.detach().clone()
+    param = model.embedding.weight
+    flavour.trainer(callbacks=[flavour.callback(model.embedding, old)]).fit(model, loader())
+    _assert_plain(model.embedding)
+    assert model.embedding.weight is param
+    assert torch.equal(model.embedding.weight[:6], old.weight)
+    assert not torch.equal(model.embedding.weight[6:], before[6:]), "free rows did not train"
+    assert list(model.state_dict()) == list(flavour.model(vocab=10, dim=4).state_dict())
+
+
+def test_the_reference_is_copied_at_construction(pl_flavour: Flavour) -> None:
+    old = _trained_reference()
+    expected = old.weight.detach().clone()
+    model = pl_flavour.model()
+    callback = pl_flavour.callback(model.embedding, old)
+    with torch.no_grad():
+        old.weight.add_(1.0)
+    pl_flavour.trainer(callbacks=[callback], max_epochs=1).fit(model, loader())
+    assert torch.equal(model.embedding.weight[:6], expected)
+
+
+def test_a_tensor_reference_and_scattered_rows(pl_flavour: Flavour) -> None:
+    reference = torch.randn(3, 4)
+    model = pl_flavour.model()
+    callback = pl_flavour.callback(model.embedding, reference, rows=[9, 2, 5])
+    pl_flavour.trainer(callbacks=[callback], max_epochs=1).fit(model, loader())
+    assert torch.equal(model.embedding.weight[[9, 2, 5]], reference)
+
+
+def test_optimizer_state_exists_only_for_free_rows(pl_flavour: Flavour) -> None:
+    model = pl_flavour.model()
+    seen: dict[str, Any] = {}
+
+    class Spy(pl_flavour.package.Callback):  # type: ignore[name-defined,misc]
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            (optimizer,) = trainer.optimizers
+            seen["shapes"] = sorted(
+                tuple(s["exp_avg"].shape) for s in optimizer.state.values()
+            )
+
+    callback = pl_flavour.callback(model.embedding, torch.zeros(7, 4))
+    pl_flavour.trainer(callbacks=[callback, Spy()], max_epochs=1).fit(model, loader())
+    assert seen["shapes"] == sorted([(3, 4), (3, 4), (3,)])
+
+
+def test_linear_head_weight_and_bias_from_a_module(pl_flavour: Flavour) -> None:
+    torch.manual_seed(1)
+    old_head = nn.Linear(4, 3)
+    model = pl_flavour.model(classes=5)
+    callback = pl_flavour.callback(model.head, old_head)
+    pl_flavour.trainer(callbacks=[callback], max_epochs=1).fit(model, loader())
+    _assert_plain(model.head)
+    assert torch.equal(model.head.weight[:3], old_head.weight)
+    assert torch.equal(model.head.bias[:3], old_head.bias)
+
+
+def test_two_callbacks_embedding_and_head(flavour: Flavour) -> None:
+    old = _trained_reference()
+    old_head = nn.Linear(4, 2)
+    model = flavour.model(classes=3)
+    callbacks = [flavour.callback(model.embedding, old), flavour.callback(model.head, old_head)]
+    assert callbacks[0].state_key != callbacks[1].state_key
+    flavour.trainer(callbacks=callbacks, max_epochs=1).fit(model, loader())
+    assert torch.equal(model.embedding.weight[:6], old.weight)
+    assert torch.equal(model.head.weight[:2], old_head.weight)
+    assert torch.equal(model.head.bias[:2], old_head.bias)
+
+
+def test_tied_head_reads_the_constrained_weight_and_the_tie_survives(flavour: Flavour) -> None:
+    old = _trained_reference()
+    model = flavour.model(tie=True)
+    seen: list[bool] = []
+
+    class Check(flavour.package.Callback):  # type: ignore[name-defined,misc]
+        def on_train_batch_end(self, *args: Any) -> None:
+            seen.append(torch.equal(model.head.weight[:6], old.weight))
+
+    flavour.trainer(callbacks=[flavour.callback(model.embedding, old), Check()]).fit(
+        model, loader()
+    )
+    assert seen and all(seen)
+    assert model.head.weight is model.embedding.weight
+    assert torch.equal(model.head.weight[:6], old.weight)
+
+
+def test_construction_rejects_bad_input(pl_flavour: Flavour) -> None:
+    model = pl_flavour.model()
+    cls = pl_flavour.callback
+    cases: list[tuple[Any, Any, type[Exception], str]] = [
+        (model.embedding, np.zeros((2, 4)), TypeError, "Got ndarray"),
+        (model.embedding, [[0.0] * 4], TypeError, "Got list"),
+        (model.embedding, None, TypeError, "Got NoneType"),
+        (model.embedding, torch.zeros(2, 5), ValueError, r"reference of shape \(k, 4\)"),
+        (model.embedding, torch.zeros(11, 4), ValueError, "Expected at most 10 reference rows"),
+        (model.embedding, nn.Linear(4, 2), TypeError, "Expected `constraint` to be a Embedding"),
+        (nn.Conv1d(1, 1, 1), torch.zeros(1, 1), TypeError, "Got Conv1d"),
+        (model.head, nn.Linear(4, 2, bias=False), ValueError, "bias exactly when"),
+        (nn.Embedding(5, 4, sparse=True), torch.zeros(1, 4), ValueError, "sparse=True"),
+    ]
+    for target, constraint, error, match in cases:
+        with pytest.raises(error, match=match):
+            cls(target, constraint)
+    with pytest.raises(ValueError, match="Expected `rows` to be distinct"):
+        cls(model.embedding, torch.zeros(2, 4), rows=[1, 1])
+
+
+def test_target_outside_the_model_fails_at_setup_and_leaves_it_plain(pl_flavour: Flavour) -> None:
+    model = pl_flavour.model()
+    stranger = nn.Embedding(10, 4)
+    trainer = pl_flavour.trainer(callbacks=[pl_flavour.callback(stranger, torch.zeros(2, 4))])
+    with pytest.raises(ValueError, match="Expected `target` to be a submodule of the PLModel"):
+        trainer.fit(model, loader())
+    _assert_plain(model.embedding)
+    _assert_plain(stranger)
+
+
+def test_sharded_strategy_is_refused_at_setup(pl_flavour: Flavour) -> None:
+    from pytorch_lightning.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    model = pl_flavour.model()
+    callback = pl_flavour.callback(model.embedding, torch.zeros(2, 4))
+    for strategy in (FSDPStrategy, DeepSpeedStrategy):
+        fake = SimpleNamespace(strategy=strategy.__new__(strategy))
+        with pytest.raises(RuntimeError, match=f"Got {strategy.__name__}, which shards them"):
+            callback.setup(fake, model, "fit")
+        _assert_plain(model.embedding)
+
+
+def test_exception_in_training_step_leaves_a_plain_exact_module(flavour: Flavour) -> None:
+    old = _trained_reference()
+    model = flavour.model(fail_at_step=3)
+    with pytest.raises(RuntimeError, match="failed on purpose"):
+        flavour.trainer(callbacks=[flavour.callback(model.embedding, old)]).fit(model, loader())
+    _assert_plain(model.embedding)
+    assert torch.equal(model.embedding.weight[:6], old.weight)
+
+
+@pytest.fixture
+def restore_sigint() -> Iterator[None]:
+    handler = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, handler)
+
+
+@pytest.mark.usefixtures("restore_sigint")
+def test_keyboard_interrupt_leaves_a_plain_exact_module(pl_flavour: Flavour) -> None:
+    old = _trained_reference()
+    model = pl_flavour.model()
+
+    class Interrupt(pl_flavour.package.Callback):  # type: ignore[name-defined,misc]
+        def on_train_batch_end(self, *args: Any) -> None:
+            raise KeyboardInterrupt
+
+    trainer = pl_flavour.trainer(callbacks=[pl_flavour.callback(model.embedding, old), Interrupt()])
+    with pytest.raises(SystemExit):
+        trainer.fit(model, loader())
+    _assert_plain(model.embedding)
+    assert torch.equal(model.embedding.weight[:6], old.weight)
+
+
+def test_learning_rate_finder_then_fit(pl_flavour: Flavour) -> None:
+    from pytorch_lightning.tuner import Tuner
+
+    old = _trained_reference()
+    model = pl_flavour.model()
+    trainer = pl_flavour.trainer(callbacks=[pl_flavour.callback(model.embedding, old)])
+    Tuner(trainer).lr_find(model, train_dataloaders=loader(), min_lr=1e-3, num_training=8)
+    _assert_plain(model.embedding)
+    assert torch.equal(model.embedding.weight[:6], old.weight)
+    trainer.fit(model, loader())
+    _assert_plain(model.embedding)
+    assert torch.equal(model.embedding.weight[:6], old.weight)
+
+
+def test_validate_test_predict_around_fit_and_a_second_fit(pl_flavour: Flavour) -> None:
+    old = _trained_reference()
+    model = pl_flavour.model()
+    callback = pl_flavour.callback(model.embedding, old)
+    trainer = pl_flavour.trainer(callbacks=[callback], max_epochs=1)
+    trainer.validate(model, loader())
+    _assert_plain(model.embedding)
+    trainer.fit(model, loader(), loader())
+    first = model.embedding.weight.detach().clone()
+    trainer.test(model, loader())
+    predictions = trainer.predict(model, loader())
+    assert torch.equal(predictions[0], model(loader().dataset.tensors[0][:8]))
+    second = pl_flavour.trainer(callbacks=[callback], max_epochs=1)
+    second.fit(model, loader())
+    _assert_plain(model.embedding)
+    assert torch.equal(model.embedding.weight[:6], old.weight)
+    assert not torch.equal(model.embedding.weight[6:], first[6:])
+
+
+def test_info_line_names_the_parameter_and_row_counts(
+    pl_flavour: Flavour, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = pl_flavour.model()
+    with caplog.at_level(logging.INFO):
+        pl_flavour.trainer(
+            callbacks=[pl_flavour.callback(model.embedding, torch.zeros(4, 4))], max_epochs=1
+        ).fit(model, loader())
+    lines = [r.getMessage() for r in caplog.records if "EmbeddingConstraint" in r.getMessage()]
+    assert lines == ["EmbeddingConstraint: embedding.weight has 4 fixed and 6 free rows."]
+
+
+def test_checkpoint_loads_into_a_plain_module(flavour: Flavour, tmp_path: Path) -> None:
+    old = _trained_reference()
+    model = flavour.model()
+    checkpoint = flavour.package.callbacks.ModelCheckpoint(
+        dirpath=tmp_path, save_top_k=-1, every_n_epochs=1
+    )
+    trainer = flavour.trainer(
+        callbacks=[flavour.callback(model.embedding, old), checkpoint],
+        enable_checkpointing=True,
+        max_epochs=2,
+    )
+    trainer.fit(model, loader())
+    first = sorted(tmp_path.glob("epoch=0*.ckpt"))[0]
+    state = torch.load(first, weights_only=True)["state_dict"]
+    assert set(state) == set(flavour.model().state_dict())
+    loaded = flavour.model.load_from_checkpoint(first)
+    _assert_plain(loaded.embedding)
+    assert torch.equal(loaded.embedding.weight[:6], old.weight)
+    assert not torch.equal(loaded.embedding.weight, model.embedding.weight), "mid-training state"
+
+
+@pytest.mark.parametrize("split", [1, 2])
+def test_resume_from_checkpoint_equals_an_uninterrupted_run(
+    pl_flavour: Flavour, tmp_path: Path, split: int
+) -> None:
+    old = _trained_reference()
+
+    def run(max_epochs: int, init: dict[str, Tensor], ckpt: Path | None = None) -> Any:
+        model = pl_flavour.model()
+        model.load_state_dict(init)
+        trainer = pl_flavour.trainer(
+            callbacks=[pl_flavour.callback(model.embedding, old)],
+            max_epochs=max_epochs,
+            deterministic=True,
+        )
+        trainer.fit(model, loader(), ckpt_path=ckpt)
+        return model, trainer
+
+    torch.manual_seed(0)
+    init = pl_flavour.model().state_dict()
+    whole, _ = run(3, init)
+    _, partial = run(split, init)
+    path = tmp_path / "partial.ckpt"
+    partial.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    exp_avg = [s["exp_avg"].shape for s in checkpoint["optimizer_states"][0]["state"].values()]
+    assert (4, 4) in exp_avg and (10, 4) not in exp_avg, "optimizer state must cover free rows only"
+    resumed, _ = run(3, init, ckpt=path)
+    _assert_plain(resumed.embedding)
+    for key, value in whole.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize(
+    ("precision", "dtype"),
+    [
+        ("32-true", torch.float32),
+        ("64-true", torch.float64),
+        ("bf16-mixed", torch.float32),
+        ("16-mixed", torch.float32),
+        ("bf16-true", torch.bfloat16),
+    ],
+)
+def test_precision(pl_flavour: Flavour, precision: str, dtype: torch.dtype) -> None:
+    old = _trained_reference()
+    model = pl_flavour.model()
+    callbacks = [pl_flavour.callback(model.embedding, old)]
+    if precision == "16-mixed" and not torch.cuda.is_available():
+        # Lightning has no float16 AMP on the CPU: it says so and runs bf16-mixed.
+        with pytest.warns(UserWarning, match="AMP with fp16 is not supported on CPU"):
+            trainer = pl_flavour.trainer(callbacks=callbacks, precision=precision, max_epochs=1)
+    else:
+        trainer = pl_flavour.trainer(callbacks=callbacks, precision=precision, max_epochs=1)
+    trainer.fit(model, loader())
+    _assert_plain(model.embedding)
+    assert model.embedding.weight.dtype == dtype
+    # The reference is held in the weight's dtype: rounded once, then exact.
+    assert torch.equal(model.embedding.weight[:6], old.weight.to(dtype))
+
+
+def test_accumulation_clipping_and_scheduler(pl_flavour: Flavour) -> None:
+    old = _trained_reference()
+
+    class Scheduled(pl_flavour.model):  # type: ignore[name-defined,misc]
+        def configure_optimizers(self) -> Any:
+            optimizer = torch.optim.SGD(self.parameters(), lr=0.5, momentum=0.9)
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2, gamma=0.5)
+            return [optimizer], [scheduler]
+
+    model = Scheduled()
+    before = model.embedding.weight.detach().clone()
+    trainer = pl_flavour.trainer(
+        callbacks=[pl_flavour.callback(model.embedding, old)],
+        accumulate_grad_batches=3,
+        gradient_clip_val=0.01,
+        max_epochs=3,
+    )
+    trainer.fit(model, loader())
+    assert torch.equal(model.embedding.weight[:6], old.weight)
+    assert not torch.equal(model.embedding.weight[6:], before[6:])
+    assert trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0] < 0.5
+
+
+def test_manual_optimization(pl_flavour: Flavour) -> None:
+    old = _trained_reference()
+
+    class Manual(pl_flavour.model):  # type: ignore[name-defined,misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
+            optimizer = self.optimizers()
+            optimizer.zero_grad()
+            loss: Tensor = self._loss(batch)
+            self.manual_backward(loss)
+            optimizer.step()
+            return loss
+
+    model = Manual()
+    before = model.embedding.weight.detach().clone()
+    pl_flavour.trainer(callbacks=[pl_flavour.callback(model.embedding, old)]).fit(model, loader())
+    assert torch.equal(model.embedding.weight[:6], old.weight)
+    assert not torch.equal(model.embedding.weight[6:], before[6:])
