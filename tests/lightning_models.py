@@ -23,6 +23,7 @@ class _Body:
 
     save_hyperparameters: Any
     log: Any
+    __call__: Any
 
     def __init__(
         self,
@@ -116,8 +117,11 @@ FLAVOURS = {
 }
 
 
+def tokens(vocab: int = 10, size: int = 64, seed: int = 0) -> Tensor:
+    """Token ids covering every row of a `vocab`-sized embedding."""
+    return torch.randint(0, vocab, (size,), generator=torch.Generator().manual_seed(seed))
+
+
 def loader(vocab: int = 10, size: int = 64, batch_size: int = 8, seed: int = 0) -> DataLoader[Any]:
-    """Token batches covering every row of a `vocab`-sized embedding."""
-    generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, vocab, (size,), generator=generator)
-    return DataLoader(TensorDataset(tokens), batch_size=batch_size)
+    """Batches of `tokens(vocab, size, seed)`, in order."""
+    return DataLoader(TensorDataset(tokens(vocab, size, seed)), batch_size=batch_size)

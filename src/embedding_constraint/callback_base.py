@@ -18,16 +18,15 @@ Hooks used, in the order Lightning calls them during ``fit``:
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
+from typing_extensions import Self
 
 from embedding_constraint.fix_rows import _check_lookup_options, bake, fix_rows, is_fixed
 from embedding_constraint.fixed_rows import FixedRows
 
 __all__ = ["EmbeddingConstraintHooks"]
-
-_Self = TypeVar("_Self", bound="EmbeddingConstraintHooks")
 
 _TARGETS = (nn.Embedding, nn.EmbeddingBag, nn.Linear)
 # Strategies that shard parameters: each rank holds a flat slice, not the tensor the
@@ -68,17 +67,19 @@ class EmbeddingConstraintHooks:
         self.target = target
         # Private copies: training the module the reference came from changes nothing here.
         self.references = {a: r.detach().clone() for a, r in references.items()}
-        self.rows = None if rows is None else (rows.clone() if isinstance(rows, Tensor) else list(rows))
+        self.rows = (
+            None if rows is None else (rows.clone() if isinstance(rows, Tensor) else list(rows))
+        )
         self._fixed: list[tuple[nn.Module, str]] = []
 
     @classmethod
     def from_vocabularies(
-        cls: type[_Self],
+        cls,
         target: nn.Module,
         old: Tensor | nn.Module,
         old_vocab: Sequence[Hashable],
         new_vocab: Sequence[Hashable],
-    ) -> _Self:
+    ) -> Self:
         """Hold every token of both vocabularies at its old row, wherever it now sits.
 
         Args:
@@ -135,9 +136,9 @@ class EmbeddingConstraintHooks:
     @property
     def state_key(self) -> str:
         """Distinct per constrained parameter, so several constraints share one Trainer."""
-        shape = tuple(self.target.weight.shape)
-        fixed = next(iter(self.references.values())).shape[0]
-        return f"EmbeddingConstraint{{target={type(self.target).__name__}{shape}, fixed={fixed}}}"
+        weight = self.references["weight"]
+        target = f"{type(self.target).__name__}{tuple(weight.shape[1:])}"
+        return f"{type(self).__qualname__}{{target={target}, fixed={weight.shape[0]}}}"
 
     # -- hooks ------------------------------------------------------------------------------
 
@@ -180,7 +181,7 @@ class EmbeddingConstraintHooks:
     def _qualified_name(self, pl_module: nn.Module) -> str:
         for name, module in pl_module.named_modules(remove_duplicate=False):
             if module is self.target:
-                return name
+                return str(name)
         raise ValueError(
             f"Expected `target` to be a submodule of the {type(pl_module).__name__} being fit. "
             f"Got a {type(self.target).__name__} that it does not contain."
@@ -191,4 +192,3 @@ class EmbeddingConstraintHooks:
             root, name = self._fixed.pop()
             if is_fixed(root, name):
                 bake(root, name=name)
-

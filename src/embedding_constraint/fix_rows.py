@@ -8,16 +8,25 @@ under the root that holds the same Parameter (tied weights) reads the constraine
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.parametrize import ParametrizationList
 
 from embedding_constraint.fixed_rows import FixedRows
 
-__all__ = ["bake", "fix_rows", "is_fixed"]
+__all__ = ["bake", "fix_rows", "is_fixed", "parametrization_list"]
+
+
+def parametrization_list(module: nn.Module, attr: str) -> ParametrizationList:
+    """Return the parametrizations of ``module.<attr>`` (which must be parametrized)."""
+    plist = module.parametrizations[attr]  # type: ignore[index]
+    if not isinstance(plist, ParametrizationList):
+        raise TypeError(f"Expected {attr!r} to be parametrized. Got {type(plist).__name__}.")
+    return plist
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -82,7 +91,7 @@ class _PlainStateDict:
     def _constraint(self, module: nn.Module) -> FixedRows | None:
         if not parametrize.is_parametrized(module, self.name):
             return None
-        constraint = module.parametrizations[self.name][0]
+        constraint = parametrization_list(module, self.name)[0]
         return constraint if isinstance(constraint, FixedRows) else None
 
     def __call__(
@@ -95,7 +104,7 @@ class _PlainStateDict:
         for key in [k for k in state_dict if k.startswith(inner)]:
             del state_dict[key]
         with torch.no_grad():
-            state_dict[prefix + self.name] = module.parametrizations[self.name]().detach()
+            state_dict[prefix + self.name] = parametrization_list(module, self.name)().detach()
 
     def load(
         self,
@@ -113,7 +122,7 @@ class _PlainStateDict:
         key = prefix + self.name
         if constraint is None or key not in state_dict:
             return
-        plist = module.parametrizations[self.name]
+        plist = parametrization_list(module, self.name)
         inner = f"{prefix}parametrizations.{self.name}."
         value = state_dict[key]
         expected = (constraint.num_fixed + plist.original.shape[0], *plist.original.shape[1:])
@@ -155,8 +164,8 @@ def _ours(hook: Any) -> _PlainStateDict | None:
 
 def _register_plain_hooks(module: nn.Module, name: str) -> None:
     hooks = _PlainStateDict(name)
-    module.register_state_dict_post_hook(hooks)
-    module.register_load_state_dict_pre_hook(hooks.load)
+    module.register_state_dict_post_hook(hooks)  # type: ignore[no-untyped-call]
+    module.register_load_state_dict_pre_hook(hooks.load)  # type: ignore[no-untyped-call]
 
 
 def _remove_plain_hooks(module: nn.Module, name: str) -> None:
@@ -167,14 +176,16 @@ def _remove_plain_hooks(module: nn.Module, name: str) -> None:
                 del registry[handle_id]
 
 
-def _share_parametrization(source: nn.Module, source_attr: str, module: nn.Module, attr: str) -> None:
+def _share_parametrization(
+    source: nn.Module, source_attr: str, module: nn.Module, attr: str
+) -> None:
     """Make ``module.<attr>`` read the same parametrization as ``source.<source_attr>``."""
     del module._parameters[attr]
     if not parametrize.is_parametrized(module):
         parametrize._inject_new_class(module)
         module.parametrizations = nn.ModuleDict()
     parametrize._inject_property(module, attr)
-    module.parametrizations[attr] = source.parametrizations[source_attr]
+    cast(nn.ModuleDict, module.parametrizations)[attr] = parametrization_list(source, source_attr)
 
 
 def is_fixed(module: nn.Module, name: str = "weight") -> bool:
@@ -186,7 +197,7 @@ def is_fixed(module: nn.Module, name: str = "weight") -> bool:
         return False
     if not parametrize.is_parametrized(owner, attr):
         return False
-    return any(isinstance(p, FixedRows) for p in owner.parametrizations[attr])
+    return any(isinstance(p, FixedRows) for p in parametrization_list(owner, attr))
 
 
 def fix_rows(
@@ -238,8 +249,9 @@ def fix_rows(
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"Expected `module` to be a torch.nn.Module. Got {type(module).__name__}.")
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"Expected `name` to be a non-empty str. Got {name!r}.")
+    given: object = name  # checked at run time: callers may not be typed
+    if not isinstance(given, str) or not given:
+        raise TypeError(f"Expected `name` to be a non-empty str. Got {given!r}.")
     owner, attr = _owner(module, name)
     if parametrize.is_parametrized(owner, attr):
         raise ValueError(
@@ -247,7 +259,7 @@ def fix_rows(
             "call bake() before constraining it again."
         )
     param = owner._parameters.get(attr)
-    if not isinstance(param, nn.Parameter):
+    if param is None:
         available = [n for n, _ in module.named_parameters()]
         raise ValueError(
             f"Expected `module` to have a parameter named {name!r}. "
@@ -290,7 +302,7 @@ def bake(module: nn.Module, *, name: str = "weight") -> nn.Module:
     owner, attr = _owner(module, name)
     if not parametrize.is_parametrized(owner, attr):
         raise ValueError(f"Expected {name!r} to be constrained by fix_rows. Got a plain tensor.")
-    plist = owner.parametrizations[attr]
+    plist = parametrization_list(owner, attr)
     if len(plist) != 1 or not isinstance(plist[0], FixedRows):
         kinds = [type(p).__name__ for p in plist]
         raise ValueError(f"Expected {name!r} to be constrained by FixedRows alone. Got {kinds}.")
@@ -300,8 +312,8 @@ def bake(module: nn.Module, *, name: str = "weight") -> nn.Module:
         (holder, holder_attr)
         for holder in module.modules()
         if holder is not owner and parametrize.is_parametrized(holder)
-        for holder_attr, holder_plist in holder.parametrizations.items()
-        if holder_plist is plist
+        for holder_attr in list(holder.parametrizations)  # type: ignore[arg-type]
+        if parametrization_list(holder, holder_attr) is plist
     ]
     for holder, holder_attr in sharers:
         parametrize.remove_parametrizations(holder, holder_attr, leave_parametrized=False)
@@ -309,4 +321,3 @@ def bake(module: nn.Module, *, name: str = "weight") -> nn.Module:
     parametrize.remove_parametrizations(owner, attr, leave_parametrized=True)
     _remove_plain_hooks(owner, attr)
     return module
-

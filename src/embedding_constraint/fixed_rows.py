@@ -20,9 +20,7 @@ class _ScatterRows(torch.autograd.Function):
     """Interleave fixed and free rows into one tensor; gradients reach the free rows only."""
 
     @staticmethod
-    def forward(
-        free: Tensor, reference: Tensor, rows: Tensor, free_rows: Tensor
-    ) -> Tensor:
+    def forward(free: Tensor, reference: Tensor, rows: Tensor, free_rows: Tensor) -> Tensor:
         out = free.new_empty((reference.shape[0] + free.shape[0], *free.shape[1:]))
         out.index_copy_(0, rows, reference)
         out.index_copy_(0, free_rows, free)
@@ -39,7 +37,7 @@ class _ScatterRows(torch.autograd.Function):
         return grad_free, None, None, None
 
 
-def _as_rows(rows: Tensor | Sequence[int], count: int) -> Tensor:
+def _as_rows(rows: object, count: int) -> Tensor:
     """Validate ``rows`` as distinct, non-negative integer indices, one per reference row."""
     if isinstance(rows, Tensor):
         if rows.dtype.is_floating_point or rows.dtype.is_complex or rows.dtype == torch.bool:
@@ -48,10 +46,11 @@ def _as_rows(rows: Tensor | Sequence[int], count: int) -> Tensor:
             )
         index = rows.detach().to(device="cpu", dtype=torch.int64)
     elif isinstance(rows, Sequence) and not isinstance(rows, str | bytes):
-        if not all(isinstance(r, int) and not isinstance(r, bool) for r in rows):
-            bad = next(r for r in rows if not isinstance(r, int) or isinstance(r, bool))
+        bad = [r for r in rows if not isinstance(r, int) or isinstance(r, bool)]
+        if bad:
             raise TypeError(
-                f"Expected `rows` to hold integers. Got an element of type {type(bad).__name__}: {bad!r}."
+                "Expected `rows` to hold integers. "
+                f"Got an element of type {type(bad[0]).__name__}: {bad[0]!r}."
             )
         index = torch.tensor(list(rows), dtype=torch.int64)
     else:
@@ -60,18 +59,14 @@ def _as_rows(rows: Tensor | Sequence[int], count: int) -> Tensor:
             f"Got {type(rows).__name__}."
         )
     if index.dim() != 1:
-        raise ValueError(
-            f"Expected `rows` to be 1-D. Got a tensor of shape {tuple(index.shape)}."
-        )
+        raise ValueError(f"Expected `rows` to be 1-D. Got a tensor of shape {tuple(index.shape)}.")
     if index.numel() != count:
         raise ValueError(
             f"Expected `rows` to name one row per reference row ({count}). "
             f"Got {index.numel()} rows."
         )
     if index.numel() and int(index.min()) < 0:
-        raise ValueError(
-            f"Expected `rows` to be non-negative. Got {int(index.min())}."
-        )
+        raise ValueError(f"Expected `rows` to be non-negative. Got {int(index.min())}.")
     unique, counts = torch.unique(index, return_counts=True)
     if unique.numel() != index.numel():
         raise ValueError(
@@ -139,9 +134,7 @@ class FixedRows(nn.Module):
                 f"Got a tensor of dtype {reference.dtype}."
             )
         if reference.dim() == 0:
-            raise ValueError(
-                "Expected `reference` to have a row dimension. Got a 0-d tensor."
-            )
+            raise ValueError("Expected `reference` to have a row dimension. Got a 0-d tensor.")
         finite = torch.isfinite(reference)
         if not bool(finite.all()):
             bad = (~finite).reshape(reference.shape[0], -1).any(dim=1).nonzero().flatten()
@@ -208,7 +201,9 @@ class FixedRows(nn.Module):
             raise RuntimeError(
                 "FixedRows has not been registered: its free rows are not known yet."
             )
-        out: Tensor = _ScatterRows.apply(free, self.reference, self.rows, self.free_rows)
+        out: Tensor = _ScatterRows.apply(  # type: ignore[no-untyped-call]
+            free, self.reference, self.rows, self.free_rows
+        )
         return out
 
     @torch.no_grad()

@@ -1,0 +1,22 @@
+"""Small typed accessors shared by the tests."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from embedding_constraint import FixedRows
+from embedding_constraint.fix_rows import parametrization_list
+
+
+def stored(module: nn.Module, name: str = "weight") -> Tensor:
+    """The parameter a constrained tensor stores: its free rows."""
+    original = parametrization_list(module, name).original
+    assert isinstance(original, Tensor)
+    return original
+
+
+def constraint_of(module: nn.Module, name: str = "weight") -> FixedRows:
+    """The FixedRows registered on ``module.<name>``."""
+    constraint = parametrization_list(module, name)[0]
+    assert isinstance(constraint, FixedRows)
+    return constraint
