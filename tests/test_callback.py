@@ -369,3 +369,33 @@ def test_manual_optimization(pl_flavour: Flavour) -> None:
     pl_flavour.trainer(callbacks=[pl_flavour.callback(model.embedding, old)]).fit(model, loader())
     assert torch.equal(model.embedding.weight[:6], old.weight)
     assert not torch.equal(model.embedding.weight[6:], before[6:])
+
+
+def test_from_vocabularies_keeps_old_tokens_rows_in_their_new_positions(flavour: Flavour) -> None:
+    from embedding_constraint import vocab
+
+    old_tokens = ["pear", "apple", "kiwi", "fig", "plum", "lime"]
+    # Re-sorted, two tokens added in between old ones, one ("fig") removed.
+    new_tokens = ["apple", "banana", "kiwi", "lime", "mango", "pear", "plum", "date", "cherry", "x"]
+    old = _trained_reference()
+    model = flavour.model(vocab=10, dim=4)
+    callback = flavour.callback.from_vocabularies(model.embedding, old, old_tokens, new_tokens)
+    flavour.trainer(callbacks=[callback]).fit(model, loader())
+    _assert_plain(model.embedding)
+    alignment = vocab.align(old_tokens, new_tokens)
+    assert alignment.removed == ("fig",)
+    for token in ["pear", "apple", "kiwi", "plum", "lime"]:
+        new_row, old_row = new_tokens.index(token), old_tokens.index(token)
+        assert torch.equal(model.embedding.weight[new_row], old.weight[old_row]), token
+
+
+def test_from_vocabularies_for_a_linear_head_fixes_weight_and_bias(pl_flavour: Flavour) -> None:
+    torch.manual_seed(2)
+    old_head = nn.Linear(4, 3)
+    model = pl_flavour.model(classes=5)
+    callback = pl_flavour.callback.from_vocabularies(
+        model.head, old_head, ["a", "b", "c"], ["c", "x", "a", "y", "b"]
+    )
+    pl_flavour.trainer(callbacks=[callback], max_epochs=1).fit(model, loader())
+    assert torch.equal(model.head.weight[[2, 4, 0]], old_head.weight)
+    assert torch.equal(model.head.bias[[2, 4, 0]], old_head.bias)

@@ -2,20 +2,21 @@
 
 `FixedRows` is a :mod:`torch.nn.utils.parametrize` parametrization; `fix_rows` and `bake`
 apply and remove it with plain state dicts; `EmbeddingConstraint` does both around a
-PyTorch Lightning fit.
+PyTorch Lightning fit; `vocab` aligns token vocabularies and grows modules to a new one.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from embedding_constraint import vocab
 from embedding_constraint.fix_rows import bake, fix_rows, is_fixed
 from embedding_constraint.fixed_rows import FixedRows
 
 if TYPE_CHECKING:
     from embedding_constraint.callback import EmbeddingConstraint
 
-__all__ = ["EmbeddingConstraint", "FixedRows", "bake", "fix_rows", "is_fixed"]
+__all__ = ["EmbeddingConstraint", "FixedRows", "bake", "fix_rows", "is_fixed", "vocab"]
 __version__ = "0.1.0"
 
 

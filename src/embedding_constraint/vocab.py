@@ -65,11 +65,6 @@ class Alignment:
         return self.new_rows.numel() + len(self.added)
 
 
-def _shown(items: Sequence[Hashable]) -> str:
-    head = ", ".join(repr(item) for item in items[:_SHOWN])
-    return f"[{head}{', ...' if len(items) > _SHOWN else ''}]"
-
-
 def _index(vocab: object, name: str) -> tuple[Sequence[Hashable], dict[Hashable, int]]:
     """Validate ``vocab`` as a non-empty sequence of distinct hashable tokens; map token -> row."""
     if isinstance(vocab, str | bytes | bytearray):
@@ -86,7 +81,7 @@ def _index(vocab: object, name: str) -> tuple[Sequence[Hashable], dict[Hashable,
     if len(vocab) == 0:
         raise ValueError(f"Expected `{name}` to hold at least one token. Got an empty sequence.")
     index: dict[Hashable, int] = {}
-    duplicates: dict[Hashable, None] = {}  # an ordered set
+    duplicates: dict[int, list[int]] = {}  # first row -> every row of that token
     for row, token in enumerate(vocab):
         try:
             seen = token in index
@@ -96,13 +91,16 @@ def _index(vocab: object, name: str) -> tuple[Sequence[Hashable], dict[Hashable,
                 f"Got an unhashable {type(token).__name__} at position {row}: {token!r}."
             ) from None
         if seen:
-            duplicates[token] = None
+            first = index[token]
+            duplicates.setdefault(first, [first]).append(row)
         else:
             index[token] = row
     if duplicates:
+        shown = [f"{vocab[first]!r} at rows {rows}" for first, rows in duplicates.items()]
+        more = ", ..." if len(shown) > _SHOWN else ""
         raise ValueError(
             f"Expected `{name}` to hold distinct tokens. "
-            f"Got {len(duplicates)} duplicated: {_shown(list(duplicates))}."
+            f"Got {len(shown)} duplicated: {', '.join(shown[:_SHOWN])}{more}."
         )
     return vocab, index
 
