@@ -85,8 +85,11 @@ class _PlainStateDict:
     and its fixed rows must equal the reference.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, parameter_order: Sequence[str]) -> None:
         self.name = name
+        # The module's parameter names before it was constrained: saving puts the full tensor
+        # back in its place, so the keys come in the plain module's order too.
+        self.parameter_order = tuple(parameter_order)
 
     def _constraint(self, module: nn.Module) -> FixedRows | None:
         if not parametrize.is_parametrized(module, self.name):
@@ -101,10 +104,13 @@ class _PlainStateDict:
         if self._constraint(module) is None:
             return
         inner = f"{prefix}parametrizations.{self.name}."
-        for key in [k for k in state_dict if k.startswith(inner)]:
-            del state_dict[key]
+        # This module's entries are the last ones written: take them out, put them back in order.
+        mine = {k: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(prefix)]}
         with torch.no_grad():
-            state_dict[prefix + self.name] = parametrization_list(module, self.name)().detach()
+            mine[prefix + self.name] = parametrization_list(module, self.name)().detach()
+        for key in [prefix + p for p in self.parameter_order if prefix + p in mine]:
+            state_dict[key] = mine.pop(key)
+        state_dict.update((k, v) for k, v in mine.items() if not k.startswith(inner))
 
     def load(
         self,
@@ -162,8 +168,8 @@ def _ours(hook: Any) -> _PlainStateDict | None:
     return target if isinstance(target, _PlainStateDict) else None
 
 
-def _register_plain_hooks(module: nn.Module, name: str) -> None:
-    hooks = _PlainStateDict(name)
+def _register_plain_hooks(module: nn.Module, name: str, parameter_order: Sequence[str]) -> None:
+    hooks = _PlainStateDict(name, parameter_order)
     module.register_state_dict_post_hook(hooks)  # type: ignore[no-untyped-call]
     module.register_load_state_dict_pre_hook(hooks.load)  # type: ignore[no-untyped-call]
 
@@ -270,13 +276,13 @@ def fix_rows(
         _check_lookup_options(holder)
     constraint = FixedRows(reference, rows=rows)
     constraint.check_compatible(param)
+    orders = [list(holder._parameters) for holder, _ in holders]
     # Nothing below can fail on user input: the module changes only from here on.
     parametrize.register_parametrization(owner, attr, constraint)
-    _register_plain_hooks(owner, attr)
-    for holder, holder_attr in holders:
+    for (holder, holder_attr), order in zip(holders, orders):
         if holder is not owner or holder_attr != attr:
             _share_parametrization(owner, attr, holder, holder_attr)
-            _register_plain_hooks(holder, holder_attr)
+        _register_plain_hooks(holder, holder_attr, order)
     return module
 
 
