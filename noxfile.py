@@ -1,4 +1,8 @@
-"""Sessions that check embedding-constraint: `nox` runs tests, lint and typecheck."""
+"""Sessions that check embedding-constraint.
+
+`nox` runs the everyday set: tests, lint, typecheck, docs and demo. `nox -s bench` runs the
+benchmark (not part of the everyday set: it measures, it does not check).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import os
 
 import nox
 
-nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.sessions = ["tests", "lint", "typecheck", "docs", "demo"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
@@ -49,3 +53,17 @@ def demo(session: nox.Session) -> None:
     """Run the produce demo: expand a vocabulary with and without the constraint."""
     _install(session, "demo")
     session.run("python", "examples/produce_demo.py", *session.posargs)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation site in strict mode (warnings fail the build)."""
+    _install(session, "docs")
+    session.run("mkdocs", "build", "--strict", "--site-dir", "site", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Time a training step side by side: plain, overwrite, gradmask and this library."""
+    _install(session, "test")
+    session.run("python", "tests/benchmarks/bench_step.py", *session.posargs)
