@@ -194,6 +194,34 @@ def _share_parametrization(
     cast(nn.ModuleDict, module.parametrizations)[attr] = parametrization_list(source, source_attr)
 
 
+def _embedding_forward(self: nn.Embedding, input: Tensor) -> Tensor:
+    """``nn.Embedding.forward`` for a constrained weight: look up without building the weight."""
+    plist = parametrization_list(self, "weight")
+    constraint = plist[0]
+    if len(plist) != 1 or not isinstance(constraint, FixedRows) or self.scale_grad_by_freq:
+        # Another parametrization stacked on ours, or gradients scaled by token frequency:
+        # the generic path reads the whole weight.
+        return nn.Embedding.forward(self, input)
+    free = plist.original
+    assert isinstance(free, Tensor)
+    return constraint.lookup(input, free, self.padding_idx)
+
+
+def _use_fast_lookup(module: nn.Module, attr: str) -> None:
+    """Give a constrained plain ``nn.Embedding`` the lookup that skips building the weight.
+
+    ``register_parametrization`` gave the module a class of its own (``ParametrizedEmbedding``),
+    which ``remove_parametrizations`` takes away again; the forward lives on that class.
+    """
+    if attr == "weight" and type(module).__bases__ == (nn.Embedding,):
+        type(module).forward = _embedding_forward
+
+
+def _remove_fast_lookup(module: nn.Module, attr: str) -> None:
+    if attr == "weight" and type(module).__dict__.get("forward") is _embedding_forward:
+        del type(module).forward
+
+
 def is_fixed(module: nn.Module, name: str = "weight") -> bool:
     """Return whether ``module.<name>`` is constrained by :class:`FixedRows`."""
     owner_name, attr = _split(name)
@@ -279,10 +307,11 @@ def fix_rows(
     orders = [list(holder._parameters) for holder, _ in holders]
     # Nothing below can fail on user input: the module changes only from here on.
     parametrize.register_parametrization(owner, attr, constraint)
-    for (holder, holder_attr), order in zip(holders, orders):
+    for (holder, holder_attr), order in zip(holders, orders, strict=True):
         if holder is not owner or holder_attr != attr:
             _share_parametrization(owner, attr, holder, holder_attr)
         _register_plain_hooks(holder, holder_attr, order)
+        _use_fast_lookup(holder, holder_attr)
     return module
 
 
@@ -322,8 +351,10 @@ def bake(module: nn.Module, *, name: str = "weight") -> nn.Module:
         if parametrization_list(holder, holder_attr) is plist
     ]
     for holder, holder_attr in sharers:
+        _remove_fast_lookup(holder, holder_attr)
         parametrize.remove_parametrizations(holder, holder_attr, leave_parametrized=False)
         _remove_plain_hooks(holder, holder_attr)
+    _remove_fast_lookup(owner, attr)
     parametrize.remove_parametrizations(owner, attr, leave_parametrized=True)
     _remove_plain_hooks(owner, attr)
     return module

@@ -121,6 +121,7 @@ class FixedRows(nn.Module):
     reference: Tensor
     rows: Tensor | None
     free_rows: Tensor | None
+    slot: Tensor | None
 
     def __init__(self, reference: Tensor, rows: Tensor | Sequence[int] | None = None) -> None:
         super().__init__()
@@ -152,9 +153,10 @@ class FixedRows(nn.Module):
                 index = None
         self.register_buffer("reference", reference)
         self.register_buffer("rows", index)
-        # The complement of `rows`; it depends on the constrained tensor's row count, known
-        # at registration (`right_inverse`). Derived state, so not saved.
+        # Derived at registration (`right_inverse`), when the row count is known, so not saved:
+        # `free_rows`, the complement of `rows`; `slot[r]`, row r's place in [reference; free].
         self.register_buffer("free_rows", None, persistent=False)
+        self.register_buffer("slot", None, persistent=False)
 
     @property
     def num_fixed(self) -> int:
@@ -221,7 +223,43 @@ class FixedRows(nn.Module):
         keep = torch.ones(tensor.shape[0], dtype=torch.bool, device=tensor.device)
         keep[self.rows] = False
         self.free_rows = keep.nonzero().flatten()
+        slot = torch.empty(tensor.shape[0], dtype=torch.int64, device=tensor.device)
+        slot[self.rows] = torch.arange(self.num_fixed, device=tensor.device)
+        slot[self.free_rows] = torch.arange(self.num_fixed, tensor.shape[0], device=tensor.device)
+        self.slot = slot
         return tensor.index_select(0, self.free_rows)
+
+    def lookup(self, indices: Tensor, free: Tensor, padding_idx: int | None = None) -> Tensor:
+        """Return ``F.embedding(indices, weight)`` without building the weight.
+
+        Fixed rows are gathered from the reference, free rows from ``free``; the gradient
+        reaches only the free rows that ``indices`` names, so the cost of a lookup and its
+        backward follows the batch and the number of free rows, not the vocabulary.
+        ``fix_rows`` makes a constrained ``nn.Embedding`` look up through this.
+
+        Args:
+            indices (Tensor): row indices, any shape.
+            free (Tensor): the stored free rows (``parametrizations.weight.original``).
+            padding_idx (int, optional): a row whose lookups get no gradient, as in
+                ``nn.Embedding``. Default: ``None``.
+
+        Returns:
+            Tensor: shape ``(*indices.shape, *trailing)``.
+        """
+        if not free.shape[0]:
+            # Nothing to train; read the weight so the result still depends on `free`.
+            return nn.functional.embedding(indices, self(free), padding_idx)
+        fixed = self.num_fixed
+        slot = indices if self.slot is None else self.slot[indices]
+        from_free = nn.functional.embedding((slot - fixed).clamp(min=0), free)
+        if padding_idx is not None:
+            padding = (indices == padding_idx).unsqueeze(-1)
+            from_free = torch.where(padding, from_free.detach(), from_free)
+        if not fixed:
+            return from_free
+        from_reference = nn.functional.embedding(slot.clamp(max=fixed - 1), self.reference)
+        # Fixed positions take the reference row; `where` sends them no gradient.
+        return torch.where((slot < fixed).unsqueeze(-1), from_reference, from_free)
 
     def extra_repr(self) -> str:
         where = "prefix" if self.rows is None else "rows"

@@ -1,0 +1,194 @@
+"""The constrained `nn.Embedding` lookup: same values and gradients, without building the weight."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from support import constraint_of, stored
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from embedding_constraint import FixedRows, bake, fix_rows
+
+ROWS: dict[str, list[int] | None] = {"prefix": None, "scattered": [8, 1, 4, 5]}
+
+
+def _graph_ops(out: Tensor) -> set[str]:
+    """The names of the autograd nodes behind ``out``."""
+    seen: set[str] = set()
+    stack = [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node.name() in seen:
+            continue
+        seen.add(node.name())
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return seen
+
+
+def _pair(
+    rows: list[int] | None,
+    fixed: int = 4,
+    padding_idx: int | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[nn.Embedding, nn.Embedding, Tensor]:
+    """A fix_rows embedding (fast lookup) and a raw-registered twin (reads the whole weight)."""
+    torch.manual_seed(0)
+    reference = torch.randn(fixed, 3, dtype=dtype)
+    rows = None if rows is None else rows[:fixed]
+    fast = nn.Embedding(10, 3, padding_idx=padding_idx, dtype=dtype)
+    generic = copy.deepcopy(fast)
+    fix_rows(fast, reference, rows=rows)
+    parametrize.register_parametrization(generic, "weight", FixedRows(reference, rows=rows))
+    return fast, generic, reference
+
+
+def _step(emb: nn.Embedding, indices: Tensor) -> Tensor:
+    out: Tensor = emb(indices)
+    weights = torch.linspace(-1.0, 2.0, out.numel(), dtype=out.dtype).reshape(out.shape)
+    torch.autograd.backward((out * weights).sum())
+    return out
+
+
+@pytest.mark.parametrize("where", ROWS)
+@pytest.mark.parametrize("padding_idx", [None, 1, 7], ids=["no-padding", "padding-0", "padding-7"])
+@pytest.mark.parametrize("fixed", [0, 4, 10], ids=["none-fixed", "some-fixed", "all-fixed"])
+def test_lookup_matches_reading_the_whole_weight(
+    where: str, padding_idx: int | None, fixed: int
+) -> None:
+    if where == "scattered" and fixed == 10:
+        pytest.skip("all rows fixed is the prefix case")
+    fast, generic, _ = _pair(ROWS[where], fixed, padding_idx)
+    indices = torch.tensor([[0, 1, 2, 9], [8, 8, 4, 7], [1, 5, 6, 3]])
+    out_fast, out_generic = _step(fast, indices), _step(generic, indices)
+    assert torch.equal(out_fast, out_generic)
+    grad_fast, grad_generic = stored(fast).grad, stored(generic).grad
+    assert grad_fast is not None
+    assert grad_generic is not None
+    torch.testing.assert_close(grad_fast, grad_generic, rtol=1e-12, atol=1e-12)
+    if 0 < fixed < 10:
+        assert "CatBackward0" not in _graph_ops(out_fast) | {"_ScatterRowsBackward"}
+        assert "WhereBackward0" in _graph_ops(out_fast)
+    if padding_idx is not None and where == "prefix" and padding_idx >= fixed:
+        assert torch.equal(grad_fast[padding_idx - fixed], torch.zeros(3, dtype=torch.float64))
+
+
+def test_lookup_does_not_build_the_weight() -> None:
+    fast, generic, _ = _pair(ROWS["scattered"])
+    indices = torch.tensor([0, 3, 8])
+    assert "_ScatterRowsBackward" in _graph_ops(generic(indices))
+    assert "_ScatterRowsBackward" not in _graph_ops(fast(indices))
+    prefix_fast, prefix_generic, _ = _pair(None)
+    assert "CatBackward0" in _graph_ops(prefix_generic(indices))
+    assert "CatBackward0" not in _graph_ops(prefix_fast(indices))
+
+
+def test_training_with_the_lookup_keeps_fixed_rows_exact_and_matches_the_generic_path() -> None:
+    fast, generic, reference = _pair(ROWS["scattered"], dtype=torch.float32)
+    opts = [torch.optim.AdamW(m.parameters(), lr=0.1, weight_decay=0.1) for m in (fast, generic)]
+    for step in range(5):
+        indices = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(step))
+        for module, opt in zip((fast, generic), opts, strict=True):
+            opt.zero_grad()
+            _step(module, indices)
+            opt.step()
+        assert torch.equal(fast.weight[[8, 1, 4, 5]], reference)
+    torch.testing.assert_close(stored(fast), stored(generic))
+
+
+def test_scale_grad_by_freq_falls_back_to_reading_the_weight() -> None:
+    torch.manual_seed(0)
+    fast = nn.Embedding(6, 2, scale_grad_by_freq=True)
+    generic = copy.deepcopy(fast)
+    fix_rows(fast, torch.zeros(2, 2))
+    parametrize.register_parametrization(generic, "weight", FixedRows(torch.zeros(2, 2)))
+    indices = torch.tensor([2, 2, 3, 0])
+    assert "CatBackward0" in _graph_ops(_step(fast, indices))
+    _step(generic, indices)
+    assert torch.equal(stored(fast).grad, stored(generic).grad)  # type: ignore[arg-type]
+
+
+def test_a_parametrization_stacked_on_top_is_respected() -> None:
+    emb = nn.Embedding(6, 2)
+    fix_rows(emb, torch.ones(2, 2))
+
+    class Double(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            return 2 * x
+
+    parametrize.register_parametrization(emb, "weight", Double())
+    assert torch.equal(emb(torch.tensor([0, 1])), torch.full((2, 2), 2.0))
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["to-float64", "deepcopy", "load_state_dict", "assign-weight"],
+)
+def test_lookup_stays_exact_after_module_changes(change: str) -> None:
+    reference = torch.randn(3, 4)
+    emb = nn.Embedding(8, 4)
+    fix_rows(emb, reference, rows=[7, 0, 3])
+    if change == "to-float64":
+        emb = emb.to(torch.float64)
+        reference = reference.double()
+    elif change == "deepcopy":
+        emb = copy.deepcopy(emb)
+    elif change == "load_state_dict":
+        plain = nn.Embedding(8, 4)
+        with torch.no_grad():
+            plain.weight[[7, 0, 3]] = reference
+        emb.load_state_dict(plain.state_dict())
+        assert torch.equal(emb(torch.tensor([1, 2])), plain(torch.tensor([1, 2])))
+    else:
+        emb.weight = torch.arange(32.0).reshape(8, 4)
+    opt = torch.optim.SGD(emb.parameters(), lr=1.0)
+    for _ in range(2):
+        opt.zero_grad()
+        _step(emb, torch.arange(8))
+        opt.step()
+    assert torch.equal(emb(torch.tensor([7, 0, 3])), reference)
+    assert torch.equal(emb.weight[[7, 0, 3]], reference)
+    assert emb.weight.dtype == reference.dtype
+
+
+def test_bake_removes_the_lookup() -> None:
+    emb = nn.Embedding(5, 2)
+    fix_rows(emb, torch.zeros(1, 2))
+    assert type(emb).forward is not nn.Embedding.forward
+    bake(emb)
+    assert type(emb) is nn.Embedding
+    assert "forward" not in vars(emb)
+
+
+def test_subclasses_keep_their_own_forward() -> None:
+    class Scaled(nn.Embedding):
+        def forward(self, input: Tensor) -> Tensor:
+            return 3 * super().forward(input)
+
+    emb = Scaled(5, 2)
+    fix_rows(emb, torch.ones(1, 2))
+    assert torch.equal(emb(torch.tensor([0])), torch.full((1, 2), 3.0))
+    assert "CatBackward0" in _graph_ops(emb(torch.tensor([0])))
+
+
+def test_compiled_lookup_matches_eager() -> None:
+    torch._dynamo.reset()
+    fast, _, reference = _pair(ROWS["scattered"], dtype=torch.float32)
+    eager = copy.deepcopy(fast)
+    indices = torch.tensor([0, 1, 4, 8, 9])
+
+    def loss(emb: nn.Embedding, indices: Tensor) -> tuple[Tensor, Tensor]:
+        out = emb(indices)
+        return out, (out * torch.arange(out.numel()).reshape(out.shape)).sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    out, value = compiled(fast, indices)
+    torch.autograd.backward(value)
+    eager_out, eager_value = loss(eager, indices)
+    torch.autograd.backward(eager_value)
+    assert torch.equal(out, eager_out)
+    assert torch.equal(out[[1, 3]], reference[[1, 0]])  # rows 1 and 8
+    torch.testing.assert_close(stored(fast).grad, stored(eager).grad)
+    assert constraint_of(fast).slot is not None
