@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--flavour", choices=list(FLAVOURS), default="pytorch_lightning")
     parser.add_argument("--devices", type=int, choices=[1, RANKS], required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--rows", type=int, nargs="*", help="fixed rows (default: a prefix)")
     args = parser.parse_args()
     flavour = FLAVOURS[args.flavour]
 
@@ -44,7 +45,7 @@ def main() -> None:
     reference = torch.randn(6, 4)
     model = flavour.model(vocab=10, dim=4)
     trainer = flavour.trainer(
-        callbacks=[flavour.callback(model.embedding, reference)],
+        callbacks=[flavour.callback(model.embedding, reference, rows=args.rows)],
         devices=args.devices,
         strategy=strategy,
         max_epochs=2,
@@ -57,6 +58,7 @@ def main() -> None:
     trainer.fit(model, DataLoader(TensorDataset(data), batch_size=batch_size))
     result = {
         "reference": reference,
+        "rows": args.rows or list(range(reference.shape[0])),
         "plain": type(model.embedding.weight) is torch.nn.Parameter
         and not hasattr(model.embedding, "parametrizations"),
         "state_dict": model.state_dict(),

@@ -38,6 +38,10 @@ def test_state_dict_under_a_parent_module_uses_the_parent_prefix() -> None:
     fix_rows(model[1], torch.zeros(1, 3))
     state = model.state_dict()
     assert list(state) == plain_keys
+    other = nn.Linear(3, 2)
+    fix_rows(other, torch.zeros(1, 3))
+    fix_rows(other, torch.zeros(1), name="bias")
+    assert list(other.state_dict()) == ["weight", "bias"]
     assert torch.equal(state["0.weight"][:2], torch.ones(2, 3))
     assert torch.equal(state["1.bias"][:1], torch.zeros(1))
 

@@ -1,6 +1,6 @@
 """Train part of a weight while the rest stays exactly fixed.
 
-`FixedRows` is a :mod:`torch.nn.utils.parametrize` parametrization; `fix_rows` and `bake`
+`FixedRows` is a `torch.nn.utils.parametrize` parametrization; `fix_rows` and `bake`
 apply and remove it with plain state dicts; `EmbeddingConstraint` does both around a
 PyTorch Lightning fit; `vocab` aligns token vocabularies and grows modules to a new one.
 """

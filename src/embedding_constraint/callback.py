@@ -13,7 +13,7 @@ __all__ = ["EmbeddingConstraint"]
 class EmbeddingConstraint(EmbeddingConstraintHooks, Callback):
     r"""Hold rows of ``target``'s weight at reference values while a Trainer fits the rest.
 
-    Registers :func:`~embedding_constraint.fix_rows` in ``setup`` (before the optimizers and
+    Registers `fix_rows` in ``setup`` (before the optimizers and
     DDP see the module) and bakes a plain weight at the end of the fit, also when it fails.
     During the fit, checkpoints hold plain state dicts, and resuming from one works.
 
@@ -32,7 +32,7 @@ class EmbeddingConstraint(EmbeddingConstraintHooks, Callback):
             uses ``sparse=True`` or ``max_norm``, or only one of them has a bias.
         RuntimeError: at ``setup``, when the strategy shards parameters (FSDP, DeepSpeed).
 
-    Example::
+    Examples:
 
         >>> import torch
         >>> from torch import nn

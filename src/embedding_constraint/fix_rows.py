@@ -1,6 +1,6 @@
 """`fix_rows` and `bake`: constrain a module's rows, and turn the result back into a plain weight.
 
-`fix_rows` registers :class:`~embedding_constraint.FixedRows` and keeps the module's
+`fix_rows` registers `FixedRows` and keeps the module's
 ``state_dict()`` plain: the same keys and shapes as the unconstrained module, so checkpoints
 load into ordinary modules and ordinary checkpoints load into constrained ones. Every module
 under the root that holds the same Parameter (tied weights) reads the constrained tensor.
@@ -174,6 +174,15 @@ def _register_plain_hooks(module: nn.Module, name: str, parameter_order: Sequenc
     module.register_load_state_dict_pre_hook(hooks.load)  # type: ignore[no-untyped-call]
 
 
+def _plain_parameter_order(module: nn.Module) -> tuple[str, ...]:
+    """The module's parameter names as the unconstrained module lists them."""
+    for hook in module._state_dict_hooks.values():
+        ours = _ours(hook)
+        if ours is not None:  # constrained before: its order predates every constraint
+            return ours.parameter_order
+    return tuple(module._parameters)
+
+
 def _remove_plain_hooks(module: nn.Module, name: str) -> None:
     for registry in (module._state_dict_hooks, module._load_state_dict_pre_hooks):
         for handle_id, hook in list(registry.items()):
@@ -223,7 +232,7 @@ def _remove_fast_lookup(module: nn.Module, attr: str) -> None:
 
 
 def is_fixed(module: nn.Module, name: str = "weight") -> bool:
-    """Return whether ``module.<name>`` is constrained by :class:`FixedRows`."""
+    """Return whether ``module.<name>`` is constrained by `FixedRows`."""
     owner_name, attr = _split(name)
     try:
         owner = module.get_submodule(owner_name)
@@ -243,7 +252,7 @@ def fix_rows(
 ) -> nn.Module:
     r"""Hold rows of ``module.<name>`` at ``reference`` while the other rows train.
 
-    Registers :class:`FixedRows` on the parameter and keeps ``module.state_dict()`` plain:
+    Registers `FixedRows` on the parameter and keeps ``module.state_dict()`` plain:
     the same keys and shapes as the unconstrained module. Loading a plain state dict loads
     its free rows; its fixed rows must equal the reference. The Parameter object is kept,
     so an optimizer created before the call still trains it if it has taken no step.
@@ -263,12 +272,12 @@ def fix_rows(
         nn.Module: ``module``, constrained in place.
 
     Raises:
-        TypeError: ``module`` is not an ``nn.Module``, or see :class:`FixedRows`.
+        TypeError: ``module`` is not an ``nn.Module``, or see `FixedRows`.
         ValueError: there is no such parameter, it is already parametrized, it is an
             ``nn.Embedding``/``nn.EmbeddingBag`` with ``sparse=True`` or ``max_norm``, or the
-            reference does not fit it (see :class:`FixedRows`). The module is left unchanged.
+            reference does not fit it (see `FixedRows`). The module is left unchanged.
 
-    Example::
+    Examples:
 
         >>> import torch
         >>> from torch import nn
@@ -304,7 +313,7 @@ def fix_rows(
         _check_lookup_options(holder)
     constraint = FixedRows(reference, rows=rows)
     constraint.check_compatible(param)
-    orders = [list(holder._parameters) for holder, _ in holders]
+    orders = [_plain_parameter_order(holder) for holder, _ in holders]
     # Nothing below can fail on user input: the module changes only from here on.
     parametrize.register_parametrization(owner, attr, constraint)
     for (holder, holder_attr), order in zip(holders, orders, strict=True):
@@ -318,7 +327,7 @@ def fix_rows(
 def bake(module: nn.Module, *, name: str = "weight") -> nn.Module:
     r"""Replace a constrained ``module.<name>`` by a plain Parameter holding its current value.
 
-    The inverse of :func:`fix_rows` (and of registering :class:`FixedRows` by hand): the
+    The inverse of `fix_rows` (and of registering `FixedRows` by hand): the
     Parameter object is the one that was constrained, now of the full shape, with the fixed
     rows equal to the reference. Tied modules still share it afterwards.
 
@@ -330,7 +339,7 @@ def bake(module: nn.Module, *, name: str = "weight") -> nn.Module:
         nn.Module: ``module``, with a plain parameter in place.
 
     Raises:
-        ValueError: ``module.<name>`` is not constrained by :class:`FixedRows` alone.
+        ValueError: ``module.<name>`` is not constrained by `FixedRows` alone.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"Expected `module` to be a torch.nn.Module. Got {type(module).__name__}.")

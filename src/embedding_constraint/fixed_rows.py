@@ -78,7 +78,7 @@ def _as_rows(rows: object, count: int) -> Tensor:
 class FixedRows(nn.Module):
     r"""Hold rows of a tensor at reference values while the other rows train.
 
-    Register it with :func:`torch.nn.utils.parametrize.register_parametrization`. The
+    Register it with `torch.nn.utils.parametrize.register_parametrization`. The
     stored parameter then holds only the free rows; reading the tensor returns the
     reference rows at their positions and the free rows everywhere else
     (``cat(reference, free)`` when the fixed rows are a prefix).
@@ -103,7 +103,7 @@ class FixedRows(nn.Module):
             registered: the tensor has another trailing shape, fewer rows than ``reference``
             or fewer than ``max(rows) + 1`` rows.
 
-    Example::
+    Examples:
 
         >>> import torch
         >>> from torch import nn

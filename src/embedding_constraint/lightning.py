@@ -17,7 +17,7 @@ __all__ = ["EmbeddingConstraint"]
 class EmbeddingConstraint(EmbeddingConstraintHooks, Callback):
     """Hold rows of ``target``'s weight at reference values while a ``lightning`` Trainer fits.
 
-    Arguments and behaviour as :class:`embedding_constraint.EmbeddingConstraint`.
+    Arguments and behaviour as `embedding_constraint.EmbeddingConstraint`.
     """
 
     _info = staticmethod(rank_zero_info)

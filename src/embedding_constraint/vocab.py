@@ -4,7 +4,7 @@
 removed. `expand` builds a new ``nn.Embedding``, ``nn.EmbeddingBag`` or ``nn.Linear`` head
 with one row per new token: shared rows copied exactly, added rows initialised.
 `reference_for` gives the shared rows and their new positions, ready for
-:func:`~embedding_constraint.fix_rows`.
+`fix_rows`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ _SHOWN = 10
 
 @dataclass(frozen=True, eq=False)
 class Alignment:
-    """How the rows of an old vocabulary map onto a new one; built by :func:`align`.
+    """How the rows of an old vocabulary map onto a new one; built by `align`.
 
     ``old_rows[i]`` and ``new_rows[i]`` are the rows of the same token in the old and the
     new vocabulary, for every token in both, ordered by new row. Compare alignments field by
@@ -145,7 +145,7 @@ def align(old: Sequence[Hashable], new: Sequence[Hashable]) -> Alignment:
             unhashable token.
         ValueError: ``old`` or ``new`` is empty or holds duplicate tokens.
 
-    Example::
+    Examples:
 
         >>> from embedding_constraint.vocab import align
         >>> al = align(["<pad>", "a", "b", "c"], ["<pad>", "c", "x", "a"])
@@ -336,7 +336,7 @@ def expand(
             name; the padding token is not in ``new_vocab``; or a callable ``init`` returns a
             tensor of the wrong shape.
 
-    Example::
+    Examples:
 
         >>> import torch
         >>> from torch import nn
@@ -434,7 +434,7 @@ def expand(
 
 
 def reference_for(old_weight: Tensor, alignment: Alignment) -> tuple[Tensor, Tensor]:
-    r"""Return the shared tokens' old rows and their new positions, for :func:`fix_rows`.
+    r"""Return the shared tokens' old rows and their new positions, for `fix_rows`.
 
     With ``reference, rows = reference_for(old_module.weight, alignment)``,
     ``fix_rows(new_module, reference, rows=rows)`` holds every token the two vocabularies
@@ -442,17 +442,17 @@ def reference_for(old_weight: Tensor, alignment: Alignment) -> tuple[Tensor, Ten
 
     Args:
         old_weight (Tensor): the old module's weight, one row per token of the old vocabulary.
-        alignment (Alignment): the alignment of the old and new vocabularies (:func:`align`).
+        alignment (Alignment): the alignment of the old and new vocabularies (`align`).
 
     Returns:
         tuple[Tensor, Tensor]: ``(reference, rows)``: a detached copy of ``old_weight``'s rows
         of the shared tokens, and their rows in the new vocabulary (int64, CPU).
 
     Raises:
-        TypeError: ``old_weight`` is not a tensor, or ``alignment`` not an :class:`Alignment`.
+        TypeError: ``old_weight`` is not a tensor, or ``alignment`` not an `Alignment`.
         ValueError: ``old_weight`` does not have one row per token of the old vocabulary.
 
-    Example::
+    Examples:
 
         >>> import torch
         >>> from torch import nn
