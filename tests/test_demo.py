@@ -1,0 +1,187 @@
+"""The produce demo (`examples/produce_demo.py`) runs, keeps its promises and draws its figure."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "produce_demo.py"
+# Few epochs keep the fits short; the constrained expansion already sorts the new items then.
+EPOCHS = 15
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+NEW_ITEM_KINDS = {"kiwi": "fruit", "lemon": "fruit", "pepper": "vegetable", "pumpkin": "vegetable"}
+
+
+@pytest.fixture(scope="module")
+def demo() -> ModuleType:
+    # examples/ is not a package: load the script as a module under its own name (dataclasses
+    # look their module up in sys.modules).
+    spec = importlib.util.spec_from_file_location("produce_demo", EXAMPLE)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def summary(demo: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return demo.run(tmp_path_factory.mktemp("demo"), epochs=EPOCHS, seed=0, progress_bar=False)
+
+
+def test_datasets_hold_every_triple_of_one_kind(demo: ModuleType) -> None:
+    first = demo.triples(demo.OLD_ITEMS, [demo.FRUITS, demo.VEGETABLES])
+    second = demo.triples(
+        demo.NEW_ITEMS,
+        [demo.FRUITS + demo.NEW_FRUITS, demo.VEGETABLES + demo.NEW_VEGETABLES],
+    )
+    assert first.shape == (2 * 6 * 5 * 4, 3)
+    assert second.shape == (2 * 8 * 7 * 6, 3)
+    for data, vocab in ((first, demo.OLD_ITEMS), (second, demo.NEW_ITEMS)):
+        assert len({tuple(row) for row in data.tolist()}) == data.shape[0]
+        for row in data.tolist():
+            assert len(set(row)) == 3
+            assert len({demo.KIND[vocab[i]] for i in row}) == 1
+    # The old items are not a prefix of the new vocabulary: from_vocabularies has work to do.
+    assert list(demo.NEW_ITEMS[: len(demo.OLD_ITEMS)]) != list(demo.OLD_ITEMS)
+    assert sorted(demo.ADDED) == sorted(NEW_ITEM_KINDS)
+
+
+@pytest.mark.slow
+def test_figure_is_a_readable_png(summary: Any) -> None:
+    from matplotlib.image import imread
+
+    assert summary.figure.name == "produce_demo.png"
+    assert summary.figure.read_bytes()[:8] == PNG_SIGNATURE
+    image = imread(summary.figure)
+    height, width, channels = image.shape
+    assert channels in (3, 4)
+    assert 400 <= height <= 2000
+    assert 2 * height <= width <= 5000, "three panels side by side"
+    assert float(image.std()) > 0.05, "the figure is not blank"
+
+
+@pytest.mark.slow
+def test_constrained_expansion_keeps_every_old_item_bit_for_bit(
+    demo: ModuleType, summary: Any
+) -> None:
+    constrained = summary.constrained
+    assert constrained.max_old_change == 0.0
+    assert constrained.old_unchanged
+    for item in demo.OLD_ITEMS:
+        old, new = summary.original[item], constrained.coordinates[item]
+        assert torch.equal(new.view(torch.int32), old.view(torch.int32)), item
+    assert set(constrained.coordinates) == set(demo.NEW_ITEMS)
+
+
+@pytest.mark.slow
+def test_constrained_expansion_places_new_items_with_their_kind(summary: Any) -> None:
+    assert summary.constrained.placed == NEW_ITEM_KINDS
+    assert summary.constrained.misplaced == []
+    assert summary.constrained.new_accuracy == 1.0
+
+
+@pytest.mark.slow
+def test_constrained_expansion_keeps_the_classifiers_accuracy(summary: Any) -> None:
+    assert summary.original_accuracy == 1.0
+    assert summary.constrained.old_accuracy == summary.original_accuracy
+    assert summary.problems == []
+
+
+@pytest.mark.slow
+def test_retraining_moves_the_old_items(demo: ModuleType, summary: Any) -> None:
+    retrained = summary.retrained
+    assert not retrained.old_unchanged
+    assert retrained.max_old_change > 0.1
+    largest = max(
+        float((retrained.coordinates[item] - summary.original[item]).abs().max())
+        for item in demo.OLD_ITEMS
+    )
+    assert retrained.max_old_change == largest
+
+
+@pytest.mark.slow
+def test_the_table_reports_the_summary(summary: Any) -> None:
+    lines = summary.table().splitlines()
+    assert lines[0].split() == ["original", "retrained", "constrained"]
+    rows = {line[: line.index("  ")]: line.split() for line in lines[2:]}
+    assert rows["largest change of an old item"][-1] == "0.0"
+    assert rows["old items bit for bit unchanged"][-1] == "yes"
+    for item, kind in NEW_ITEM_KINDS.items():
+        assert rows[f"nearest centroid: {item} ({kind})"][-1] == kind
+    assert rows["classifier accuracy, old items"][-3] == rows["classifier accuracy, old items"][-1]
+
+
+@pytest.mark.slow
+def test_the_same_seed_gives_the_same_embeddings(demo: ModuleType, tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    global_state = torch.random.get_rng_state()
+    first = demo.run(tmp_path / "a", epochs=2, seed=3, progress_bar=False)
+    # The demo draws from generators of its own: the global one is neither read nor advanced.
+    assert torch.equal(torch.random.get_rng_state(), global_state)
+    torch.manual_seed(2)
+    second = demo.run(tmp_path / "b", epochs=2, seed=3, progress_bar=False)
+    for name in ("retrained", "constrained"):
+        a, b = getattr(first, name).coordinates, getattr(second, name).coordinates
+        assert a.keys() == b.keys()
+        for item in a:
+            assert torch.equal(a[item], b[item]), (name, item)
+
+
+@pytest.mark.slow
+def test_main_exits_0_and_prints_the_figure_path(tmp_path: Path) -> None:
+    outdir = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--outdir", str(outdir), "--epochs", str(EPOCHS)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    figure = outdir / "produce_demo.png"
+    assert result.stdout.rstrip().splitlines()[-1] == f"Figure: {figure.absolute()}"
+    assert figure.read_bytes()[:8] == PNG_SIGNATURE
+    assert "classifier accuracy, old items" in result.stdout
+
+
+@pytest.mark.slow
+def test_main_exits_1_when_the_constraint_did_not_hold(
+    demo: ModuleType,
+    summary: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    broken = dataclasses.replace(
+        summary,
+        constrained=dataclasses.replace(
+            summary.constrained,
+            max_old_change=0.25,
+            old_unchanged=False,
+            placed={**NEW_ITEM_KINDS, "kiwi": "vegetable"},
+        ),
+    )
+    monkeypatch.setattr(demo, "run", lambda *args, **kwargs: broken)
+    assert demo.main(["--outdir", "unused", "--epochs", "1"]) == 1
+    captured = capsys.readouterr()
+    assert "the constraint did not hold" in captured.err
+    assert "kiwi (fruit) settled nearest the vegetable centroid" in captured.err
+    assert f"Figure: {summary.figure.absolute()}" in captured.out
+
+
+def test_main_rejects_a_non_positive_epoch_count(
+    demo: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--epochs", "0"])
+    assert exit_info.value.code == 2
+    assert "expected a positive number of epochs" in capsys.readouterr().err
