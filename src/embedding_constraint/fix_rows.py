@@ -207,13 +207,12 @@ def _embedding_forward(self: nn.Embedding, input: Tensor) -> Tensor:
     """``nn.Embedding.forward`` for a constrained weight: look up without building the weight."""
     plist = parametrization_list(self, "weight")
     constraint = plist[0]
-    if len(plist) != 1 or not isinstance(constraint, FixedRows) or self.scale_grad_by_freq:
-        # Another parametrization stacked on ours, or gradients scaled by token frequency:
-        # the generic path reads the whole weight.
+    if len(plist) != 1 or not isinstance(constraint, FixedRows):
+        # Another parametrization stacked on ours: read the whole weight through all of them.
         return nn.Embedding.forward(self, input)
     free = plist.original
     assert isinstance(free, Tensor)
-    return constraint.lookup(input, free, self.padding_idx)
+    return constraint.lookup(input, free, self.padding_idx, self.scale_grad_by_freq)
 
 
 def _use_fast_lookup(module: nn.Module, attr: str) -> None:

@@ -37,6 +37,54 @@ class _ScatterRows(torch.autograd.Function):
         return grad_free, None, None, None
 
 
+class _Lookup(torch.autograd.Function):
+    """Look rows up from the reference and the free rows; gradients reach looked-up free rows.
+
+    ``slot`` holds each index's place in [reference; free] (``None``: the index itself). The backward scatters only the
+    free rows' gradients: lookups of fixed rows (and of the padding row) go to a spare row
+    that is dropped, so no gradient the size of the whole weight is ever formed.
+    """
+
+    @staticmethod
+    def forward(
+        free: Tensor,
+        reference: Tensor,
+        indices: Tensor,
+        slot: Tensor | None,
+        padding_idx: int | None,
+        scale_grad_by_freq: bool,
+    ) -> Tensor:
+        slot = indices if slot is None else slot
+        fixed = reference.shape[0]
+        from_free = nn.functional.embedding((slot - fixed).clamp(min=0), free)
+        if not fixed:
+            return from_free
+        from_reference = nn.functional.embedding(slot.clamp(max=fixed - 1), reference)
+        return torch.where((slot >= fixed).unsqueeze(-1), from_free, from_reference)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        free, reference, indices, slot, padding_idx, scale_grad_by_freq = inputs
+        ctx.free_rows, ctx.fixed_rows = free.shape[0], reference.shape[0]
+        ctx.padding_idx, ctx.scale_grad_by_freq = padding_idx, scale_grad_by_freq
+        ctx.save_for_backward(indices, indices if slot is None else slot)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None, None
+        indices, slot = ctx.saved_tensors
+        spare = ctx.free_rows
+        skip = slot < ctx.fixed_rows
+        if ctx.padding_idx is not None:
+            skip = skip | (indices == ctx.padding_idx)
+        target = (slot - ctx.fixed_rows).masked_fill(skip, spare)
+        grad_free = torch.ops.aten.embedding_dense_backward(
+            grad, target, spare + 1, spare, ctx.scale_grad_by_freq
+        )
+        return grad_free[:spare], None, None, None, None, None
+
+
 def _as_rows(rows: object, count: int) -> Tensor:
     """Validate ``rows`` as distinct, non-negative integer indices, one per reference row."""
     if isinstance(rows, Tensor):
@@ -229,7 +277,13 @@ class FixedRows(nn.Module):
         self.slot = slot
         return tensor.index_select(0, self.free_rows)
 
-    def lookup(self, indices: Tensor, free: Tensor, padding_idx: int | None = None) -> Tensor:
+    def lookup(
+        self,
+        indices: Tensor,
+        free: Tensor,
+        padding_idx: int | None = None,
+        scale_grad_by_freq: bool = False,
+    ) -> Tensor:
         """Return ``F.embedding(indices, weight)`` without building the weight.
 
         Fixed rows are gathered from the reference, free rows from ``free``; the gradient
@@ -242,6 +296,8 @@ class FixedRows(nn.Module):
             free (Tensor): the stored free rows (``parametrizations.weight.original``).
             padding_idx (int, optional): a row whose lookups get no gradient, as in
                 ``nn.Embedding``. Default: ``None``.
+            scale_grad_by_freq (bool, optional): scale each free row's gradient by the inverse
+                of its frequency in ``indices``, as in ``nn.Embedding``. Default: ``False``.
 
         Returns:
             Tensor: shape ``(*indices.shape, *trailing)``.
@@ -249,17 +305,13 @@ class FixedRows(nn.Module):
         if not free.shape[0]:
             # Nothing to train; read the weight so the result still depends on `free`.
             return nn.functional.embedding(indices, self(free), padding_idx)
-        fixed = self.num_fixed
-        slot = indices if self.slot is None else self.slot[indices]
-        from_free = nn.functional.embedding((slot - fixed).clamp(min=0), free)
-        if padding_idx is not None:
-            padding = (indices == padding_idx).unsqueeze(-1)
-            from_free = torch.where(padding, from_free.detach(), from_free)
-        if not fixed:
-            return from_free
-        from_reference = nn.functional.embedding(slot.clamp(max=fixed - 1), self.reference)
-        # Fixed positions take the reference row; `where` sends them no gradient.
-        return torch.where((slot < fixed).unsqueeze(-1), from_reference, from_free)
+        # For a prefix, an index is its own slot (passed as None: autograd.Function inputs
+        # must be distinct tensors for torch.compile).
+        slot = None if self.slot is None else self.slot[indices]
+        out: Tensor = _Lookup.apply(  # type: ignore[no-untyped-call]
+            free, self.reference, indices, slot, padding_idx, scale_grad_by_freq
+        )
+        return out
 
     def extra_repr(self) -> str:
         where = "prefix" if self.rows is None else "rows"

@@ -18,22 +18,25 @@ All variants of one (frozen fraction, optimizer) cell are built once, warmed up,
 round-robin, one step each per round, so that drift of a shared machine hits them alike; the
 table shows medians over rounds and the ratio to ``plain`` of the same round set. Peak memory
 is measured with each variant alone in a fresh process (this script again, with the hidden
-``--measure-memory`` flag): the ``ru_maxrss`` increase over a baseline taken after building the
-inputs on CPU, ``torch.cuda.max_memory_allocated`` over the allocation baseline on CUDA.
+``--measure-memory`` flag): on CPU the increase of the peak resident set size (Linux ``VmHWM``,
+reset after building the inputs; ``ru_maxrss`` elsewhere), on CUDA
+``torch.cuda.max_memory_allocated`` over the allocation after building the inputs.
 ``--compile`` adds ``torch.compile`` of the forward and loss for ``plain`` and the constrained
 variants at one fraction.
 
 Run from the repository root::
 
-    python tests/benchmarks/bench_step.py --quick          # smoke test, seconds
-    python tests/benchmarks/bench_step.py --json out.json  # CPU size, a minute or two
+    python tests/benchmarks/bench_step.py --quick          # smoke test, under a minute
+    python tests/benchmarks/bench_step.py --json out.json  # CPU size, minutes on 2 cores
     python tests/benchmarks/bench_step.py --gpu-size --compile
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import gc
 import json
 import os
 import platform
@@ -43,7 +46,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -102,9 +105,7 @@ def make_inputs(config: Config, k: int) -> Inputs:
     size, device = config.size, config.device
     generator = torch.Generator(device=device).manual_seed(config.seed)
     # Straight in the target dtype: a float32 detour would raise the CPU memory baseline.
-    init = torch.randn(
-        size.vocab, size.dim, generator=generator, device=device, dtype=config.dtype
-    )
+    init = torch.randn(size.vocab, size.dim, generator=generator, device=device, dtype=config.dtype)
     cpu_generator = torch.Generator().manual_seed(config.seed + 1)
     scattered = torch.randperm(size.vocab, generator=cpu_generator)[:k].to(device)
     batches = [
@@ -131,7 +132,7 @@ class Trainer:
         self.optimizer = optimizer
         self.rows = rows
         self.after_step = after_step
-        self.loss_fn: Callable[[Tensor], Tensor] = self.eager_loss
+        self.compiled_loss: Callable[[Tensor], Tensor] | None = None
 
     def eager_loss(self, ids: Tensor) -> Tensor:
         """Return the loss of one batch, computed eagerly."""
@@ -141,7 +142,8 @@ class Trainer:
     def step(self, ids: Tensor) -> None:
         """Take one training step on ``ids``."""
         self.optimizer.zero_grad(set_to_none=True)
-        self.loss_fn(ids).backward()
+        loss = self.eager_loss(ids) if self.compiled_loss is None else self.compiled_loss(ids)
+        torch.autograd.backward(loss)
         self.optimizer.step()
         if self.after_step is not None:
             self.after_step()
@@ -191,7 +193,7 @@ def make_trainer(variant: str, inputs: Inputs, config: Config, optimizer: str) -
             masked[:k] = 0
             return masked
 
-        emb.weight.register_hook(mask)
+        emb.weight.register_hook(mask)  # type: ignore[no-untyped-call]  # unannotated in torch
     elif variant == "fixed-prefix":
         fix_rows(emb, inputs.init[:k])
     elif variant == "fixed-scattered":
@@ -230,9 +232,11 @@ def time_interleaved(
                 trainer.step(ids)
     times: dict[str, list[float]] = {trainer.name: [] for trainer in trainers}
     for round_index, ids in enumerate(inputs.batches[config.warmup :]):
-        # Rotate who goes first, so no variant always follows the same neighbour.
+        # Rotate the order, and reverse it every other round, so that no variant always runs
+        # first or right after the same neighbour (whose memory traffic it would inherit).
         shift = round_index % len(trainers)
-        for trainer in [*trainers[shift:], *trainers[:shift]]:
+        order = [*trainers[shift:], *trainers[:shift]]
+        for trainer in order[::-1] if round_index % 2 else order:
             synchronize(config.device)
             start = time.perf_counter()
             trainer.step(ids)
@@ -256,6 +260,13 @@ class Cell:
     peak_host_mib: dict[str, float] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     compile_status: dict[str, str] = field(default_factory=dict)
+
+
+def release_memory() -> None:
+    """Free the last cell's variants before the next are built (compiled ones sit in cycles)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def summarize(cell: Cell, baseline: str) -> None:
@@ -291,14 +302,14 @@ def compile_trainer(trainer: Trainer, ids: Tensor) -> str:
     """
     failures = []
     for fullgraph in (True, False):
-        trainer.loss_fn = torch.compile(trainer.eager_loss, fullgraph=fullgraph)
+        trainer.compiled_loss = torch.compile(trainer.eager_loss, fullgraph=fullgraph)
         try:
             trainer.step(ids)
         except Exception as error:  # noqa: BLE001 - any compiler error is a result to report
             failures.append(f"{type(error).__name__}: {str(error).splitlines()[0]}")
             continue
         return "ok" if fullgraph else f"ok with graph breaks ({failures[0]})"
-    trainer.loss_fn = trainer.eager_loss
+    trainer.compiled_loss = None
     return "failed: " + " / ".join(failures)
 
 
@@ -331,20 +342,61 @@ def run_compile_cell(config: Config, fraction: float, optimizer: str) -> Cell:
     return cell
 
 
-def max_rss_bytes() -> int:
-    """Return this process's peak resident set size in bytes."""
-    import resource  # Unix only; the benchmark itself does not need it
+def _proc_status_bytes(key: str) -> int | None:
+    """Return a ``kB`` entry of ``/proc/self/status`` in bytes, or ``None`` off Linux."""
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) * 1024
+    return None
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
+
+def host_peak_bytes() -> int:
+    """Return this process's peak resident set size in bytes.
+
+    Linux's ``VmHWM`` where there is one. Not ``ru_maxrss``: Linux carries the parent's peak
+    over fork and exec into the child's ``ru_maxrss``, so a memory subprocess started by a
+    large benchmark process would read the parent's peak and see no increase at all.
+    """
+    peak = _proc_status_bytes("VmHWM")
+    if peak is not None:
+        return peak
+    import resource  # Unix only; only this fallback needs it
+
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(maxrss) if sys.platform == "darwin" else int(maxrss) * 1024
+
+
+def reset_host_peak() -> int:
+    """Lower the peak-RSS mark to the current RSS where Linux allows it; return the mark.
+
+    Transient peaks while importing and building inputs would otherwise hide part of the
+    variant's increase.
+    """
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+    return host_peak_bytes()
 
 
 def measure_memory(config: Config, variant: str, fraction: float, optimizer: str) -> dict[str, Any]:
     """Return the peak memory of ``variant`` over a few steps, relative to its inputs."""
+    # Build and step a tiny copy first: creating the optimizer imports torch._dynamo (some
+    # 70 MiB on CPU) and the first steps start thread pools, none of which is the variant's.
+    tiny = replace(config, size=Size(vocab=16, dim=4, tokens=8), rounds=0, warmup=3)
+    try:
+        primer = make_trainer(variant, make_inputs(tiny, round(fraction * 16)), tiny, optimizer)
+    except (ValueError, TypeError, RuntimeError) as error:
+        return {"error": f"{type(error).__name__}: {error}"}
+    for ids in make_inputs(tiny, 0).batches:
+        primer.step(ids)
+    del primer
     k = round(fraction * config.size.vocab)
     inputs = make_inputs(config, k)
     synchronize(config.device)
-    rss_base = max_rss_bytes()
+    rss_base = reset_host_peak()
     cuda = config.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(config.device)
@@ -357,7 +409,7 @@ def measure_memory(config: Config, variant: str, fraction: float, optimizer: str
     for ids in inputs.batches[:3]:
         trainer.step(ids)
     synchronize(config.device)
-    result: dict[str, Any] = {"host_bytes": max_rss_bytes() - rss_base}
+    result: dict[str, Any] = {"host_bytes": host_peak_bytes() - rss_base}
     if cuda:
         result["device_bytes"] = torch.cuda.max_memory_allocated(config.device) - cuda_base
     return result
@@ -384,11 +436,14 @@ def memory_command(config: Config, variant: str, fraction: float, optimizer: str
     ]
 
 
-def measure_all_memory(config: Config, cells: Sequence[Cell], jobs: int) -> None:
-    """Measure every variant of every cell in its own process and fill the cells' peaks."""
+def measure_all_memory(
+    config: Config, cells: Sequence[Cell], fractions: Sequence[float], jobs: int
+) -> None:
+    """Measure every variant of the cells at ``fractions``, each in its own process."""
     work = [
         (cell, variant)
         for cell in cells
+        if cell.fraction in fractions
         for variant in VARIANTS
         if variant not in cell.errors and variant in cell.median_ms
     ]
@@ -449,6 +504,13 @@ def time_cell_text(cell: Cell, name: str) -> str:
     return f"{cell.median_ms[name]:.2f}{ratio}"
 
 
+def memory_cell_text(cell: Cell, name: str) -> str:
+    """Return the peak MiB of one variant of a cell, or why there is none."""
+    if name in cell.peak_mib:
+        return f"{cell.peak_mib[name]:.1f}"
+    return "error" if name in cell.errors else "-"
+
+
 def yes_no(value: bool | None) -> str:
     """Return ``yes``, a bold ``no``, or ``n/a``."""
     if value is None:
@@ -466,15 +528,16 @@ def report(
     size = config.size
     today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     dtype = str(config.dtype).removeprefix("torch.")
-    out = [
+    title = (
         f"# Embedding training step: {device_name(config.device)}, torch {torch.__version__}, "
         f"V={size.vocab} d={size.dim} tokens={size.tokens} {dtype}, "
-        f"{config.rounds} interleaved rounds after {config.warmup} warmup, {today}",
-    ]
+        f"{config.rounds} interleaved rounds after {config.warmup} warmup, {today}"
+    )
+    out = [title]
     memory_kind = (
         "torch.cuda.max_memory_allocated over the inputs"
         if config.device.type == "cuda"
-        else "ru_maxrss increase over the inputs"
+        else "peak RSS (VmHWM) increase over the inputs"
     )
     errors: list[str] = []
     for optimizer, label in OPTIMIZERS.items():
@@ -496,20 +559,28 @@ def report(
                     for c in own
                 ],
             ),
-            "",
-            f"### {label}: peak memory, MiB ({memory_kind}, each variant in its own process)",
-            "",
-            table(
-                header,
-                [
+        ]
+        if any(c.peak_mib for c in own):
+            out += [
+                "",
+                (
+                    f"### {label}: peak memory, MiB ({memory_kind}, each variant in its own "
+                    "process; - not measured)"
+                ),
+                "",
+                table(
+                    header,
                     [
-                        f"{c.fraction:g}",
-                        str(c.k),
-                        *[f"{c.peak_mib[v]:.1f}" if v in c.peak_mib else "n/a" for v in VARIANTS],
-                    ]
-                    for c in own
-                ],
-            ),
+                        [
+                            f"{c.fraction:g}",
+                            str(c.k),
+                            *[memory_cell_text(c, v) for v in VARIANTS],
+                        ]
+                        for c in own
+                    ],
+                ),
+            ]
+        out += [
             "",
             f"### {label}: fixed rows exact after the timed steps (torch.equal)",
             "",
@@ -540,14 +611,14 @@ def report(
             )
         out += [
             "",
-            f"## {label}: torch.compile of forward + loss at frozen {cell.fraction:g} "
-            f"(k={cell.k}), median ms/step (ratio to eager plain)",
+            (
+                f"## {label}: torch.compile of forward + loss at frozen {cell.fraction:g} "
+                f"(k={cell.k}), median ms/step (ratio to eager plain)"
+            ),
             "",
             table(["variant", "eager", "compiled", "exact", "compile"], rows),
         ]
-        errors += [
-            f"- compile, {label}, {v}: {e}" for v, e in cell.errors.items()
-        ]
+        errors += [f"- compile, {label}, {v}: {e}" for v, e in cell.errors.items()]
     if errors:
         out += ["", "## Errors", "", *errors]
     return "\n".join(out)
@@ -591,6 +662,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--compile-fraction", type=float, default=0.9)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument(
+        "--memory-fractions",
+        type=float,
+        nargs="+",
+        help="measure peak memory at these of --fractions only "
+        "(default: all; with --quick the largest, to keep the smoke test short)",
+    )
     parser.add_argument(
         "--memory-jobs",
         type=int,
@@ -639,18 +717,27 @@ def main(argv: list[str] | None = None) -> int:
     config = make_config(args)
     torch.manual_seed(config.seed)
     if args.measure_memory is not None:
-        print(json.dumps(measure_memory(config, args.measure_memory, args.fraction, args.optimizer)))
+        print(
+            json.dumps(measure_memory(config, args.measure_memory, args.fraction, args.optimizer))
+        )
         return 0
     fused_reason = fused_unsupported(config)
     optimizers = [o for o in OPTIMIZERS if o != "adamw-fused" or fused_reason is None]
-    cells = [run_cell(config, f, o) for f in args.fractions for o in optimizers]
-    compile_cells = (
-        [run_compile_cell(config, args.compile_fraction, o) for o in optimizers]
-        if args.compile
-        else []
-    )
+    cells = []
+    for fraction in args.fractions:
+        for optimizer in optimizers:
+            cells.append(run_cell(config, fraction, optimizer))
+            release_memory()
+    compile_cells = []
+    if args.compile:
+        for optimizer in optimizers:
+            compile_cells.append(run_compile_cell(config, args.compile_fraction, optimizer))
+            release_memory()
     if not args.no_memory:
-        measure_all_memory(config, cells, args.memory_jobs)
+        memory_fractions = args.memory_fractions or (
+            [max(args.fractions)] if args.quick else args.fractions
+        )
+        measure_all_memory(config, cells, memory_fractions, args.memory_jobs)
     print(report(config, cells, compile_cells, fused_reason))
     if args.json is not None:
         raw = {
