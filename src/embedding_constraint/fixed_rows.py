@@ -40,9 +40,10 @@ class _ScatterRows(torch.autograd.Function):
 class _Lookup(torch.autograd.Function):
     """Look rows up from the reference and the free rows; gradients reach looked-up free rows.
 
-    ``slot`` holds each index's place in [reference; free] (``None``: the index itself). The backward scatters only the
-    free rows' gradients: lookups of fixed rows (and of the padding row) go to a spare row
-    that is dropped, so no gradient the size of the whole weight is ever formed.
+    ``slot`` holds each index's place in [reference; free] (``None``: the index itself). The
+    backward scatters only the free rows' gradients: lookups of fixed rows (and of the padding
+    row) go to a spare row that is dropped, so no gradient the size of the whole weight is
+    ever formed.
     """
 
     @staticmethod
@@ -56,11 +57,19 @@ class _Lookup(torch.autograd.Function):
     ) -> Tensor:
         slot = indices if slot is None else slot
         fixed = reference.shape[0]
-        from_free = nn.functional.embedding((slot - fixed).clamp(min=0), free)
         if not fixed:
-            return from_free
-        from_reference = nn.functional.embedding(slot.clamp(max=fixed - 1), reference)
-        return torch.where((slot >= fixed).unsqueeze(-1), from_free, from_reference)
+            return nn.functional.embedding(slot, free)
+        out = nn.functional.embedding(slot.clamp(max=fixed - 1), reference)
+        if slot.device.type == "cpu" and not torch.compiler.is_compiling():
+            # Overwrite just the lookups of free rows: one pass over the batch, plus its free
+            # part. (Finding them is a sync on an accelerator, and a data-dependent shape for
+            # torch.compile; both take `where` below instead.)
+            at = (slot >= fixed).flatten().nonzero().squeeze(1)
+            rows = nn.functional.embedding(slot.flatten().index_select(0, at) - fixed, free)
+            out.view(-1, *free.shape[1:]).index_copy_(0, at, rows)
+            return out
+        from_free = nn.functional.embedding((slot - fixed).clamp(min=0), free)
+        return torch.where((slot >= fixed).unsqueeze(-1), from_free, out)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
