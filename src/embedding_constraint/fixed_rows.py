@@ -56,9 +56,7 @@ class _Lookup(torch.autograd.Function):
         scale_grad_by_freq: bool,
     ) -> Tensor:
         slot = indices if slot is None else slot
-        fixed = reference.shape[0]
-        if not fixed:
-            return nn.functional.embedding(slot, free)
+        fixed = reference.shape[0]  # at least one: `FixedRows.lookup` handles none
         out = nn.functional.embedding(slot.clamp(max=fixed - 1), reference)
         if slot.device.type == "cpu" and not torch.compiler.is_compiling():
             # Overwrite just the lookups of free rows: one pass over the batch, plus its free
@@ -314,6 +312,11 @@ class FixedRows(nn.Module):
         if not free.shape[0]:
             # Nothing to train; read the weight so the result still depends on `free`.
             return nn.functional.embedding(indices, self(free), padding_idx)
+        if not self.num_fixed:
+            # Nothing fixed: exactly the plain lookup, at the plain lookup's cost.
+            return nn.functional.embedding(
+                indices, free, padding_idx, scale_grad_by_freq=scale_grad_by_freq
+            )
         # For a prefix, an index is its own slot (passed as None: autograd.Function inputs
         # must be distinct tensors for torch.compile).
         slot = None if self.slot is None else self.slot[indices]
