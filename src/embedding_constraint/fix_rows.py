@@ -1,9 +1,10 @@
 """`fix_rows` and `bake`: constrain a module's rows, and turn the result back into a plain weight.
 
-`fix_rows` registers `FixedRows` and keeps the module's
-``state_dict()`` plain: the same keys and shapes as the unconstrained module, so checkpoints
-load into ordinary modules and ordinary checkpoints load into constrained ones. Every module
-under the root that holds the same Parameter (tied weights) reads the constrained tensor.
+`fix_rows` registers `FixedRows` and keeps the module's ``state_dict()`` plain: the same keys
+and shapes as the unconstrained module, so checkpoints load into ordinary modules and ordinary
+checkpoints load into constrained ones. Every module under the root that holds the same
+Parameter (tied weights) reads the constrained tensor, and a plain ``nn.Embedding`` looks rows
+up without building the weight (`FixedRows.lookup`).
 """
 
 from __future__ import annotations
@@ -47,16 +48,12 @@ def _owner(root: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 def _holders(root: nn.Module, param: Tensor) -> list[tuple[nn.Module, str]]:
     """Every (module, attribute) under ``root`` that holds ``param`` itself, once each."""
-    seen: set[int] = set()
-    found = []
-    for module in root.modules():
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        for attr, value in module._parameters.items():
-            if value is param:
-                found.append((module, attr))
-    return found
+    return [
+        (module, attr)
+        for module in root.modules()  # each module once, however often it is reachable
+        for attr, value in module._parameters.items()
+        if value is param
+    ]
 
 
 def _check_lookup_options(module: nn.Module) -> None:
