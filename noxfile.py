@@ -18,6 +18,9 @@ nox.options.error_on_missing_interpreters = True
 # environment choose another spec (EMBEDDING_CONSTRAINT_TORCH="torch==2.6.0", say).
 TORCH = os.environ.get("EMBEDDING_CONSTRAINT_TORCH", "torch==2.13.0")
 LIGHTNING = ["pytorch-lightning>=2.2", "lightning>=2.2"]
+# Checkers pinned: a new release may format or infer differently, and CI must not change with it.
+RUFF = "ruff==0.17.6"
+MYPY = "mypy==2.4.1"
 
 
 def _install(session: nox.Session, extras: str, *more: str) -> None:
@@ -36,7 +39,7 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     """Check style and formatting with ruff."""
-    session.install("ruff>=0.6")
+    session.install(RUFF)
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
 
@@ -44,7 +47,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """Type-check the package, tests and examples with mypy --strict."""
-    _install(session, "test,demo", *LIGHTNING, "mypy>=1.11", "nox")
+    _install(session, "test,demo", *LIGHTNING, MYPY, "nox")
     session.run("mypy", "--strict")
 
 
