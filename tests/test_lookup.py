@@ -10,7 +10,7 @@ from support import stored
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from embedding_constraint import FixedRows, bake, fix_rows
+from embedding_constraint import FixedRows, bake, fix_rows, fixed_rows
 
 ROWS: dict[str, list[int] | None] = {"prefix": None, "scattered": [8, 1, 4, 5]}
 
@@ -74,6 +74,20 @@ def test_lookup_matches_reading_the_whole_weight(
         assert "_LookupBackward" in _graph_ops(out_fast)
     if padding_idx is not None and where == "prefix" and padding_idx >= fixed:
         assert torch.equal(grad_fast[padding_idx - fixed], torch.zeros(3, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("where", ROWS)
+def test_the_accelerator_path_matches_too(where: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # On an accelerator (and under torch.compile) the lookup takes `where` instead of
+    # overwriting the free rows' lookups in place; check that path on the CPU.
+    monkeypatch.setattr(fixed_rows, "_overwrite_free_lookups", lambda slot: False)
+    fast, generic, _ = _pair(ROWS[where], 4, padding_idx=7)
+    indices = torch.tensor([[0, 1, 2, 9], [8, 8, 4, 7], [1, 5, 6, 3]])
+    assert torch.equal(_step(fast, indices), _step(generic, indices))
+    grad_fast, grad_generic = stored(fast).grad, stored(generic).grad
+    assert grad_fast is not None
+    assert grad_generic is not None
+    torch.testing.assert_close(grad_fast, grad_generic, rtol=1e-12, atol=1e-12)
 
 
 def test_lookup_does_not_build_the_weight() -> None:

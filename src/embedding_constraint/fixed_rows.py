@@ -37,6 +37,16 @@ class _ScatterRows(torch.autograd.Function):
         return grad_free, None, None, None
 
 
+def _overwrite_free_lookups(slot: Tensor) -> bool:
+    """Whether a lookup should overwrite just its free rows' lookups (else: `where`).
+
+    Overwriting is one pass over the batch plus its free part; finding the free lookups is a
+    device sync on an accelerator and a data-dependent shape for torch.compile, where the
+    `where` over the whole batch is the better choice.
+    """
+    return slot.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 class _Lookup(torch.autograd.Function):
     """Look rows up from the reference and the free rows; gradients reach looked-up free rows.
 
@@ -58,10 +68,7 @@ class _Lookup(torch.autograd.Function):
         slot = indices if slot is None else slot
         fixed = reference.shape[0]  # at least one: `FixedRows.lookup` handles none
         out = nn.functional.embedding(slot.clamp(max=fixed - 1), reference)
-        if slot.device.type == "cpu" and not torch.compiler.is_compiling():
-            # Overwrite just the lookups of free rows: one pass over the batch, plus its free
-            # part. (Finding them is a sync on an accelerator, and a data-dependent shape for
-            # torch.compile; both take `where` below instead.)
+        if _overwrite_free_lookups(slot):
             at = (slot >= fixed).flatten().nonzero().squeeze(1)
             rows = nn.functional.embedding(slot.flatten().index_select(0, at) - fixed, free)
             out.view(-1, *free.shape[1:]).index_copy_(0, at, rows)
