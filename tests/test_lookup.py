@@ -212,3 +212,17 @@ def test_compiled_step_matches_eager(where: str, how: str) -> None:
     fixed_at = [0, 1, 2, 3] if ROWS[where] is None else [8, 1, 4, 5]
     assert torch.equal(module.weight[fixed_at], reference)
     torch.testing.assert_close(stored(module).grad, stored(eager).grad)
+
+
+@pytest.mark.parametrize("where", ROWS)
+def test_lookup_gradcheck_float64(where: str) -> None:
+    constraint = FixedRows(torch.randn(4, 3, dtype=torch.float64), rows=ROWS[where])
+    constraint.right_inverse(torch.zeros(10, 3, dtype=torch.float64))
+    free = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    indices = torch.tensor([[0, 1, 9], [8, 8, 6]])
+
+    def lookup(free: Tensor) -> Tensor:
+        # Plain options: padding_idx and scale_grad_by_freq change gradients on purpose.
+        return constraint.lookup(indices, free)
+
+    assert torch.autograd.gradcheck(lookup, (free,))
