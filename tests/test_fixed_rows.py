@@ -179,3 +179,15 @@ def test_rows_are_matched_to_reference_rows_in_the_given_order() -> None:
     assert torch.equal(emb.weight[5], reference[0])
     assert torch.equal(emb.weight[1], reference[1])
     assert torch.equal(emb.weight[3], reference[2])
+
+
+def test_loading_the_parametrized_format_with_other_rows_rederives_the_layout() -> None:
+    source = nn.Embedding(6, 2)
+    parametrize.register_parametrization(source, "weight", FixedRows(torch.ones(2, 2), rows=[5, 0]))
+    target = nn.Embedding(6, 2)
+    parametrize.register_parametrization(
+        target, "weight", FixedRows(torch.zeros(2, 2), rows=[1, 2])
+    )
+    target.load_state_dict(source.state_dict())
+    assert torch.equal(target.weight, source.weight)
+    assert torch.equal(target.weight[[0, 5]], torch.ones(2, 2))

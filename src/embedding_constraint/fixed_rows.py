@@ -282,14 +282,28 @@ class FixedRows(nn.Module):
         if self.rows is None:
             return tensor[self.num_fixed :].clone(memory_format=torch.contiguous_format)
         self.rows = self.rows.to(tensor.device)
-        keep = torch.ones(tensor.shape[0], dtype=torch.bool, device=tensor.device)
+        self._derive_layout(tensor.shape[0])
+        assert self.free_rows is not None
+        return tensor.index_select(0, self.free_rows)
+
+    def _derive_layout(self, total: int) -> None:
+        """Set ``free_rows`` and ``slot`` from ``rows`` for a tensor of ``total`` rows."""
+        assert self.rows is not None
+        device = self.rows.device
+        keep = torch.ones(total, dtype=torch.bool, device=device)
         keep[self.rows] = False
         self.free_rows = keep.nonzero().flatten()
-        slot = torch.empty(tensor.shape[0], dtype=torch.int64, device=tensor.device)
-        slot[self.rows] = torch.arange(self.num_fixed, device=tensor.device)
-        slot[self.free_rows] = torch.arange(self.num_fixed, tensor.shape[0], device=tensor.device)
+        slot = torch.empty(total, dtype=torch.int64, device=device)
+        slot[self.rows] = torch.arange(self.num_fixed, device=device)
+        slot[self.free_rows] = torch.arange(self.num_fixed, total, device=device)
         self.slot = slot
-        return tensor.index_select(0, self.free_rows)
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        # A state dict in the parametrization's own format may bring other `rows` (with their
+        # reference and free rows): derive the layout from what was loaded.
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        if self.rows is not None and self.free_rows is not None:
+            self._derive_layout(self.num_fixed + self.free_rows.numel())
 
     def lookup(
         self,
