@@ -200,30 +200,57 @@ def _share_parametrization(
     cast(nn.ModuleDict, module.parametrizations)[attr] = parametrization_list(source, source_attr)
 
 
-def _embedding_forward(self: nn.Embedding, input: Tensor) -> Tensor:
-    """``nn.Embedding.forward`` for a constrained weight: look up without building the weight."""
-    plist = parametrization_list(self, "weight")
+def _constraint_and_free(module: nn.Module) -> tuple[FixedRows, Tensor] | None:
+    """The module's weight constraint and stored rows, if `FixedRows` alone constrains it."""
+    plist = parametrization_list(module, "weight")
     constraint = plist[0]
     if len(plist) != 1 or not isinstance(constraint, FixedRows):
-        # Another parametrization stacked on ours: read the whole weight through all of them.
-        return nn.Embedding.forward(self, input)
+        return None  # another parametrization stacked on ours: read through all of them
     free = plist.original
     assert isinstance(free, Tensor)
+    return constraint, free
+
+
+def _embedding_forward(self: nn.Embedding, input: Tensor) -> Tensor:
+    """``nn.Embedding.forward`` for a constrained weight: look up without building the weight."""
+    found = _constraint_and_free(self)
+    if found is None:
+        return nn.Embedding.forward(self, input)
+    constraint, free = found
     return constraint.lookup(input, free, self.padding_idx, self.scale_grad_by_freq)
 
 
-def _use_fast_lookup(module: nn.Module, attr: str) -> None:
-    """Give a constrained plain ``nn.Embedding`` the lookup that skips building the weight.
+def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
+    """``nn.Linear.forward`` for a constrained weight: no weight gradient for fixed rows."""
+    found = _constraint_and_free(self)
+    if found is None:
+        return nn.Linear.forward(self, input)
+    constraint, free = found
+    return constraint.linear(input, free, self.bias)
+
+
+# The forwards that read a constrained weight without building it, by the module's own class.
+_FAST_FORWARDS: dict[type[nn.Module], Any] = {
+    nn.Embedding: _embedding_forward,
+    nn.Linear: _linear_forward,
+}
+
+
+def _use_fast_forward(module: nn.Module, attr: str) -> None:
+    """Give a constrained plain ``nn.Embedding`` or ``nn.Linear`` a forward that skips building
+    the weight.
 
     ``register_parametrization`` gave the module a class of its own (``ParametrizedEmbedding``),
     which ``remove_parametrizations`` takes away again; the forward lives on that class.
+    Subclasses keep their own forward (it may read the weight in other ways).
     """
-    if attr == "weight" and type(module).__bases__ == (nn.Embedding,):
-        type(module).forward = _embedding_forward
+    bases = type(module).__bases__
+    if attr == "weight" and len(bases) == 1 and bases[0] in _FAST_FORWARDS:
+        type(module).forward = _FAST_FORWARDS[bases[0]]
 
 
-def _remove_fast_lookup(module: nn.Module, attr: str) -> None:
-    if attr == "weight" and type(module).__dict__.get("forward") is _embedding_forward:
+def _remove_fast_forward(module: nn.Module, attr: str) -> None:
+    if attr == "weight" and type(module).__dict__.get("forward") in _FAST_FORWARDS.values():
         del type(module).forward
 
 
@@ -316,7 +343,7 @@ def fix_rows(
         if holder is not owner or holder_attr != attr:
             _share_parametrization(owner, attr, holder, holder_attr)
         _register_plain_hooks(holder, holder_attr, order)
-        _use_fast_lookup(holder, holder_attr)
+        _use_fast_forward(holder, holder_attr)
     return module
 
 
@@ -356,10 +383,10 @@ def bake(module: nn.Module, *, name: str = "weight") -> nn.Module:
         if parametrization_list(holder, holder_attr) is plist
     ]
     for holder, holder_attr in sharers:
-        _remove_fast_lookup(holder, holder_attr)
+        _remove_fast_forward(holder, holder_attr)
         parametrize.remove_parametrizations(holder, holder_attr, leave_parametrized=False)
         _remove_plain_hooks(holder, holder_attr)
-    _remove_fast_lookup(owner, attr)
+    _remove_fast_forward(owner, attr)
     parametrize.remove_parametrizations(owner, attr, leave_parametrized=True)
     _remove_plain_hooks(owner, attr)
     return module

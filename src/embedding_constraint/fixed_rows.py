@@ -346,6 +346,33 @@ class FixedRows(nn.Module):
         )
         return out
 
+    def linear(self, input: Tensor, free: Tensor, bias: Tensor | None = None) -> Tensor:
+        """Return ``F.linear(input, weight, bias)`` without building the weight.
+
+        The output features of fixed rows come from the reference, those of free rows from
+        ``free``; the weight gradient is computed for the free rows only (a plain layer
+        computes it for every row, then the parametrization drops the fixed ones).
+        ``fix_rows`` makes a constrained ``nn.Linear`` compute its output through this.
+
+        Args:
+            input (Tensor): shape ``(*, in_features)``.
+            free (Tensor): the stored free rows (``parametrizations.weight.original``).
+            bias (Tensor, optional): added to the output. Default: ``None``.
+
+        Returns:
+            Tensor: shape ``(*, out_features)``.
+        """
+        if not self.num_fixed:
+            return nn.functional.linear(input, free, bias)
+        if not free.shape[0]:
+            return nn.functional.linear(input, self(free), bias)
+        out = torch.cat(
+            (nn.functional.linear(input, self.reference), nn.functional.linear(input, free)), -1
+        )
+        if self.slot is not None:  # output features in [reference; free] order: put them back
+            out = out.index_select(-1, self.slot)
+        return out if bias is None else out + bias
+
     def extra_repr(self) -> str:
         where = "prefix" if self.rows is None else "rows"
         return f"fixed={self.num_fixed} ({where}), trailing_shape={tuple(self.reference.shape[1:])}"

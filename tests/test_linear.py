@@ -1,0 +1,89 @@
+"""The constrained `nn.Linear`: same outputs and gradients, no weight gradient for fixed rows."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from support import stored
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from embedding_constraint import FixedRows, bake, fix_rows
+
+ROWS: dict[str, list[int] | None] = {"prefix": None, "scattered": [6, 1, 3]}
+
+
+def _graph_ops(out: Tensor) -> list[str]:
+    """The names of the autograd nodes behind ``out`` (each node once)."""
+    seen: dict[int, str] = {}
+    stack = [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen[id(node)] = node.name()
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return list(seen.values())
+
+
+def _pair(rows: list[int] | None, fixed: int, bias: bool) -> tuple[nn.Linear, nn.Linear, Tensor]:
+    """A fix_rows layer (fast forward) and a raw-registered twin (reads the whole weight)."""
+    torch.manual_seed(0)
+    reference = torch.randn(fixed, 5, dtype=torch.float64)
+    rows = None if rows is None else rows[:fixed]
+    fast = nn.Linear(5, 8, bias=bias, dtype=torch.float64)
+    generic = copy.deepcopy(fast)
+    fix_rows(fast, reference, rows=rows)
+    parametrize.register_parametrization(generic, "weight", FixedRows(reference, rows=rows))
+    return fast, generic, reference
+
+
+@pytest.mark.parametrize("where", ROWS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("fixed", [0, 3, 8], ids=["none-fixed", "some-fixed", "all-fixed"])
+def test_linear_matches_reading_the_whole_weight(where: str, bias: bool, fixed: int) -> None:
+    if where == "scattered" and fixed == 8:
+        pytest.skip("all rows fixed is the prefix case")
+    fast, generic, _ = _pair(ROWS[where], fixed, bias)
+    x = torch.randn(2, 4, 5, dtype=torch.float64)
+    inputs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    outs = [module(inp) for module, inp in zip((fast, generic), inputs, strict=True)]
+    weights = torch.linspace(-1.0, 1.0, outs[0].numel(), dtype=torch.float64).reshape(2, 4, 8)
+    for out in outs:
+        torch.autograd.backward((out * weights).sum())
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(inputs[0].grad, inputs[1].grad, rtol=1e-12, atol=1e-12)
+    if fixed < 8:
+        torch.testing.assert_close(stored(fast).grad, stored(generic).grad, rtol=1e-12, atol=0)
+    if bias:
+        torch.testing.assert_close(fast.bias.grad, generic.bias.grad, rtol=1e-12, atol=0)
+    if 0 < fixed < 8:
+        # Two products (reference rows, free rows) and no read of the whole weight.
+        ops = _graph_ops(outs[0])
+        assert sum(op in ("MmBackward0", "AddmmBackward0") for op in ops) == 2
+        assert "_ScatterRowsBackward" not in ops
+
+
+def test_training_a_head_keeps_fixed_rows_exact() -> None:
+    fast, generic, reference = _pair(ROWS["scattered"], 3, bias=True)
+    opts = [torch.optim.AdamW(m.parameters(), lr=0.1, weight_decay=0.1) for m in (fast, generic)]
+    for step in range(4):
+        x = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+        target = torch.arange(6) % 8
+        for module, opt in zip((fast, generic), opts, strict=True):
+            opt.zero_grad()
+            torch.autograd.backward(nn.functional.cross_entropy(module(x), target))
+            opt.step()
+        assert torch.equal(fast.weight[[6, 1, 3]], reference)
+    torch.testing.assert_close(stored(fast), stored(generic), rtol=1e-10, atol=1e-12)
+
+
+def test_bake_restores_the_linear_forward() -> None:
+    head = nn.Linear(4, 6)
+    fix_rows(head, torch.zeros(2, 4))
+    assert type(head).forward is not nn.Linear.forward
+    bake(head)
+    assert type(head) is nn.Linear
+    assert torch.equal(head.weight[:2], torch.zeros(2, 4))
