@@ -25,3 +25,25 @@ def test_benchmark_smoke_run_reports_exactness() -> None:
     exact = "| 0.9 | 450 | **no** | yes | yes | **no** | yes | yes |"
     assert lines.count(exact) == 2
     assert lines.count("| 0 | 0 | yes | yes | yes | yes | yes | yes |") == 2
+
+
+def test_benchmark_smoke_run_of_an_output_head() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            *TINY,
+            "--layer",
+            "linear",
+            "--no-memory",
+            "--fractions",
+            "0.9",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("# Linear training step:")
+    assert lines.count("| 0.9 | 450 | **no** | yes | yes | **no** | yes | yes |") == 2

@@ -88,6 +88,7 @@ class Config:
     rounds: int
     warmup: int
     seed: int
+    layer: str = "embedding"  # or "linear": an output head, (tokens, dim) -> (tokens, vocab)
 
 
 @dataclass
@@ -97,7 +98,7 @@ class Inputs:
     init: Tensor  # (vocab, dim) on the device: the starting weight, fixed rows included
     prefix: Tensor  # the first k rows, int64 on the device
     scattered: Tensor  # k seeded random rows, int64 on the device
-    batches: list[Tensor]  # token ids on the device, one batch per warmup step and round
+    batches: list[Tensor]  # token ids (or head inputs) on the device, per warmup step and round
 
 
 def make_inputs(config: Config, k: int) -> Inputs:
@@ -108,10 +109,19 @@ def make_inputs(config: Config, k: int) -> Inputs:
     init = torch.randn(size.vocab, size.dim, generator=generator, device=device, dtype=config.dtype)
     cpu_generator = torch.Generator().manual_seed(config.seed + 1)
     scattered = torch.randperm(size.vocab, generator=cpu_generator)[:k].to(device)
-    batches = [
-        torch.randint(0, size.vocab, (size.tokens,), generator=generator, device=device)
-        for _ in range(config.warmup + config.rounds)
-    ]
+    steps = range(config.warmup + config.rounds)
+    if config.layer == "linear":
+        batches = [
+            torch.randn(
+                size.tokens, size.dim, generator=generator, device=device, dtype=config.dtype
+            )
+            for _ in steps
+        ]
+    else:
+        batches = [
+            torch.randint(0, size.vocab, (size.tokens,), generator=generator, device=device)
+            for _ in steps
+        ]
     prefix = torch.arange(k, device=device)
     return Inputs(init=init, prefix=prefix, scattered=scattered, batches=batches)
 
@@ -122,7 +132,7 @@ class Trainer:
     def __init__(
         self,
         name: str,
-        module: nn.Embedding,
+        module: nn.Embedding | nn.Linear,
         optimizer: torch.optim.Optimizer,
         rows: Tensor,
         after_step: Callable[[], None] | None = None,
@@ -164,7 +174,11 @@ def make_optimizer(params: Sequence[nn.Parameter], optimizer: str) -> torch.opti
 def make_trainer(variant: str, inputs: Inputs, config: Config, optimizer: str) -> Trainer:
     """Build ``variant`` from ``inputs``; errors from the library propagate."""
     size, device = config.size, config.device
-    emb = nn.Embedding(size.vocab, size.dim, device=device, dtype=config.dtype)
+    emb: nn.Embedding | nn.Linear
+    if config.layer == "linear":
+        emb = nn.Linear(size.dim, size.vocab, bias=False, device=device, dtype=config.dtype)
+    else:
+        emb = nn.Embedding(size.vocab, size.dim, device=device, dtype=config.dtype)
     with torch.no_grad():
         emb.weight.copy_(inputs.init)
     rows = inputs.scattered if variant == "fixed-scattered" else inputs.prefix
@@ -430,6 +444,7 @@ def memory_command(config: Config, variant: str, fraction: float, optimizer: str
         f"--vocab={size.vocab}",
         f"--dim={size.dim}",
         f"--tokens={size.tokens}",
+        f"--layer={config.layer}",
         f"--seed={config.seed}",
         "--warmup=3",
         "--rounds=0",
@@ -529,7 +544,8 @@ def report(
     today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     dtype = str(config.dtype).removeprefix("torch.")
     title = (
-        f"# Embedding training step: {device_name(config.device)}, torch {torch.__version__}, "
+        f"# {config.layer.capitalize()} training step: {device_name(config.device)}, "
+        f"torch {torch.__version__}, "
         f"V={size.vocab} d={size.dim} tokens={size.tokens} {dtype}, "
         f"{config.rounds} interleaved rounds after {config.warmup} warmup, {today}"
     )
@@ -642,6 +658,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--vocab", type=int, help="override the vocabulary size V")
     parser.add_argument("--dim", type=int, help="override the embedding width d")
     parser.add_argument("--tokens", type=int, help="override the tokens per batch")
+    parser.add_argument(
+        "--layer",
+        choices=["embedding", "linear"],
+        default="embedding",
+        help="the constrained layer: an nn.Embedding lookup, or an nn.Linear output head "
+        "(dim -> vocab; its output is tokens x vocab, so pass fewer --tokens)",
+    )
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     parser.add_argument("--device", default=default_device, help="default: %(default)s")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
@@ -708,6 +731,7 @@ def make_config(args: argparse.Namespace) -> Config:
         rounds=rounds,
         warmup=warmup,
         seed=args.seed,
+        layer=args.layer,
     )
 
 
@@ -744,6 +768,7 @@ def main(argv: list[str] | None = None) -> int:
             "device": str(config.device),
             "device_name": device_name(config.device),
             "torch": torch.__version__,
+            "layer": config.layer,
             "size": asdict(config.size),
             "dtype": str(config.dtype),
             "rounds": config.rounds,
