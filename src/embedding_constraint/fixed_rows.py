@@ -349,10 +349,11 @@ class FixedRows(nn.Module):
     def linear(self, input: Tensor, free: Tensor, bias: Tensor | None = None) -> Tensor:
         """Return ``F.linear(input, weight, bias)`` without building the weight.
 
-        The output features of fixed rows come from the reference, those of free rows from
-        ``free``; the weight gradient is computed for the free rows only (a plain layer
-        computes it for every row, then the parametrization drops the fixed ones).
-        ``fix_rows`` makes a constrained ``nn.Linear`` compute its output through this.
+        For fixed rows that are a prefix, the output features of fixed rows come from the
+        reference and those of free rows from ``free``, so the weight gradient is computed for
+        the free rows only (a plain layer computes it for every row, then the parametrization
+        drops the fixed ones). Scattered rows read the weight. ``fix_rows`` makes a
+        constrained ``nn.Linear`` compute its output through this.
 
         Args:
             input (Tensor): shape ``(*, in_features)``.
@@ -364,14 +365,19 @@ class FixedRows(nn.Module):
         """
         if not self.num_fixed:
             return nn.functional.linear(input, free, bias)
-        if not free.shape[0]:
+        if not free.shape[0] or self.rows is not None:
+            # Scattered rows would need the output's features reordered, a copy as large as
+            # the output and dearer than the weight gradient saved: read the weight instead.
             return nn.functional.linear(input, self(free), bias)
-        out = torch.cat(
-            (nn.functional.linear(input, self.reference), nn.functional.linear(input, free)), -1
+        fixed = self.num_fixed
+        bias_fixed, bias_free = (None, None) if bias is None else (bias[:fixed], bias[fixed:])
+        return torch.cat(
+            (
+                nn.functional.linear(input, self.reference, bias_fixed),
+                nn.functional.linear(input, free, bias_free),
+            ),
+            -1,
         )
-        if self.slot is not None:  # output features in [reference; free] order: put them back
-            out = out.index_select(-1, self.slot)
-        return out if bias is None else out + bias
 
     def extra_repr(self) -> str:
         where = "prefix" if self.rows is None else "rows"
