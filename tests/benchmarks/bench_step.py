@@ -291,17 +291,29 @@ def summarize(cell: Cell, baseline: str) -> None:
         cell.ratio = {name: ms / base for name, ms in cell.median_ms.items()}
 
 
+def start_cell(config: Config, fraction: float, optimizer: str) -> tuple[Cell, Inputs]:
+    """Return an empty cell for ``fraction`` and ``optimizer``, and its inputs."""
+    k = round(fraction * config.size.vocab)
+    return Cell(fraction=fraction, optimizer=optimizer, k=k), make_inputs(config, k)
+
+
+def build(variant: str, inputs: Inputs, config: Config, cell: Cell) -> Trainer | None:
+    """Build ``variant`` for ``cell``; a library error is recorded in the cell instead."""
+    try:
+        return make_trainer(variant, inputs, config, cell.optimizer)
+    except (ValueError, TypeError, RuntimeError) as error:
+        cell.errors[variant] = f"{type(error).__name__}: {error}"
+        return None
+
+
 def run_cell(config: Config, fraction: float, optimizer: str) -> Cell:
     """Build every variant of one cell, time them interleaved and check exactness."""
-    k = round(fraction * config.size.vocab)
-    cell = Cell(fraction=fraction, optimizer=optimizer, k=k)
-    inputs = make_inputs(config, k)
+    cell, inputs = start_cell(config, fraction, optimizer)
     trainers = []
     for variant in VARIANTS:
-        try:
-            trainers.append(make_trainer(variant, inputs, config, optimizer))
-        except (ValueError, TypeError, RuntimeError) as error:
-            cell.errors[variant] = f"{type(error).__name__}: {error}"
+        trainer = build(variant, inputs, config, cell)
+        if trainer is not None:
+            trainers.append(trainer)
     cell.ms = time_interleaved(trainers, inputs, config)
     cell.exact = {trainer.name: trainer.exact(inputs.init) for trainer in trainers}
     summarize(cell, "plain")
@@ -329,16 +341,12 @@ def compile_trainer(trainer: Trainer, ids: Tensor) -> str:
 
 def run_compile_cell(config: Config, fraction: float, optimizer: str) -> Cell:
     """Time eager and compiled steps of ``plain`` and the constrained variants at one fraction."""
-    k = round(fraction * config.size.vocab)
-    cell = Cell(fraction=fraction, optimizer=optimizer, k=k)
-    inputs = make_inputs(config, k)
+    cell, inputs = start_cell(config, fraction, optimizer)
     trainers = []
     for variant in COMPILE_VARIANTS:
         for compiled in (False, True):
-            try:
-                trainer = make_trainer(variant, inputs, config, optimizer)
-            except (ValueError, TypeError, RuntimeError) as error:
-                cell.errors[variant] = f"{type(error).__name__}: {error}"
+            trainer = build(variant, inputs, config, cell)
+            if trainer is None:
                 break
             if compiled:
                 trainer.name = f"{variant} compiled"
