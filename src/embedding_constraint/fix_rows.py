@@ -4,7 +4,9 @@
 and shapes as the unconstrained module, so checkpoints load into ordinary modules and ordinary
 checkpoints load into constrained ones. Every module under the root that holds the same
 Parameter (tied weights) reads the constrained tensor, and a plain ``nn.Embedding`` looks rows
-up without building the weight (`FixedRows.lookup`).
+up without building the weight (`FixedRows.lookup`). After ``.to()`` and ``deepcopy``, which
+copy the reference and the stored rows apart, the module puts them back into one buffer
+(`FixedRows.rejoin`).
 """
 
 from __future__ import annotations
@@ -254,6 +256,47 @@ def _remove_fast_forward(module: nn.Module, attr: str) -> None:
         del type(module).forward
 
 
+def _rejoin_all(module: nn.Module) -> None:
+    """Rejoin the reference and stored rows of every `FixedRows` on ``module``."""
+    if not parametrize.is_parametrized(module):
+        return
+    for attr in list(module.parametrizations):  # type: ignore[arg-type]
+        plist = parametrization_list(module, attr)
+        if isinstance(plist[0], FixedRows) and isinstance(plist.original, Tensor):
+            plist[0].rejoin(plist.original)
+
+
+def _keep_joined(module: nn.Module) -> None:
+    """Make ``.to()``-like calls and ``deepcopy`` of ``module`` rejoin its `FixedRows` buffers.
+
+    ``nn.Module._apply`` (behind ``.to()``, ``.cuda()``, ``.double()``, ...) converts the
+    stored Parameter and the reference buffer one by one, and ``deepcopy`` clones a Parameter
+    without its buffer: either leaves them apart. Both get a wrapper on the module's own
+    parametrized class that rejoins them afterwards. The class goes away when the last
+    parametrization is removed, and the wrappers with it.
+    """
+    cls = type(module)
+    if "_rejoins" in cls.__dict__:
+        return
+
+    def _apply(self: nn.Module, fn: Any, recurse: bool = True) -> nn.Module:
+        super(cls, self)._apply(fn, recurse)  # type: ignore[misc]  # cls: the module's own class
+        _rejoin_all(self)
+        return self
+
+    setattr(cls, "_apply", _apply)  # noqa: B010 - a method on the module's own class
+    copier = cls.__dict__.get("__deepcopy__")  # torch's, unless the module brings its own
+    if copier is not None:
+
+        def __deepcopy__(self: nn.Module, memo: dict[int, Any]) -> nn.Module:
+            replica: nn.Module = copier(self, memo)
+            _rejoin_all(replica)
+            return replica
+
+        setattr(cls, "__deepcopy__", __deepcopy__)  # noqa: B010
+    setattr(cls, "_rejoins", True)  # noqa: B010
+
+
 def is_fixed(module: nn.Module, name: str = "weight") -> bool:
     """Return whether ``module.<name>`` is constrained by `FixedRows`."""
     owner_name, attr = _split(name)
@@ -344,6 +387,7 @@ def fix_rows(
             _share_parametrization(owner, attr, holder, holder_attr)
         _register_plain_hooks(holder, holder_attr, order)
         _use_fast_forward(holder, holder_attr)
+        _keep_joined(holder)
     return module
 
 

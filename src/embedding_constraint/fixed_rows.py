@@ -3,6 +3,11 @@
 The stored tensor (``parametrizations.<name>.original``) holds only the free rows, so an
 optimizer never sees, decays or keeps state for the fixed ones. Reading the parametrized
 tensor puts the reference rows and the free rows together.
+
+Both live in one buffer, ``[reference; free]``: the reference buffer and the stored parameter
+are its two parts (views). A lookup then gathers from the whole buffer at once. Whatever
+separates them (assigning ``.data``, ``load_state_dict(assign=True)``, a ``.to()`` that
+`fix_rows` did not see) costs speed, never correctness: the lookup then gathers from each.
 """
 
 from __future__ import annotations
@@ -50,7 +55,8 @@ def _overwrite_free_lookups(slot: Tensor) -> bool:
 class _Lookup(torch.autograd.Function):
     """Look rows up from the reference and the free rows; gradients reach looked-up free rows.
 
-    ``slot`` holds each index's place in [reference; free] (``None``: the index itself). The
+    ``slot`` holds each index's place in [reference; free] (``None``: the index itself), and
+    ``joined`` is that buffer when the two share one (else ``None``: gather from each). The
     backward scatters only the free rows' gradients: lookups of fixed rows (and of the padding
     row) go to a spare row that is dropped, so no gradient the size of the whole weight is
     ever formed.
@@ -60,12 +66,15 @@ class _Lookup(torch.autograd.Function):
     def forward(
         free: Tensor,
         reference: Tensor,
+        joined: Tensor | None,
         indices: Tensor,
         slot: Tensor | None,
         padding_idx: int | None,
         scale_grad_by_freq: bool,
     ) -> Tensor:
         slot = indices if slot is None else slot
+        if joined is not None:
+            return nn.functional.embedding(slot, joined)
         fixed = reference.shape[0]  # at least one: `FixedRows.lookup` handles none
         out = nn.functional.embedding(slot.clamp(max=fixed - 1), reference)
         if _overwrite_free_lookups(slot):
@@ -78,15 +87,17 @@ class _Lookup(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        free, reference, indices, slot, padding_idx, scale_grad_by_freq = inputs
+        free, reference, _, indices, slot, padding_idx, scale_grad_by_freq = inputs
         ctx.free_rows, ctx.fixed_rows = free.shape[0], reference.shape[0]
         ctx.padding_idx, ctx.scale_grad_by_freq = padding_idx, scale_grad_by_freq
         ctx.save_for_backward(indices, indices if slot is None else slot)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None, None]:
+    def backward(
+        ctx: Any, grad: Tensor
+    ) -> tuple[Tensor | None, None, None, None, None, None, None]:
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         indices, slot = ctx.saved_tensors
         spare = ctx.free_rows
         skip = slot < ctx.fixed_rows
@@ -96,7 +107,7 @@ class _Lookup(torch.autograd.Function):
         grad_free = torch.ops.aten.embedding_dense_backward(
             grad, target, spare + 1, spare, ctx.scale_grad_by_freq
         )
-        return grad_free[:spare], None, None, None, None, None
+        return grad_free[:spare], None, None, None, None, None, None
 
 
 def _as_rows(rows: object, count: int) -> Tensor:
@@ -275,16 +286,71 @@ class FixedRows(nn.Module):
         """Return the free rows of ``tensor``, the part that is stored and trained.
 
         Called by ``register_parametrization`` and when the tensor is assigned. Converts the
-        reference to ``tensor``'s dtype and device.
+        reference to ``tensor``'s dtype and device, and puts it and the returned free rows
+        into one new buffer, ``[reference; free]``.
         """
         self.check_compatible(tensor)
         self.reference = self.reference.to(device=tensor.device, dtype=tensor.dtype)
         if self.rows is None:
-            return tensor[self.num_fixed :].clone(memory_format=torch.contiguous_format)
+            return self._join(tensor[self.num_fixed :])
         self.rows = self.rows.to(tensor.device)
         self._derive_layout(tensor.shape[0])
         assert self.free_rows is not None
-        return tensor.index_select(0, self.free_rows)
+        return self._join(tensor.index_select(0, self.free_rows))
+
+    def _join(self, free: Tensor) -> Tensor:
+        """Copy the reference and ``free`` into one new buffer; return its free part.
+
+        The reference buffer becomes the buffer's first part. The caller makes the stored
+        parameter the returned view (torch's ``set_``), which keeps the Parameter object.
+        """
+        buffer = free.new_empty((self.num_fixed + free.shape[0], *free.shape[1:]))
+        buffer[: self.num_fixed] = self.reference
+        buffer[self.num_fixed :] = free
+        self.reference = buffer[: self.num_fixed]
+        return buffer[self.num_fixed :]
+
+    def _joined(self, free: Tensor) -> Tensor | None:
+        """Return ``[reference; free]`` as one tensor if the two share one buffer, else None.
+
+        The rows are in slot order (reference rows, then free rows), not the weight's order
+        when the fixed rows are scattered. No copy is made. Under torch.compile, which cannot
+        see storage pointers, this is always None.
+        """
+        reference = self.reference
+        if (
+            torch.compiler.is_compiling()
+            or free.dtype != reference.dtype
+            or free.device != reference.device
+            or free.shape[1:] != reference.shape[1:]
+            or not (free.is_contiguous() and reference.is_contiguous())
+            or free.storage_offset() != reference.storage_offset() + reference.numel()
+            or free.untyped_storage().data_ptr() != reference.untyped_storage().data_ptr()
+        ):
+            return None
+        shape = (reference.shape[0] + free.shape[0], *free.shape[1:])
+        strides = [1]
+        for size in reversed(shape[1:]):
+            strides.insert(0, strides[0] * size)
+        return reference.as_strided(shape, strides, reference.storage_offset())
+
+    @torch.no_grad()
+    def rejoin(self, free: Tensor) -> None:
+        """Put the reference and the stored ``free`` rows back into one buffer, if apart.
+
+        `fix_rows` calls this after the module's ``.to()``, ``.double()`` and the like and
+        after ``deepcopy``, which move or copy the two separately. ``free`` (the stored
+        Parameter) stays the same object, so optimizers keep training it; its values and the
+        reference's are unchanged. Does nothing if they already share a buffer or live on
+        different devices or in different dtypes.
+        """
+        if (
+            self._joined(free) is None
+            and free.device == self.reference.device
+            and free.dtype == self.reference.dtype
+            and free.shape[1:] == self.reference.shape[1:]
+        ):
+            free.set_(self._join(free))  # type: ignore[call-overload]
 
     def _derive_layout(self, total: int) -> None:
         """Set ``free_rows`` and ``slot`` from ``rows`` for a tensor of ``total`` rows."""
@@ -342,7 +408,7 @@ class FixedRows(nn.Module):
         # must be distinct tensors for torch.compile).
         slot = None if self.slot is None else self.slot[indices]
         out: Tensor = _Lookup.apply(  # type: ignore[no-untyped-call]
-            free, self.reference, indices, slot, padding_idx, scale_grad_by_freq
+            free, self.reference, self._joined(free), indices, slot, padding_idx, scale_grad_by_freq
         )
         return out
 
