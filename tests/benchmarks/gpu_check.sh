@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The GPU check: the CUDA tests, then the GPU-size benchmark (all variants, both AdamWs,
+# torch.compile, peak memory). Run from the repository root on a CUDA machine whose python3
+# has torch, pytest and Lightning; results go to OUTDIR (default: the current directory).
+#
+#   bash tests/benchmarks/gpu_check.sh OUTDIR
+set -uo pipefail
+out=${1:-.}
+mkdir -p "$out"
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$out/gpu.txt"
+python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)" | tee -a "$out/gpu.txt"
+timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -25 | tee "$out/cuda-tests.txt"
+# The main table first (it prints only when done), then torch.compile at 0.9 frozen.
+python3 tests/benchmarks/bench_step.py --gpu-size --memory-jobs 4 \
+    --json "$out/gpu.json" 2>"$out/bench-stderr.txt" | tee "$out/gpu.md"
+python3 tests/benchmarks/bench_step.py --gpu-size --fractions 0.9 --compile --no-memory \
+    --json "$out/gpu-compile.json" 2>>"$out/bench-stderr.txt" | tee "$out/gpu-compile.md"
+tail -5 "$out/bench-stderr.txt"
