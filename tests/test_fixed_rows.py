@@ -104,12 +104,17 @@ def test_optimizer_created_before_registration_trains_the_free_rows() -> None:
     assert torch.equal(emb.weight[:3], torch.zeros(3, 2))
 
 
-def test_reference_is_a_private_copy() -> None:
-    reference = torch.ones(2, 3)
+@pytest.mark.parametrize("rows", [None, [0, 1], [1, 3], [3, 1]], ids=str)
+def test_reference_is_a_private_copy(rows: list[int] | None) -> None:
+    reference = torch.arange(6.0).reshape(2, 3)
+    expected = reference.clone()
+    constraint = FixedRows(reference, rows=rows)
+    reference.add_(5.0)  # before registration
     emb = nn.Embedding(4, 3)
-    parametrize.register_parametrization(emb, "weight", FixedRows(reference))
-    reference.add_(5.0)
-    assert torch.equal(emb.weight[:2], torch.ones(2, 3))
+    parametrize.register_parametrization(emb, "weight", constraint)
+    reference.add_(5.0)  # and after
+    fixed_at = [0, 1] if rows is None else rows
+    assert torch.equal(emb.weight[fixed_at], expected)
 
 
 def test_reference_follows_to_dtype_and_is_converted_at_registration() -> None:

@@ -125,7 +125,7 @@ def test_apart_the_lookup_gives_the_same_values_gradients_and_training(
     overwrite: bool,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(fixed_rows, "_overwrite_free_lookups", lambda slot: overwrite)
+    monkeypatch.setattr(fixed_rows, "_on_host", lambda slot: overwrite)
     joined, reference = _embedding(where, torch.float64)
     apart = copy.deepcopy(joined)
     split(apart)

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from support import stored
+from support import constraint_of, stored
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
@@ -80,7 +80,7 @@ def test_lookup_matches_reading_the_whole_weight(
 def test_the_accelerator_path_matches_too(where: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # On an accelerator (and under torch.compile) the lookup takes `where` instead of
     # overwriting the free rows' lookups in place; check that path on the CPU.
-    monkeypatch.setattr(fixed_rows, "_overwrite_free_lookups", lambda slot: False)
+    monkeypatch.setattr(fixed_rows, "_on_host", lambda slot: False)
     fast, generic, _ = _pair(ROWS[where], 4, padding_idx=7)
     indices = torch.tensor([[0, 1, 2, 9], [8, 8, 4, 7], [1, 5, 6, 3]])
     assert torch.equal(_step(fast, indices), _step(generic, indices))
@@ -88,6 +88,23 @@ def test_the_accelerator_path_matches_too(where: str, monkeypatch: pytest.Monkey
     assert grad_fast is not None
     assert grad_generic is not None
     torch.testing.assert_close(grad_fast, grad_generic, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("where", ROWS)
+@pytest.mark.parametrize("spare_rows", [1, 3, 1024])
+@pytest.mark.parametrize("scale", [False, True], ids=["plain", "scale-grad-by-freq"])
+def test_the_accelerator_backward_spreads_dropped_lookups_exactly(
+    where: str, spare_rows: int, scale: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On an accelerator the backward sends lookups of fixed rows to many spare rows (and of
+    # the padding row to one of them); with few, many rows share one. Gradients stay exact.
+    monkeypatch.setattr(fixed_rows, "_spare_rows", lambda device, fixed: spare_rows)
+    fast, generic, _ = _pair(ROWS[where], 4, padding_idx=7)
+    assert constraint_of(fast)._spare == spare_rows
+    fast.scale_grad_by_freq = generic.scale_grad_by_freq = scale
+    indices = torch.randint(0, 10, (50, 7), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(_step(fast, indices), _step(generic, indices))
+    torch.testing.assert_close(stored(fast).grad, stored(generic).grad, rtol=1e-12, atol=1e-12)
 
 
 def test_lookup_does_not_build_the_weight() -> None:

@@ -24,16 +24,17 @@ __all__ = ["FixedRows"]
 class _ScatterRows(torch.autograd.Function):
     """Interleave fixed and free rows into one tensor; gradients reach the free rows only."""
 
+    # Forwards take ``ctx`` rather than pairing with ``setup_context``: `apply` then skips
+    # binding the arguments to the signature, which costs more than the lookup's kernels.
     @staticmethod
-    def forward(free: Tensor, reference: Tensor, rows: Tensor, free_rows: Tensor) -> Tensor:
+    def forward(
+        ctx: Any, free: Tensor, reference: Tensor, rows: Tensor, free_rows: Tensor
+    ) -> Tensor:
         out = free.new_empty((reference.shape[0] + free.shape[0], *free.shape[1:]))
         out.index_copy_(0, rows, reference)
         out.index_copy_(0, free_rows, free)
+        ctx.save_for_backward(free_rows)
         return out
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        ctx.save_for_backward(inputs[3])
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
@@ -42,12 +43,27 @@ class _ScatterRows(torch.autograd.Function):
         return grad_free, None, None, None
 
 
-def _overwrite_free_lookups(slot: Tensor) -> bool:
-    """Whether a lookup should overwrite just its free rows' lookups (else: `where`).
+# Most spare rows that an accelerator's lookup backward spreads dropped lookups over.
+_SPARE_ROWS = 1024
 
-    Overwriting is one pass over the batch plus its free part; finding the free lookups is a
-    device sync on an accelerator and a data-dependent shape for torch.compile, where the
-    `where` over the whole batch is the better choice.
+
+def _spare_rows(device: torch.device, fixed: int) -> int:
+    """How many spare rows the lookup backward sends lookups of fixed rows to.
+
+    The CPU kernel skips lookups of its padding row without reading their gradient: one
+    spare row, named the padding row. Accelerator kernels sum each row's lookups in sequence
+    (the padding row's too, dropped only afterwards), so one spare row taking most of a batch
+    would be one long serial sum: spread the fixed rows over many spare rows instead.
+    """
+    return 1 if device.type == "cpu" else max(1, min(fixed, _SPARE_ROWS))
+
+
+def _on_host(slot: Tensor) -> bool:
+    """Whether a lookup may pick its free rows' lookups out by position (else: `where`).
+
+    On the CPU, eagerly, picking them out is the cheapest: one pass over the batch plus its
+    free part. On an accelerator it is a device sync, and under torch.compile a
+    data-dependent shape; there the lookup handles the whole batch with `where`.
     """
     return slot.device.type == "cpu" and not torch.compiler.is_compiling()
 
@@ -56,28 +72,36 @@ class _Lookup(torch.autograd.Function):
     """Look rows up from the reference and the free rows; gradients reach looked-up free rows.
 
     ``slot`` holds each index's place in [reference; free] (``None``: the index itself), and
-    ``joined`` is that buffer when the two share one (else ``None``: gather from each). The
-    backward scatters only the free rows' gradients: lookups of fixed rows (and of the padding
-    row) go to a spare row that is dropped, so no gradient the size of the whole weight is
-    ever formed.
+    ``joined`` is that buffer when the two share one (else ``None``: gather from each).
+    ``grad_row`` sends each row's lookups to its row of the backward's gradient: free rows to
+    their own, fixed rows to ``spare`` rows after them, which are dropped. So no gradient the
+    size of the whole weight is ever formed.
     """
 
+    # Forwards take ``ctx`` rather than pairing with ``setup_context``: `apply` then skips
+    # binding the arguments to the signature, which costs more than the lookup's kernels.
     @staticmethod
     def forward(
+        ctx: Any,
         free: Tensor,
         reference: Tensor,
         joined: Tensor | None,
         indices: Tensor,
         slot: Tensor | None,
+        grad_row: Tensor,
+        spare: int,
         padding_idx: int | None,
         scale_grad_by_freq: bool,
     ) -> Tensor:
+        ctx.free_rows, ctx.spare = free.shape[0], spare
+        ctx.padding_idx, ctx.scale_grad_by_freq = padding_idx, scale_grad_by_freq
+        ctx.save_for_backward(indices, grad_row)
         slot = indices if slot is None else slot
         if joined is not None:
             return nn.functional.embedding(slot, joined)
         fixed = reference.shape[0]  # at least one: `FixedRows.lookup` handles none
         out = nn.functional.embedding(slot.clamp(max=fixed - 1), reference)
-        if _overwrite_free_lookups(slot):
+        if _on_host(slot):
             at = (slot >= fixed).flatten().nonzero().squeeze(1)
             rows = nn.functional.embedding(slot.flatten().index_select(0, at) - fixed, free)
             out.view(-1, *free.shape[1:]).index_copy_(0, at, rows)
@@ -86,28 +110,24 @@ class _Lookup(torch.autograd.Function):
         return torch.where((slot >= fixed).unsqueeze(-1), from_free, out)
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        free, reference, _, indices, slot, padding_idx, scale_grad_by_freq = inputs
-        ctx.free_rows, ctx.fixed_rows = free.shape[0], reference.shape[0]
-        ctx.padding_idx, ctx.scale_grad_by_freq = padding_idx, scale_grad_by_freq
-        ctx.save_for_backward(indices, indices if slot is None else slot)
-
-    @staticmethod
     def backward(
         ctx: Any, grad: Tensor
-    ) -> tuple[Tensor | None, None, None, None, None, None, None]:
+    ) -> tuple[Tensor | None, None, None, None, None, None, None, None, None]:
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None, None
-        indices, slot = ctx.saved_tensors
-        spare = ctx.free_rows
-        skip = slot < ctx.fixed_rows
+            return None, None, None, None, None, None, None, None, None
+        indices, grad_row = ctx.saved_tensors
+        free_rows, spare = ctx.free_rows, ctx.spare
+        target = grad_row[indices]
         if ctx.padding_idx is not None:
-            skip = skip | (indices == ctx.padding_idx)
-        target = (slot - ctx.fixed_rows).masked_fill(skip, spare)
+            target = target.masked_fill(indices == ctx.padding_idx, free_rows)
         grad_free = torch.ops.aten.embedding_dense_backward(
-            grad, target, spare + 1, spare, ctx.scale_grad_by_freq
+            grad,
+            target,
+            free_rows + spare,
+            free_rows if spare == 1 else -1,
+            ctx.scale_grad_by_freq,
         )
-        return grad_free[:spare], None, None, None, None, None, None
+        return grad_free[:free_rows], None, None, None, None, None, None, None, None
 
 
 def _as_rows(rows: object, count: int) -> Tensor:
@@ -195,6 +215,7 @@ class FixedRows(nn.Module):
     rows: Tensor | None
     free_rows: Tensor | None
     slot: Tensor | None
+    grad_row: Tensor | None
 
     def __init__(self, reference: Tensor, rows: Tensor | Sequence[int] | None = None) -> None:
         super().__init__()
@@ -217,19 +238,29 @@ class FixedRows(nn.Module):
                 f"Got NaN or Inf in reference rows {bad.tolist()}."
             )
         index = None if rows is None else _as_rows(rows, reference.shape[0])
-        reference = reference.detach().clone(memory_format=torch.contiguous_format)
+        reference = reference.detach()
+        copied = False
         if index is not None:
             # Sorted rows make the prefix case recognisable and the layout canonical.
             index, order = torch.sort(index)
-            reference = reference[order.to(reference.device)]
+            if not torch.equal(order, torch.arange(order.numel())):
+                reference, copied = reference[order.to(reference.device)], True
             if torch.equal(index, torch.arange(index.numel())):
                 index = None
+        if not copied:  # one private copy, however the rows came
+            reference = reference.clone(memory_format=torch.contiguous_format)
         self.register_buffer("reference", reference)
         self.register_buffer("rows", index)
         # Derived at registration (`right_inverse`), when the row count is known, so not saved:
         # `free_rows`, the complement of `rows`; `slot[r]`, row r's place in [reference; free].
         self.register_buffer("free_rows", None, persistent=False)
         self.register_buffer("slot", None, persistent=False)
+        # `grad_row[r]`: where the lookup backward sends row r's gradient (see `_Lookup`), and
+        # how many spare rows that uses.
+        self.register_buffer("grad_row", None, persistent=False)
+        self._spare = 1
+        # The one buffer holding [reference; free] once registered (see `_join`), or None.
+        self._joined_buffer: Tensor | None = None
 
     @property
     def num_fixed(self) -> int:
@@ -292,22 +323,30 @@ class FixedRows(nn.Module):
         self.check_compatible(tensor)
         self.reference = self.reference.to(device=tensor.device, dtype=tensor.dtype)
         if self.rows is None:
+            self._derive_grad_rows(tensor.shape[0])
             return self._join(tensor[self.num_fixed :])
         self.rows = self.rows.to(tensor.device)
         self._derive_layout(tensor.shape[0])
+        self._derive_grad_rows(tensor.shape[0])
         assert self.free_rows is not None
-        return self._join(tensor.index_select(0, self.free_rows))
+        return self._join(tensor, self.free_rows)
 
-    def _join(self, free: Tensor) -> Tensor:
-        """Copy the reference and ``free`` into one new buffer; return its free part.
+    def _join(self, free: Tensor, rows: Tensor | None = None) -> Tensor:
+        """Copy the reference and ``free`` (its ``rows`` if given) into one new buffer.
 
-        The reference buffer becomes the buffer's first part. The caller makes the stored
-        parameter the returned view (torch's ``set_``), which keeps the Parameter object.
+        The reference buffer becomes the buffer's first part; the free part is returned. The
+        caller makes the stored parameter that view (torch's ``set_``), which keeps the
+        Parameter object.
         """
-        buffer = free.new_empty((self.num_fixed + free.shape[0], *free.shape[1:]))
+        count = free.shape[0] if rows is None else rows.numel()
+        buffer = free.new_empty((self.num_fixed + count, *free.shape[1:]))
         buffer[: self.num_fixed] = self.reference
-        buffer[self.num_fixed :] = free
+        if rows is None:
+            buffer[self.num_fixed :] = free
+        else:
+            torch.index_select(free, 0, rows, out=buffer[self.num_fixed :])
         self.reference = buffer[: self.num_fixed]
+        self._joined_buffer = buffer
         return buffer[self.num_fixed :]
 
     def _joined(self, free: Tensor) -> Tensor | None:
@@ -317,22 +356,40 @@ class FixedRows(nn.Module):
         when the fixed rows are scattered. No copy is made. Under torch.compile, which cannot
         see storage pointers, this is always None.
         """
+        if torch.compiler.is_compiling():
+            return None
+        self._release_if_left()
+        buffer = self._joined_buffer
+        if buffer is None:
+            return None
         reference = self.reference
+        # `buffer` keeps its memory allocated, so a tensor at these addresses lies in it.
         if (
-            torch.compiler.is_compiling()
-            or free.dtype != reference.dtype
-            or free.device != reference.device
-            or free.shape[1:] != reference.shape[1:]
+            free.data_ptr() != buffer.data_ptr() + reference.numel() * buffer.element_size()
+            or reference.shape[0] + free.shape[0] != buffer.shape[0]
+            or free.shape[1:] != buffer.shape[1:]
+            or free.dtype != buffer.dtype
+            or free.device != buffer.device
             or not (free.is_contiguous() and reference.is_contiguous())
-            or free.storage_offset() != reference.storage_offset() + reference.numel()
-            or free.untyped_storage().data_ptr() != reference.untyped_storage().data_ptr()
         ):
             return None
-        shape = (reference.shape[0] + free.shape[0], *free.shape[1:])
-        strides = [1]
-        for size in reversed(shape[1:]):
-            strides.insert(0, strides[0] * size)
-        return reference.as_strided(shape, strides, reference.storage_offset())
+        return buffer
+
+    def _release_if_left(self) -> None:
+        """Let the joined buffer go if the reference no longer lies in it."""
+        buffer = self._joined_buffer
+        if buffer is not None and (
+            self.reference.data_ptr() != buffer.data_ptr()
+            or self.reference.shape[1:] != buffer.shape[1:]
+        ):
+            self._joined_buffer = None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> FixedRows:
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]  # untyped in torch
+        self._release_if_left()  # `.to()` may have moved the reference out of the buffer
+        if self.grad_row is not None:  # the spare rows suit the device: derive them anew
+            self._derive_grad_rows(self.grad_row.numel())
+        return self
 
     @torch.no_grad()
     def rejoin(self, free: Tensor) -> None:
@@ -341,11 +398,13 @@ class FixedRows(nn.Module):
         `fix_rows` calls this after the module's ``.to()``, ``.double()`` and the like and
         after ``deepcopy``, which move or copy the two separately. ``free`` (the stored
         Parameter) stays the same object, so optimizers keep training it; its values and the
-        reference's are unchanged. Does nothing if they already share a buffer or live on
-        different devices or in different dtypes.
+        reference's are unchanged. Does nothing if they already share a buffer, if either has
+        no rows, or if they live on different devices or in different dtypes.
         """
         if (
             self._joined(free) is None
+            and self.num_fixed
+            and free.shape[0]
             and free.device == self.reference.device
             and free.dtype == self.reference.dtype
             and free.shape[1:] == self.reference.shape[1:]
@@ -364,12 +423,22 @@ class FixedRows(nn.Module):
         slot[self.free_rows] = torch.arange(self.num_fixed, total, device=device)
         self.slot = slot
 
+    def _derive_grad_rows(self, total: int) -> None:
+        """Set ``grad_row`` from ``slot`` for a tensor of ``total`` rows (see `_Lookup`)."""
+        fixed, device = self.num_fixed, self.reference.device
+        slot = torch.arange(total, device=device) if self.slot is None else self.slot
+        self._spare = _spare_rows(device, fixed)
+        self.grad_row = torch.where(slot < fixed, total - fixed + slot % self._spare, slot - fixed)
+
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
         # A state dict in the parametrization's own format may bring other `rows` (with their
         # reference and free rows): derive the layout from what was loaded.
         super()._load_from_state_dict(state_dict, prefix, *args)
+        self._release_if_left()  # `assign=True` replaces the reference
         if self.rows is not None and self.free_rows is not None:
             self._derive_layout(self.num_fixed + self.free_rows.numel())
+        if self.grad_row is not None:
+            self._derive_grad_rows(self.grad_row.numel())
 
     def lookup(
         self,
@@ -404,11 +473,21 @@ class FixedRows(nn.Module):
             return nn.functional.embedding(
                 indices, free, padding_idx, scale_grad_by_freq=scale_grad_by_freq
             )
+        if self.grad_row is None or self.grad_row.numel() != self.num_fixed + free.shape[0]:
+            self._derive_grad_rows(self.num_fixed + free.shape[0])
         # For a prefix, an index is its own slot (passed as None: autograd.Function inputs
         # must be distinct tensors for torch.compile).
         slot = None if self.slot is None else self.slot[indices]
         out: Tensor = _Lookup.apply(  # type: ignore[no-untyped-call]
-            free, self.reference, self._joined(free), indices, slot, padding_idx, scale_grad_by_freq
+            free,
+            self.reference,
+            self._joined(free),
+            indices,
+            slot,
+            self.grad_row,
+            self._spare,
+            padding_idx,
+            scale_grad_by_freq,
         )
         return out
 

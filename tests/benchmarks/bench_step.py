@@ -1,8 +1,11 @@
 """Time one embedding training step with and without fixed rows, and its peak memory.
 
 One step is ``nn.Embedding`` forward on token ids drawn uniformly from the whole vocabulary,
-``out.float().pow(2).mean()``, backward and an ``AdamW(lr=1e-3, weight_decay=0.01)`` step,
-for the default AdamW and ``fused=True``. The variants:
+the loss ``(out @ probe).float().sum()`` with a fixed random vector ``probe`` (one read of the
+output forward, one write of its gradient backward: the least any loss costs, so the
+embedding and the optimizer are what the step times), backward and an
+``AdamW(lr=1e-3, weight_decay=0.01)`` step, for the default AdamW and ``fused=True``.
+The variants:
 
 - ``plain``: no constraint, the baseline; its fixed rows drift.
 - ``overwrite``: plain module; the reference rows (kept on the device) are copied back
@@ -20,7 +23,10 @@ table shows medians over rounds and the ratio to ``plain`` of the same round set
 is measured with each variant alone in a fresh process (this script again, with the hidden
 ``--measure-memory`` flag): on CPU the increase of the peak resident set size (Linux ``VmHWM``,
 reset after building the inputs; ``ru_maxrss`` elsewhere), on CUDA
-``torch.cuda.max_memory_allocated`` over the allocation after building the inputs.
+``torch.cuda.max_memory_allocated``, over the memory in use once the inputs are built. Two
+peaks: while training (three steps, after the variant is built; the module, its optimizer
+state, gradients and activations) and while building (registering the constraint copies the
+weight once).
 ``--compile`` adds ``torch.compile`` of the forward and loss for ``plain`` and the constrained
 variants at one fraction.
 
@@ -99,6 +105,7 @@ class Inputs:
     prefix: Tensor  # the first k rows, int64 on the device
     scattered: Tensor  # k seeded random rows, int64 on the device
     batches: list[Tensor]  # token ids (or head inputs) on the device, per warmup step and round
+    probe: Tensor  # the loss is (out @ probe).sum(): one value per token
 
 
 def make_inputs(config: Config, k: int) -> Inputs:
@@ -123,7 +130,10 @@ def make_inputs(config: Config, k: int) -> Inputs:
             for _ in steps
         ]
     prefix = torch.arange(k, device=device)
-    return Inputs(init=init, prefix=prefix, scattered=scattered, batches=batches)
+    width = size.vocab if config.layer == "linear" else size.dim
+    probe = torch.randn(width, generator=generator, device=device, dtype=config.dtype)
+    probe /= width**0.5
+    return Inputs(init=init, prefix=prefix, scattered=scattered, batches=batches, probe=probe)
 
 
 class Trainer:
@@ -135,19 +145,21 @@ class Trainer:
         module: nn.Embedding | nn.Linear,
         optimizer: torch.optim.Optimizer,
         rows: Tensor,
+        probe: Tensor,
         after_step: Callable[[], None] | None = None,
     ) -> None:
         self.name = name
         self.module = module
         self.optimizer = optimizer
         self.rows = rows
+        self.probe = probe
         self.after_step = after_step
         self.compiled_loss: Callable[[Tensor], Tensor] | None = None
 
     def eager_loss(self, ids: Tensor) -> Tensor:
         """Return the loss of one batch, computed eagerly."""
         out: Tensor = self.module(ids)
-        return out.float().pow(2).mean()
+        return (out @ self.probe).float().sum()
 
     def step(self, ids: Tensor) -> None:
         """Take one training step on ``ids``."""
@@ -215,7 +227,7 @@ def make_trainer(variant: str, inputs: Inputs, config: Config, optimizer: str) -
     elif variant != "plain":
         raise ValueError(f"Expected a variant in {VARIANTS}. Got {variant!r}.")
     opt = make_optimizer(list(emb.parameters()), optimizer)
-    return Trainer(variant, emb, opt, rows, after_step)
+    return Trainer(variant, emb, opt, rows, inputs.probe, after_step)
 
 
 def fused_unsupported(config: Config) -> str | None:
@@ -272,6 +284,7 @@ class Cell:
     exact: dict[str, bool] = field(default_factory=dict)
     peak_mib: dict[str, float] = field(default_factory=dict)
     peak_host_mib: dict[str, float] = field(default_factory=dict)
+    setup_peak_mib: dict[str, float] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     compile_status: dict[str, str] = field(default_factory=dict)
 
@@ -427,11 +440,17 @@ def measure_memory(config: Config, variant: str, fraction: float, optimizer: str
         trainer = make_trainer(variant, inputs, config, optimizer)
     except (ValueError, TypeError, RuntimeError) as error:
         return {"error": f"{type(error).__name__}: {error}"}
+    synchronize(config.device)
+    result: dict[str, Any] = {"setup_host_bytes": host_peak_bytes() - rss_base}
+    reset_host_peak()
+    if cuda:
+        result["setup_device_bytes"] = torch.cuda.max_memory_allocated(config.device) - cuda_base
+        torch.cuda.reset_peak_memory_stats(config.device)
     # AdamW allocates its state on the first step; three steps reach the steady peak.
     for ids in inputs.batches[:3]:
         trainer.step(ids)
     synchronize(config.device)
-    result: dict[str, Any] = {"host_bytes": host_peak_bytes() - rss_base}
+    result["host_bytes"] = host_peak_bytes() - rss_base
     if cuda:
         result["device_bytes"] = torch.cuda.max_memory_allocated(config.device) - cuda_base
     return result
@@ -491,6 +510,8 @@ def measure_all_memory(
             cell.peak_host_mib[variant] = result["host_bytes"] / MIB
             main = result.get("device_bytes", result["host_bytes"])
             cell.peak_mib[variant] = main / MIB
+            setup = result.get("setup_device_bytes", result["setup_host_bytes"])
+            cell.setup_peak_mib[variant] = setup / MIB
 
 
 def device_name(device: torch.device) -> str:
@@ -528,10 +549,15 @@ def time_cell_text(cell: Cell, name: str) -> str:
 
 
 def memory_cell_text(cell: Cell, name: str) -> str:
-    """Return the peak MiB of one variant of a cell, or why there is none."""
-    if name in cell.peak_mib:
-        return f"{cell.peak_mib[name]:.1f}"
-    return "error" if name in cell.errors else "-"
+    """Return one variant's training peak (ratio to plain), building peak, or why none."""
+    if name not in cell.peak_mib:
+        return "error" if name in cell.errors else "-"
+    text = f"{cell.peak_mib[name]:.0f}"
+    if cell.peak_mib.get("plain"):
+        text += f" ({cell.peak_mib[name] / cell.peak_mib['plain']:.2f})"
+    if name in cell.setup_peak_mib:
+        text += f", build {cell.setup_peak_mib[name]:.0f}"
+    return text
 
 
 def yes_no(value: bool | None) -> str:
@@ -588,8 +614,9 @@ def report(
             out += [
                 "",
                 (
-                    f"### {label}: peak memory, MiB ({memory_kind}, each variant in its own "
-                    "process; - not measured)"
+                    f"### {label}: peak memory, MiB, while training (ratio to plain), and "
+                    f"while building ({memory_kind}, each variant in its own process; "
+                    "- not measured)"
                 ),
                 "",
                 table(

@@ -7,10 +7,13 @@
 set -uo pipefail
 out=${1:-.}
 mkdir -p "$out"
-export PYTHONPATH=src PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)" | tee -a "$out/gpu.txt"
 timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -25 | tee "$out/cuda-tests.txt"
+# Synced and pipelined step times against `free-only` (the floor), and kernel profiles.
+(cd "$out" && python3 "$OLDPWD/tests/benchmarks/profile_step.py" --gpu-size --fractions 0.99 0.5 \
+    2>&1 | grep -v -e USDT -e Warning -e _warn_once)
 # The main table first (it prints only when done), then torch.compile at 0.9 frozen.
 python3 tests/benchmarks/bench_step.py --gpu-size --memory-jobs 4 \
     --json "$out/gpu.json" 2>"$out/bench-stderr.txt" | tee "$out/gpu.md"
