@@ -209,6 +209,38 @@ def test_tied_modules_rejoin_once_after_a_move() -> None:
     assert torch.equal(model.head.weight[:4], reference.double())
 
 
+def test_a_tied_input_and_output_read_the_weight_without_copying_it() -> None:
+    # The weight is read twice per forward (lookup and head); neither read builds it.
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.wte = nn.Embedding(10, 3)
+            self.head = nn.Linear(3, 10, bias=False)
+            self.head.weight = self.wte.weight
+
+        def forward(self, ids: Tensor) -> Tensor:
+            out: Tensor = self.head(self.wte(ids))
+            return out
+
+    model = Tied()
+    reference = torch.randn(4, 3)
+    twin = copy.deepcopy(model)
+    fix_rows(model, reference, name="wte.weight")
+    ids = torch.tensor([0, 5, 9, 3])
+    with _AtenOps() as seen:
+        logits = model(ids)
+    assert not {"cat", "index_copy", "clone", "copy_"} & set(seen.ops)
+    assert seen.ops["embedding"] == 1
+    assert seen.ops["mm"] == 1
+    with torch.no_grad():
+        twin.wte.weight[:4] = reference
+    torch.testing.assert_close(logits, twin(ids))
+    logits.sum().backward()
+    twin(ids).sum().backward()
+    assert twin.wte.weight.grad is not None
+    torch.testing.assert_close(stored(model.wte).grad, twin.wte.weight.grad[4:])
+
+
 def test_bake_gives_a_weight_of_its_own() -> None:
     emb, _ = _embedding("scattered")
     weight = emb.weight.detach().clone()

@@ -61,10 +61,33 @@ def test_linear_matches_reading_the_whole_weight(where: str, bias: bool, fixed: 
         torch.testing.assert_close(fast.bias.grad, generic.bias.grad, rtol=1e-12, atol=0)
     if 0 < fixed < 8:
         ops = _graph_ops(outs[0])
-        if where == "prefix":  # two products (reference rows, free rows), no weight read
-            assert sum(op in ("MmBackward0", "AddmmBackward0") for op in ops) == 2
+        if where == "prefix":  # the weight read in place, no copy of weight or output
+            assert "_LinearBackward" in ops
+            assert not {"CatBackward0", "_ScatterRowsBackward"} & set(ops)
         else:  # scattered rows read the weight
             assert "_ScatterRowsBackward" in ops
+
+
+def _apart(module: nn.Module) -> None:
+    """Give the stored rows a block of their own, away from the reference."""
+    with torch.no_grad():
+        stored(module).data = stored(module).data.clone()
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_a_head_apart_from_its_reference_computes_the_same(bias: bool) -> None:
+    joined, generic, _ = _pair(None, 3, bias)
+    apart = copy.deepcopy(joined)
+    _apart(apart)
+    x = torch.randn(3, 5, dtype=torch.float64)
+    outs = [module(x) for module in (joined, apart, generic)]
+    assert "_LinearBackward" in _graph_ops(outs[0])
+    assert "CatBackward0" in _graph_ops(outs[1])  # two products side by side
+    for out in outs:
+        torch.autograd.backward((out * torch.linspace(-1, 1, 24).view(3, 8)).sum())
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(outs[2], outs[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(stored(apart).grad, stored(joined).grad, rtol=1e-12, atol=0)
 
 
 def test_training_a_head_keeps_fixed_rows_exact() -> None:
@@ -90,14 +113,32 @@ def test_bake_restores_the_linear_forward() -> None:
     assert torch.equal(head.weight[:2], torch.zeros(2, 4))
 
 
-def test_linear_under_bfloat16_autocast() -> None:
+@pytest.mark.parametrize("layout", ["joined", "apart"])
+def test_linear_under_bfloat16_autocast(layout: str) -> None:
     fast, generic, _ = _pair(None, 3, bias=True)
     fast, generic = fast.float(), generic.float()
-    x = torch.randn(4, 5)
+    if layout == "apart":
+        _apart(fast)
+    x = [torch.randn(4, 5, generator=torch.Generator().manual_seed(0)).requires_grad_()]
+    x.append(x[0].detach().clone().requires_grad_())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out_fast, out_generic = fast(x), generic(x)
+        out_fast, out_generic = fast(x[0]), generic(x[1])
     assert out_fast.dtype == out_generic.dtype == torch.bfloat16
     torch.testing.assert_close(out_fast, out_generic)
     torch.autograd.backward(out_fast.float().sum())
     torch.autograd.backward(out_generic.float().sum())
-    torch.testing.assert_close(stored(fast).grad, stored(generic).grad)
+    # Gradients come back in each input's own dtype, as from a plain layer under autocast.
+    grad = stored(fast).grad
+    assert grad is not None
+    assert grad.dtype == torch.float32
+    torch.testing.assert_close(grad, stored(generic).grad)
+    assert fast.bias.grad is not None
+    assert fast.bias.grad.dtype == torch.float32
+    torch.testing.assert_close(fast.bias.grad, generic.bias.grad)
+    assert x[0].grad is not None
+    assert x[1].grad is not None
+    assert x[0].grad.dtype == torch.float32
+    if layout == "joined":  # one product with the whole weight, as the plain layer's
+        assert torch.equal(x[0].grad, x[1].grad)
+    else:  # the sum of two bfloat16 products: rounded differently
+        torch.testing.assert_close(x[0].grad, x[1].grad, rtol=2**-7, atol=2**-7)

@@ -130,6 +130,58 @@ class _Lookup(torch.autograd.Function):
         return grad_free[:free_rows], None, None, None, None, None, None, None, None
 
 
+class _Linear(torch.autograd.Function):
+    """``F.linear`` with a weight read in place; the weight gradient reaches free rows only.
+
+    ``joined`` is ``[reference; free]`` in one buffer, the weight itself when the fixed rows are
+    a prefix: the forward is the plain product, without a copy of the weight or of the
+    output. The backward computes the input's gradient with the whole weight, as a plain layer
+    does, and the weight gradient for the free rows (the last output features) only. Under
+    autocast, ``dtype`` is the autocast dtype: the product runs in it, as ``F.linear``'s does,
+    and each gradient is returned in its input's own dtype.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        input: Tensor,
+        free: Tensor,
+        joined: Tensor,
+        bias: Tensor | None,
+        dtype: torch.dtype | None,
+    ) -> Tensor:
+        x, weight = input, joined
+        if dtype is None:
+            out = nn.functional.linear(x, weight, bias)
+        else:
+            x, weight = input.to(dtype), joined.to(dtype)
+            b = None if bias is None else bias.to(dtype)
+            with torch.autocast(input.device.type, enabled=False):
+                out = nn.functional.linear(x, weight, b)
+        ctx.save_for_backward(x, weight)
+        ctx.fixed = joined.shape[0] - free.shape[0]
+        ctx.dtypes = (input.dtype, free.dtype, None if bias is None else bias.dtype)
+        return out
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, None, Tensor | None, None]:
+        x, weight = ctx.saved_tensors
+        input_dtype, free_dtype, bias_dtype = ctx.dtypes
+        grad = grad.to(weight.dtype)
+        grad_input = grad_free = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_input = (grad @ weight).to(input_dtype)
+        flat_grad = grad.reshape(-1, grad.shape[-1])
+        if ctx.needs_input_grad[1]:
+            flat_x = x.reshape(-1, x.shape[-1])
+            grad_free = (flat_grad[:, ctx.fixed :].t() @ flat_x).to(free_dtype)
+        if ctx.needs_input_grad[3]:
+            grad_bias = flat_grad.sum(0).to(bias_dtype)
+        return grad_input, grad_free, None, grad_bias, None
+
+
 def _as_rows(rows: object, count: int) -> Tensor:
     """Validate ``rows`` as distinct, non-negative integer indices, one per reference row."""
     if isinstance(rows, Tensor):
@@ -494,11 +546,13 @@ class FixedRows(nn.Module):
     def linear(self, input: Tensor, free: Tensor, bias: Tensor | None = None) -> Tensor:
         """Return ``F.linear(input, weight, bias)`` without building the weight.
 
-        For fixed rows that are a prefix, the output features of fixed rows come from the
-        reference and those of free rows from ``free``, so the weight gradient is computed for
-        the free rows only (a plain layer computes it for every row, then the parametrization
-        drops the fixed ones). Scattered rows read the weight. ``fix_rows`` makes a
-        constrained ``nn.Linear`` compute its output through this.
+        For fixed rows that are a prefix, the weight is ``[reference; free]``: it is read in
+        place from the buffer that holds both, and the weight gradient is computed for the free
+        rows only (a plain layer computes it for every row, then the parametrization drops the
+        fixed ones). If the two are apart (see `rejoin`) or under torch.compile, the output
+        features of fixed rows come from the reference and those of free rows from ``free``,
+        side by side. Scattered rows read the weight. ``fix_rows`` makes a constrained
+        ``nn.Linear`` compute its output through this.
 
         Args:
             input (Tensor): shape ``(*, in_features)``.
@@ -514,6 +568,12 @@ class FixedRows(nn.Module):
             # Scattered rows would need the output's features reordered, a copy as large as
             # the output and dearer than the weight gradient saved: read the weight instead.
             return nn.functional.linear(input, self(free), bias)
+        joined = self._joined(free)
+        if joined is not None:  # the weight, in place
+            device = input.device.type
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+            out: Tensor = _Linear.apply(input, free, joined, bias, dtype)  # type: ignore[no-untyped-call]
+            return out
         fixed = self.num_fixed
         bias_fixed, bias_free = (None, None) if bias is None else (bias[:fixed], bias[fixed:])
         return torch.cat(
