@@ -142,3 +142,13 @@ def test_linear_under_bfloat16_autocast(layout: str) -> None:
         assert torch.equal(x[0].grad, x[1].grad)
     else:  # the sum of two bfloat16 products: rounded differently
         torch.testing.assert_close(x[0].grad, x[1].grad, rtol=2**-7, atol=2**-7)
+
+
+def test_changing_the_stored_rows_before_the_backward_raises() -> None:
+    # As for a plain layer's weight: the product saved for the backward must not go stale.
+    head, _, _ = _pair(None, 3, bias=False)
+    out = head(torch.randn(2, 5, dtype=torch.float64))
+    with torch.no_grad():
+        stored(head).add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()

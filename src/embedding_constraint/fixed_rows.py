@@ -158,7 +158,9 @@ class _Linear(torch.autograd.Function):
             b = None if bias is None else bias.to(dtype)
             with torch.autocast(input.device.type, enabled=False):
                 out = nn.functional.linear(x, weight, b)
-        ctx.save_for_backward(x, weight)
+        # `free` too, though unused: an in-place change of it before the backward (an optimizer
+        # step) then raises, as it does for a plain layer's weight.
+        ctx.save_for_backward(x, weight, free)
         ctx.fixed = joined.shape[0] - free.shape[0]
         ctx.dtypes = (input.dtype, free.dtype, None if bias is None else bias.dtype)
         return out
@@ -167,7 +169,7 @@ class _Linear(torch.autograd.Function):
     def backward(
         ctx: Any, grad: Tensor
     ) -> tuple[Tensor | None, Tensor | None, None, Tensor | None, None]:
-        x, weight = ctx.saved_tensors
+        x, weight, _ = ctx.saved_tensors
         input_dtype, free_dtype, bias_dtype = ctx.dtypes
         grad = grad.to(weight.dtype)
         grad_input = grad_free = grad_bias = None
@@ -229,7 +231,9 @@ class FixedRows(nn.Module):
     (``cat(reference, free)`` when the fixed rows are a prefix).
 
     The reference is copied into a buffer, so later changes to the caller's tensor change
-    nothing, and it follows ``.to(device/dtype)`` with the module. When registered, it is
+    nothing, and it follows ``.to(device/dtype)`` with the module. At registration the
+    reference and the free rows are put into one block of memory, ``[reference; free]``, so
+    that `lookup` and `linear` read the weight without assembling it (see `rejoin`). When registered, it is
     converted to the dtype and device of the tensor it constrains: in a lower precision
     than the reference (bfloat16, say), the fixed rows are the rounded reference.
 
