@@ -192,15 +192,22 @@ def test_a_plain_state_dict_loads_in_place() -> None:
     assert torch.equal(emb(torch.arange(10)), plain.weight)
 
 
-def test_tied_modules_rejoin_once_after_a_move() -> None:
-    class Tied(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.wte = nn.Embedding(10, 3)
-            self.head = nn.Linear(3, 10, bias=False)
-            self.head.weight = self.wte.weight
+class _Tied(nn.Module):
+    """An embedding and an output head sharing one weight."""
 
-    model = Tied()
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(10, 3)
+        self.head = nn.Linear(3, 10, bias=False)
+        self.head.weight = self.wte.weight
+
+    def forward(self, ids: Tensor) -> Tensor:
+        out: Tensor = self.head(self.wte(ids))
+        return out
+
+
+def test_tied_modules_rejoin_once_after_a_move() -> None:
+    model = _Tied()
     reference = torch.randn(4, 3)
     fix_rows(model, reference, name="wte.weight")
     model.double()
@@ -211,18 +218,7 @@ def test_tied_modules_rejoin_once_after_a_move() -> None:
 
 def test_a_tied_input_and_output_read_the_weight_without_copying_it() -> None:
     # The weight is read twice per forward (lookup and head); neither read builds it.
-    class Tied(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.wte = nn.Embedding(10, 3)
-            self.head = nn.Linear(3, 10, bias=False)
-            self.head.weight = self.wte.weight
-
-        def forward(self, ids: Tensor) -> Tensor:
-            out: Tensor = self.head(self.wte(ids))
-            return out
-
-    model = Tied()
+    model = _Tied()
     reference = torch.randn(4, 3)
     twin = copy.deepcopy(model)
     fix_rows(model, reference, name="wte.weight")
