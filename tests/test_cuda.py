@@ -99,3 +99,14 @@ def test_lightning_fit_on_the_gpu_trains_in_one_buffer(flavour_name: str) -> Non
     weight: Tensor = model.embedding.weight
     assert type(weight) is nn.Parameter
     assert torch.equal(weight[:6].cpu(), old.weight)
+
+
+def test_the_callback_keeps_its_reference_in_host_memory() -> None:
+    flavour = FLAVOURS["pytorch_lightning"]
+    torch.manual_seed(123)
+    old = nn.Embedding(6, 4, device="cuda")
+    model = flavour.model(vocab=10, dim=4)
+    callback = flavour.callback(model.embedding, old)
+    assert callback.references["weight"].device.type == "cpu"
+    flavour.trainer(callbacks=[callback], accelerator="gpu", max_epochs=1).fit(model, loader())
+    assert torch.equal(model.embedding.weight[:6], old.weight)

@@ -7,7 +7,7 @@ import io
 
 import pytest
 import torch
-from support import stored
+from support import constraint_of, stored
 from torch import Tensor, nn
 
 from embedding_constraint import FixedRows, bake, fix_rows, is_fixed
@@ -96,6 +96,23 @@ def test_a_checkpoint_file_round_trips_through_torch_save() -> None:
     plain = nn.Embedding(6, 3)
     plain.load_state_dict(torch.load(buffer, weights_only=True))
     assert torch.equal(plain.weight, emb.weight)
+
+
+@pytest.mark.parametrize("rows", [None, [1, 4], [4, 1]], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_fix_rows_copies_the_reference_once_into_the_module(
+    rows: list[int] | None, dtype: torch.dtype
+) -> None:
+    reference = torch.randn(2, 3, dtype=dtype)
+    expected = reference.float().clone()
+    emb = nn.Embedding(6, 3)
+    fix_rows(emb, reference, rows=rows)
+    held = constraint_of(emb).reference
+    assert held.untyped_storage().data_ptr() != reference.untyped_storage().data_ptr()
+    assert held.untyped_storage().data_ptr() == stored(emb).untyped_storage().data_ptr()
+    reference.add_(1.0)  # the caller's tensor is not the module's
+    fixed_at = [0, 1] if rows is None else rows
+    assert torch.equal(emb.weight[fixed_at], expected)
 
 
 def test_bake_restores_a_plain_module_with_the_same_parameter() -> None:

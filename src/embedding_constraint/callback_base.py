@@ -63,10 +63,12 @@ class EmbeddingConstraintHooks:
     ) -> None:
         _check_lookup_options(target)
         for attr, reference in references.items():
-            FixedRows(reference, rows=rows).check_compatible(getattr(target, attr))
+            FixedRows._borrowing(reference, rows=rows).check_compatible(getattr(target, attr))
         self.target = target
         # Private copies: training the module the reference came from changes nothing here.
-        self.references = {a: r.detach().clone() for a, r in references.items()}
+        # In host memory: they are read once per fit, when `setup` copies them into the
+        # module, and on an accelerator they would take its memory for the whole fit.
+        self.references = {a: r.detach().to("cpu", copy=True) for a, r in references.items()}
         self.rows = (
             None if rows is None else (rows.clone() if isinstance(rows, Tensor) else list(rows))
         )

@@ -377,7 +377,7 @@ def fix_rows(
     holders = _holders(module, param)
     for holder, _ in holders:
         _check_lookup_options(holder)
-    constraint = FixedRows(reference, rows=rows)
+    constraint = FixedRows._borrowing(reference, rows=rows)  # registered below, at once
     constraint.check_compatible(param)
     orders = [_plain_parameter_order(holder) for holder, _ in holders]
     # Nothing below can fail on user input: the module changes only from here on.

@@ -274,6 +274,21 @@ class FixedRows(nn.Module):
     grad_row: Tensor | None
 
     def __init__(self, reference: Tensor, rows: Tensor | Sequence[int] | None = None) -> None:
+        self._init(reference, rows, copy=True)
+
+    @classmethod
+    def _borrowing(cls, reference: Tensor, rows: Tensor | Sequence[int] | None = None) -> FixedRows:
+        """Like the constructor, but keep ``reference`` itself until registration copies it.
+
+        For callers that register at once (`fix_rows`): registration copies the reference
+        into the block ``[reference; free]`` anyway, so a private copy made before it would
+        only raise the peak memory of registering.
+        """
+        constraint = cls.__new__(cls)
+        constraint._init(reference, rows, copy=False)
+        return constraint
+
+    def _init(self, reference: Tensor, rows: Tensor | Sequence[int] | None, copy: bool) -> None:
         super().__init__()
         if not isinstance(reference, Tensor):
             raise TypeError(
@@ -286,8 +301,10 @@ class FixedRows(nn.Module):
             )
         if reference.dim() == 0:
             raise ValueError("Expected `reference` to have a row dimension. Got a 0-d tensor.")
-        finite = torch.isfinite(reference)
-        if not bool(finite.all()):
+        # Two reductions (NaN propagates through both) rather than a mask of the whole tensor.
+        extremes = torch.stack((reference.amax(), reference.amin())) if reference.numel() else None
+        if extremes is not None and not bool(torch.isfinite(extremes).all()):
+            finite = torch.isfinite(reference)
             bad = (~finite).reshape(reference.shape[0], -1).any(dim=1).nonzero().flatten()
             raise ValueError(
                 "Expected `reference` to be finite. "
@@ -303,7 +320,7 @@ class FixedRows(nn.Module):
                 reference, copied = reference[order.to(reference.device)], True
             if torch.equal(index, torch.arange(index.numel())):
                 index = None
-        if not copied:  # one private copy, however the rows came
+        if copy and not copied:  # one private copy, however the rows came
             reference = reference.clone(memory_format=torch.contiguous_format)
         self.register_buffer("reference", reference)
         self.register_buffer("rows", index)
@@ -377,22 +394,23 @@ class FixedRows(nn.Module):
         into one new buffer, ``[reference; free]``.
         """
         self.check_compatible(tensor)
-        self.reference = self.reference.to(device=tensor.device, dtype=tensor.dtype)
         if self.rows is None:
-            self._derive_grad_rows(tensor.shape[0])
-            return self._join(tensor[self.num_fixed :])
-        self.rows = self.rows.to(tensor.device)
-        self._derive_layout(tensor.shape[0])
+            free = self._join(tensor[self.num_fixed :])
+        else:
+            self.rows = self.rows.to(tensor.device)
+            self._derive_layout(tensor.shape[0])
+            assert self.free_rows is not None
+            free = self._join(tensor, self.free_rows)
         self._derive_grad_rows(tensor.shape[0])
-        assert self.free_rows is not None
-        return self._join(tensor, self.free_rows)
+        return free
 
     def _join(self, free: Tensor, rows: Tensor | None = None) -> Tensor:
         """Copy the reference and ``free`` (its ``rows`` if given) into one new buffer.
 
-        The reference buffer becomes the buffer's first part; the free part is returned. The
-        caller makes the stored parameter that view (torch's ``set_``), which keeps the
-        Parameter object.
+        The buffer takes ``free``'s dtype and device (the reference is converted on the way)
+        and the reference buffer becomes its first part; the free part is returned. The caller
+        makes the stored parameter that view (torch's ``set_``), which keeps the Parameter
+        object.
         """
         count = free.shape[0] if rows is None else rows.numel()
         buffer = free.new_empty((self.num_fixed + count, *free.shape[1:]))
