@@ -21,7 +21,8 @@ class EmbeddingConstraint(EmbeddingConstraintHooks, Callback):
         target (nn.Module): the ``nn.Embedding``, ``nn.EmbeddingBag`` or ``nn.Linear`` being
             trained; a submodule of the LightningModule passed to ``fit``.
         constraint (Tensor or nn.Module): the reference rows, or a module of ``target``'s class
-            whose weight (and bias, for ``nn.Linear``) are the reference, copied now.
+            whose weight (and bias, for ``nn.Linear``) are the reference, copied now (into host
+            memory; `setup` copies it into the module once per fit).
         rows (Tensor or sequence of int, optional): positions of the fixed rows, one per
             reference row. Default: ``None``, the first rows.
 
