@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from typing import Any
+from unittest import mock
 
 import torch
 from hypothesis import given, settings
@@ -11,7 +13,7 @@ from hypothesis import strategies as st
 from support import stored
 from torch import nn
 
-from embedding_constraint import bake, fix_rows
+from embedding_constraint import bake, fix_rows, fixed_rows
 
 OPTIMIZERS: dict[str, Callable[[Iterable[Any]], torch.optim.Optimizer]] = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.9, weight_decay=0.1),
@@ -32,11 +34,41 @@ def problems(draw: st.DrawFn) -> tuple[int, int, list[int] | None, str, int]:
     return rows_total, dim, rows, draw(st.sampled_from(sorted(OPTIMIZERS))), fixed
 
 
+def _to_and_back(emb: nn.Module) -> None:
+    """A dtype round trip: the module rejoins its block after each move."""
+    emb.double()
+    emb.float()
+
+
+def _apart(emb: nn.Module) -> None:
+    """Separate the stored rows from the reference: lookups take the two-gather path."""
+    with torch.no_grad():
+        stored(emb).data = stored(emb).data.clone()
+
+
+# Something done to the module after its second step; none of it may change a value.
+DISTURBANCES: dict[str, Callable[[nn.Module], None]] = {
+    "none": lambda emb: None,
+    "to-and-back": _to_and_back,
+    "apart": _apart,
+}
+
+
 @settings(max_examples=60, deadline=None)
-@given(problem=problems(), seed=st.integers(0, 2**16))
+@given(
+    problem=problems(),
+    seed=st.integers(0, 2**16),
+    disturbance=st.sampled_from(sorted(DISTURBANCES)),
+    spare_rows=st.sampled_from([None, 1, 3]),
+)
 def test_fixed_rows_exact_and_free_rows_match_a_separate_parameter(
-    problem: tuple[int, int, list[int] | None, str, int], seed: int
+    problem: tuple[int, int, list[int] | None, str, int],
+    seed: int,
+    disturbance: str,
+    spare_rows: int | None,
 ) -> None:
+    # `spare_rows`: None for this device's own choice, else the accelerators' way of spreading
+    # fixed rows over that many spare gradient rows.
     rows_total, dim, rows, optimizer, fixed = problem
     torch.manual_seed(seed)
     reference = torch.randn(fixed, dim)
@@ -47,12 +79,20 @@ def test_fixed_rows_exact_and_free_rows_match_a_separate_parameter(
     )
     separate = nn.Parameter(emb.weight.detach()[free_at].clone())
 
-    fix_rows(emb, reference, rows=rows)
+    spread = (
+        contextlib.nullcontext()
+        if spare_rows is None
+        else mock.patch.object(fixed_rows, "_spare_rows", return_value=spare_rows)
+    )
+    with spread:
+        fix_rows(emb, reference, rows=rows)
     opt = OPTIMIZERS[optimizer](emb.parameters())
     opt_separate = OPTIMIZERS[optimizer]([separate])
     tokens = torch.randint(0, rows_total, (3, 7))
     target = torch.randn(dim)
     for step in range(4):
+        if step == 2:
+            DISTURBANCES[disturbance](emb)
         opt.zero_grad()
         opt_separate.zero_grad()
         torch.autograd.backward((emb(tokens[step % 3]) - target).pow(2).sum())
