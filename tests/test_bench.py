@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).parent / "benchmarks" / "bench_step.py"
+PROFILE_SCRIPT = Path(__file__).parent / "benchmarks" / "profile_step.py"
 TINY = ["--vocab", "500", "--dim", "8", "--tokens", "64", "--rounds", "1", "--warmup", "1"]
 
 
@@ -47,3 +48,19 @@ def test_benchmark_smoke_run_of_an_output_head() -> None:
     lines = result.stdout.splitlines()
     assert lines[0].startswith("# Linear training step:")
     assert lines.count("| 0.9 | 450 | **no** | yes | yes | **no** | yes | yes |") == 2
+
+
+def test_profile_smoke_run_times_every_variant_and_writes_a_profile(tmp_path: Path) -> None:
+    command = [sys.executable, str(PROFILE_SCRIPT), "--quick", "--fractions", "0.9"]
+    command += ["--steps", "2", "--flush-mib", "1"]
+    result = subprocess.run(
+        command, capture_output=True, text=True, check=True, timeout=300, cwd=tmp_path
+    )
+    rows = [
+        line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith("| 0.9")
+    ]
+    variants = ["plain", "fixed-prefix", "fixed-scattered", "free-only"]
+    assert [row[2].strip() for row in rows] == variants * 2  # default, then fused AdamW
+    for row in rows:
+        assert all(float(cell) > 0 for cell in row[3:])  # synced, flushed, pipelined
+    assert "embedding" in (tmp_path / "profile-fixed-prefix-0.9.txt").read_text()
