@@ -50,6 +50,16 @@ def test_benchmark_smoke_run_of_an_output_head() -> None:
     assert lines.count("| 0.9 | 450 | **no** | yes | yes | **no** | yes | yes |") == 2
 
 
+def test_benchmark_smoke_run_of_an_embedding_bag() -> None:
+    command = [sys.executable, str(SCRIPT), *TINY, "--layer", "bag", "--no-memory"]
+    result = subprocess.run(
+        [*command, "--fractions", "0.9"], capture_output=True, text=True, check=True, timeout=300
+    )
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("# Bag training step:")
+    assert lines.count("| 0.9 | 450 | **no** | yes | yes | **no** | yes | yes |") == 2
+
+
 def test_profile_smoke_run_times_every_variant_and_writes_a_profile(tmp_path: Path) -> None:
     command = [sys.executable, str(PROFILE_SCRIPT), "--quick", "--fractions", "0.9"]
     command += ["--steps", "2", "--flush-mib", "1"]

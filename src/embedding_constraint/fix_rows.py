@@ -3,8 +3,9 @@
 `fix_rows` registers `FixedRows` and keeps the module's ``state_dict()`` plain: the same keys
 and shapes as the unconstrained module, so checkpoints load into ordinary modules and ordinary
 checkpoints load into constrained ones. Every module under the root that holds the same
-Parameter (tied weights) reads the constrained tensor, and a plain ``nn.Embedding`` looks rows
-up without building the weight (`FixedRows.lookup`). After ``.to()`` and ``deepcopy``, which
+Parameter (tied weights) reads the constrained tensor, and a plain ``nn.Embedding``,
+``nn.EmbeddingBag`` or ``nn.Linear`` reads it without building the weight (`FixedRows.lookup`,
+`FixedRows.bag`, `FixedRows.linear`). After ``.to()`` and ``deepcopy``, which
 copy the reference and the stored rows apart, the module puts them back into one buffer
 (`FixedRows.rejoin`).
 """
@@ -222,6 +223,29 @@ def _embedding_forward(self: nn.Embedding, input: Tensor) -> Tensor:
     return constraint.lookup(input, free, self.padding_idx, self.scale_grad_by_freq)
 
 
+def _embedding_bag_forward(
+    self: nn.EmbeddingBag,
+    input: Tensor,
+    offsets: Tensor | None = None,
+    per_sample_weights: Tensor | None = None,
+) -> Tensor:
+    """``nn.EmbeddingBag.forward`` for a constrained weight: reduce without building it."""
+    found = _constraint_and_free(self)
+    if found is None:
+        return nn.EmbeddingBag.forward(self, input, offsets, per_sample_weights)
+    constraint, free = found
+    return constraint.bag(
+        input,
+        free,
+        offsets,
+        mode=self.mode,
+        per_sample_weights=per_sample_weights,
+        include_last_offset=self.include_last_offset,
+        padding_idx=self.padding_idx,
+        scale_grad_by_freq=self.scale_grad_by_freq,
+    )
+
+
 def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
     """``nn.Linear.forward`` for a constrained weight: no weight gradient for fixed rows."""
     found = _constraint_and_free(self)
@@ -234,13 +258,14 @@ def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
 # The forwards that read a constrained weight without building it, by the module's own class.
 _FAST_FORWARDS: dict[type[nn.Module], Any] = {
     nn.Embedding: _embedding_forward,
+    nn.EmbeddingBag: _embedding_bag_forward,
     nn.Linear: _linear_forward,
 }
 
 
 def _use_fast_forward(module: nn.Module, attr: str) -> None:
-    """Give a constrained plain ``nn.Embedding`` or ``nn.Linear`` a forward that skips building
-    the weight.
+    """Give a constrained plain ``nn.Embedding``, ``nn.EmbeddingBag`` or ``nn.Linear`` a forward
+    that skips building the weight.
 
     ``register_parametrization`` gave the module a class of its own (``ParametrizedEmbedding``),
     which ``remove_parametrizations`` takes away again; the forward lives on that class.

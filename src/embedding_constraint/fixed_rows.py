@@ -184,6 +184,81 @@ class _Linear(torch.autograd.Function):
         return grad_input, grad_free, None, grad_bias, None
 
 
+class _Bag(torch.autograd.Function):
+    """``F.embedding_bag`` (sums and means) from ``[reference; free]``; gradients to free rows.
+
+    The forward reduces the bags from the block ``joined``, looked up by ``slot_input``. The
+    backward runs the same reduction's backward in a small "target" table instead of the
+    weight: free rows, then one row for the padding row's lookups (the bags' padding row, so
+    they still do not count in a mean), then spare rows for the fixed rows' lookups (counted,
+    then dropped). Its cost follows the batch and the free rows, not the vocabulary.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        free: Tensor,
+        joined: Tensor,
+        slot_input: Tensor,
+        target_input: Tensor,
+        offsets: Tensor | None,
+        per_sample_weights: Tensor | None,
+        options: tuple[str, bool, int | None, int | None, bool, int],
+    ) -> Tensor:
+        mode, include_last_offset, slot_padding, _, scale, _ = options
+        out = nn.functional.embedding_bag(
+            slot_input,
+            joined,
+            offsets,
+            mode=mode,
+            per_sample_weights=per_sample_weights,
+            include_last_offset=include_last_offset,
+            padding_idx=slot_padding,
+            scale_grad_by_freq=scale,
+        )
+        ctx.save_for_backward(free, joined, slot_input, target_input, offsets, per_sample_weights)
+        ctx.options = options
+        return out
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad: Tensor
+    ) -> tuple[Tensor | None, None, None, None, None, Tensor | None, None]:
+        free, joined, slot_input, target_input, offsets, weights = ctx.saved_tensors
+        mode, include_last_offset, slot_padding, target_padding, scale, target_rows = ctx.options
+        grad_free = grad_weights = None
+        detached = None if weights is None else weights.detach()
+        if ctx.needs_input_grad[0]:
+            with torch.enable_grad():
+                table = free.new_zeros((target_rows, *free.shape[1:]), requires_grad=True)
+                out = nn.functional.embedding_bag(
+                    target_input,
+                    table,
+                    offsets,
+                    mode=mode,
+                    per_sample_weights=detached,
+                    include_last_offset=include_last_offset,
+                    padding_idx=target_padding,
+                    scale_grad_by_freq=scale,
+                )
+                (grad_table,) = torch.autograd.grad(out, table, grad)
+            grad_free = grad_table[: free.shape[0]]
+        if ctx.needs_input_grad[5]:
+            with torch.enable_grad():
+                leaf = detached.requires_grad_()  # type: ignore[union-attr]
+                out = nn.functional.embedding_bag(
+                    slot_input,
+                    joined,
+                    offsets,
+                    mode=mode,
+                    per_sample_weights=leaf,
+                    include_last_offset=include_last_offset,
+                    padding_idx=slot_padding,
+                )
+                (grad_weights,) = torch.autograd.grad(out, leaf, grad)
+        return grad_free, None, None, None, None, grad_weights, None
+
+
 def _as_rows(rows: object, count: int) -> Tensor:
     """Validate ``rows`` as distinct, non-negative integer indices, one per reference row."""
     if isinstance(rows, Tensor):
@@ -233,7 +308,7 @@ class FixedRows(nn.Module):
     The reference is copied into a buffer, so later changes to the caller's tensor change
     nothing, and it follows ``.to(device/dtype)`` with the module. At registration the
     reference and the free rows are put into one block of memory, ``[reference; free]``, so
-    that `lookup` and `linear` read the weight without assembling it (see `rejoin`). When registered, it is
+    that `lookup`, `bag` and `linear` read the weight without assembling it (see `rejoin`). When registered, it is
     converted to the dtype and device of the tensor it constrains: in a lower precision
     than the reference (bfloat16, say), the fixed rows are the rounded reference.
 
@@ -564,6 +639,96 @@ class FixedRows(nn.Module):
             scale_grad_by_freq,
         )
         return out
+
+    def bag(
+        self,
+        input: Tensor,
+        free: Tensor,
+        offsets: Tensor | None = None,
+        *,
+        mode: str = "mean",
+        per_sample_weights: Tensor | None = None,
+        include_last_offset: bool = False,
+        padding_idx: int | None = None,
+        scale_grad_by_freq: bool = False,
+    ) -> Tensor:
+        """Return ``F.embedding_bag(input, weight, offsets, ...)`` without building the weight.
+
+        For ``mode="sum"`` and ``"mean"``, the bags are reduced from the block that holds the
+        reference and the free rows, and the gradient reaches only the free rows that the bags
+        name, as in `lookup`. ``mode="max"``, a reference and free rows that are apart (see
+        `rejoin`) and torch.compile read the weight. ``fix_rows`` makes a constrained
+        ``nn.EmbeddingBag`` reduce its bags through this. The arguments are those of
+        ``nn.functional.embedding_bag``.
+
+        Args:
+            input (Tensor): row indices, 1-D with ``offsets`` or 2-D (bags of equal size).
+            free (Tensor): the stored free rows (``parametrizations.weight.original``).
+            offsets (Tensor, optional): where each bag starts in a 1-D ``input``.
+            mode (str, optional): ``"sum"``, ``"mean"`` or ``"max"``. Default: ``"mean"``.
+            per_sample_weights (Tensor, optional): a weight per index (``"sum"`` only).
+            include_last_offset (bool, optional): ``offsets`` ends with the input's length.
+            padding_idx (int, optional): a row whose lookups count for nothing.
+            scale_grad_by_freq (bool, optional): scale gradients by the inverse frequency of
+                their row in ``input``.
+
+        Returns:
+            Tensor: shape ``(bags, *trailing)``.
+        """
+        joined = None
+        if self.num_fixed and free.shape[0] and mode != "max":
+            joined = self._joined(free)
+        if joined is None:
+            weight = self(free) if self.num_fixed else free
+            return nn.functional.embedding_bag(
+                input,
+                weight,
+                offsets,
+                mode=mode,
+                per_sample_weights=per_sample_weights,
+                include_last_offset=include_last_offset,
+                padding_idx=padding_idx,
+                scale_grad_by_freq=scale_grad_by_freq,
+            )
+        total = self.num_fixed + free.shape[0]
+        if self.grad_row is None or self.grad_row.numel() != total:
+            self._derive_grad_rows(total)
+        assert self.grad_row is not None
+        if padding_idx is not None and padding_idx < 0:
+            padding_idx += total
+        # Target rows: the free rows, one row for padding lookups, then the spare rows.
+        free_rows = free.shape[0]
+        target_input = self.grad_row[input]
+        target_input = target_input + (target_input >= free_rows)
+        target_padding = None
+        if padding_idx is not None:
+            target_input = target_input.masked_fill(input == padding_idx, free_rows)
+            target_padding = free_rows
+        slot_input = input if self.slot is None else self.slot[input].to(input.dtype)
+        # (For scattered rows, reading the padding row's slot is a device sync on a GPU.)
+        slot_padding = None if padding_idx is None else self._slot_of(padding_idx)
+        options = (
+            mode,
+            include_last_offset,
+            slot_padding,
+            target_padding,
+            scale_grad_by_freq,
+            free_rows + 1 + self._spare,
+        )
+        out: Tensor = _Bag.apply(  # type: ignore[no-untyped-call]
+            free,
+            joined,
+            slot_input,
+            target_input.to(input.dtype),
+            offsets,
+            per_sample_weights,
+            options,
+        )
+        return out
+
+    def _slot_of(self, row: int) -> int:
+        """Return ``row``'s place in ``[reference; free]``."""
+        return row if self.slot is None else int(self.slot[row])
 
     def linear(self, input: Tensor, free: Tensor, bias: Tensor | None = None) -> Tensor:
         """Return ``F.linear(input, weight, bias)`` without building the weight.

@@ -68,6 +68,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 LR = 1e-3
 WEIGHT_DECAY = 0.01
 MIB = 2**20
+BAG_SIZE = 8  # tokens per bag with --layer bag
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,9 @@ class Config:
     rounds: int
     warmup: int
     seed: int
-    layer: str = "embedding"  # or "linear": an output head, (tokens, dim) -> (tokens, vocab)
+    # "embedding"; "bag": an nn.EmbeddingBag(mode="mean") over bags of BAG_SIZE tokens;
+    # "linear": an output head, (tokens, dim) -> (tokens, vocab).
+    layer: str = "embedding"
 
 
 @dataclass
@@ -125,9 +128,9 @@ def make_inputs(config: Config, k: int) -> Inputs:
             for _ in steps
         ]
     else:
+        shape = (size.tokens // BAG_SIZE, BAG_SIZE) if config.layer == "bag" else (size.tokens,)
         batches = [
-            torch.randint(0, size.vocab, (size.tokens,), generator=generator, device=device)
-            for _ in steps
+            torch.randint(0, size.vocab, shape, generator=generator, device=device) for _ in steps
         ]
     prefix = torch.arange(k, device=device)
     width = size.vocab if config.layer == "linear" else size.dim
@@ -142,7 +145,7 @@ class Trainer:
     def __init__(
         self,
         name: str,
-        module: nn.Embedding | nn.Linear,
+        module: nn.Embedding | nn.EmbeddingBag | nn.Linear,
         optimizer: torch.optim.Optimizer,
         rows: Tensor,
         probe: Tensor,
@@ -186,9 +189,11 @@ def make_optimizer(params: Sequence[nn.Parameter], optimizer: str) -> torch.opti
 def make_trainer(variant: str, inputs: Inputs, config: Config, optimizer: str) -> Trainer:
     """Build ``variant`` from ``inputs``; errors from the library propagate."""
     size, device = config.size, config.device
-    emb: nn.Embedding | nn.Linear
+    emb: nn.Embedding | nn.EmbeddingBag | nn.Linear
     if config.layer == "linear":
         emb = nn.Linear(size.dim, size.vocab, bias=False, device=device, dtype=config.dtype)
+    elif config.layer == "bag":
+        emb = nn.EmbeddingBag(size.vocab, size.dim, device=device, dtype=config.dtype)
     else:
         emb = nn.Embedding(size.vocab, size.dim, device=device, dtype=config.dtype)
     with torch.no_grad():
@@ -695,9 +700,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tokens", type=int, help="override the tokens per batch")
     parser.add_argument(
         "--layer",
-        choices=["embedding", "linear"],
+        choices=["embedding", "bag", "linear"],
         default="embedding",
-        help="the constrained layer: an nn.Embedding lookup, or an nn.Linear output head "
+        help="the constrained layer: an nn.Embedding lookup, an nn.EmbeddingBag (mean) over "
+        f"bags of {BAG_SIZE} tokens, or an nn.Linear output head "
         "(dim -> vocab; its output is tokens x vocab, so pass fewer --tokens)",
     )
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
