@@ -139,3 +139,21 @@ def test_training_bags_keeps_fixed_rows_exact() -> None:
     bake(fast)
     assert type(fast) is nn.EmbeddingBag
     assert torch.equal(fast.weight[FIXED_AT["scattered"]], reference)
+
+
+@pytest.mark.parametrize("where", ROWS)
+def test_compiled_bags_match_eager(where: str) -> None:
+    torch._dynamo.reset()
+    fast, _, reference = _pair(where, mode="mean", padding_idx=9)
+    eager = copy.deepcopy(fast)
+    input = INPUT_1D.reshape(3, 4)
+
+    def loss(bag: nn.EmbeddingBag, input: Tensor) -> Tensor:
+        out: Tensor = bag(input)
+        return (out * torch.arange(out.numel()).reshape(out.shape)).sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    torch.autograd.backward(compiled(fast, input))
+    torch.autograd.backward(loss(eager, input))
+    torch.testing.assert_close(stored(fast).grad, stored(eager).grad)
+    assert torch.equal(fast.weight[FIXED_AT[where]], reference)
