@@ -20,3 +20,16 @@ def constraint_of(module: nn.Module, name: str = "weight") -> FixedRows:
     constraint = parametrization_list(module, name)[0]
     assert isinstance(constraint, FixedRows)
     return constraint
+
+
+def graph_ops(out: Tensor) -> set[str]:
+    """The names of the autograd nodes behind ``out``."""
+    seen: set[str] = set()
+    stack = [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node.name() in seen:
+            continue
+        seen.add(node.name())
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return seen

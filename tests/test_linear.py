@@ -6,26 +6,13 @@ import copy
 
 import pytest
 import torch
-from support import stored
+from support import graph_ops, stored
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from embedding_constraint import FixedRows, bake, fix_rows
 
 ROWS: dict[str, list[int] | None] = {"prefix": None, "scattered": [6, 1, 3]}
-
-
-def _graph_ops(out: Tensor) -> list[str]:
-    """The names of the autograd nodes behind ``out`` (each node once)."""
-    seen: dict[int, str] = {}
-    stack = [out.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen[id(node)] = node.name()
-        stack.extend(next_fn for next_fn, _ in node.next_functions)
-    return list(seen.values())
 
 
 def _pair(rows: list[int] | None, fixed: int, bias: bool) -> tuple[nn.Linear, nn.Linear, Tensor]:
@@ -60,7 +47,7 @@ def test_linear_matches_reading_the_whole_weight(where: str, bias: bool, fixed: 
     if bias:
         torch.testing.assert_close(fast.bias.grad, generic.bias.grad, rtol=1e-12, atol=0)
     if 0 < fixed < 8:
-        ops = _graph_ops(outs[0])
+        ops = graph_ops(outs[0])
         if where == "prefix":  # the weight read in place, no copy of weight or output
             assert "_LinearBackward" in ops
             assert not {"CatBackward0", "_ScatterRowsBackward"} & set(ops)
@@ -81,8 +68,8 @@ def test_a_head_apart_from_its_reference_computes_the_same(bias: bool) -> None:
     _apart(apart)
     x = torch.randn(3, 5, dtype=torch.float64)
     outs = [module(x) for module in (joined, apart, generic)]
-    assert "_LinearBackward" in _graph_ops(outs[0])
-    assert "CatBackward0" in _graph_ops(outs[1])  # two products side by side
+    assert "_LinearBackward" in graph_ops(outs[0])
+    assert "CatBackward0" in graph_ops(outs[1])  # two products side by side
     for out in outs:
         torch.autograd.backward((out * torch.linspace(-1, 1, 24).view(3, 8)).sum())
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-12, atol=1e-12)

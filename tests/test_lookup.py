@@ -6,26 +6,13 @@ import copy
 
 import pytest
 import torch
-from support import constraint_of, stored
+from support import constraint_of, graph_ops, stored
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from embedding_constraint import FixedRows, bake, fix_rows, fixed_rows
 
 ROWS: dict[str, list[int] | None] = {"prefix": None, "scattered": [8, 1, 4, 5]}
-
-
-def _graph_ops(out: Tensor) -> set[str]:
-    """The names of the autograd nodes behind ``out``."""
-    seen: set[str] = set()
-    stack = [out.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node.name() in seen:
-            continue
-        seen.add(node.name())
-        stack.extend(next_fn for next_fn, _ in node.next_functions)
-    return seen
 
 
 def _pair(
@@ -69,9 +56,9 @@ def test_lookup_matches_reading_the_whole_weight(
     assert grad_generic is not None
     torch.testing.assert_close(grad_fast, grad_generic, rtol=1e-12, atol=1e-12)
     if 0 < fixed < 10:
-        assert "CatBackward0" not in _graph_ops(out_fast)
-        assert "_ScatterRowsBackward" not in _graph_ops(out_fast)
-        assert "_LookupBackward" in _graph_ops(out_fast)
+        assert "CatBackward0" not in graph_ops(out_fast)
+        assert "_ScatterRowsBackward" not in graph_ops(out_fast)
+        assert "_LookupBackward" in graph_ops(out_fast)
     if padding_idx is not None and where == "prefix" and padding_idx >= fixed:
         assert torch.equal(grad_fast[padding_idx - fixed], torch.zeros(3, dtype=torch.float64))
 
@@ -110,11 +97,11 @@ def test_the_accelerator_backward_spreads_dropped_lookups_exactly(
 def test_lookup_does_not_build_the_weight() -> None:
     fast, generic, _ = _pair(ROWS["scattered"])
     indices = torch.tensor([0, 3, 8])
-    assert "_ScatterRowsBackward" in _graph_ops(generic(indices))
-    assert "_ScatterRowsBackward" not in _graph_ops(fast(indices))
+    assert "_ScatterRowsBackward" in graph_ops(generic(indices))
+    assert "_ScatterRowsBackward" not in graph_ops(fast(indices))
     prefix_fast, prefix_generic, _ = _pair(None)
-    assert "CatBackward0" in _graph_ops(prefix_generic(indices))
-    assert "CatBackward0" not in _graph_ops(prefix_fast(indices))
+    assert "CatBackward0" in graph_ops(prefix_generic(indices))
+    assert "CatBackward0" not in graph_ops(prefix_fast(indices))
 
 
 def test_training_with_the_lookup_keeps_fixed_rows_exact_and_matches_the_generic_path() -> None:
@@ -139,7 +126,7 @@ def test_scale_grad_by_freq_matches_reading_the_weight(where: str) -> None:
     fix_rows(fast, torch.zeros(4, 2), rows=rows)
     parametrize.register_parametrization(generic, "weight", FixedRows(torch.zeros(4, 2), rows=rows))
     indices = torch.tensor([2, 2, 3, 0, 9, 9, 9, 6, 6, 7])
-    assert "CatBackward0" not in _graph_ops(_step(fast, indices))
+    assert "CatBackward0" not in graph_ops(_step(fast, indices))
     _step(generic, indices)
     torch.testing.assert_close(stored(fast).grad, stored(generic).grad, rtol=1e-6, atol=1e-7)
 
@@ -204,7 +191,7 @@ def test_subclasses_keep_their_own_forward() -> None:
     emb = Scaled(5, 2)
     fix_rows(emb, torch.ones(1, 2))
     assert torch.equal(emb(torch.tensor([0])), torch.full((1, 2), 3.0))
-    assert "CatBackward0" in _graph_ops(emb(torch.tensor([0])))
+    assert "CatBackward0" in graph_ops(emb(torch.tensor([0])))
 
 
 @pytest.mark.parametrize("where", ROWS)
