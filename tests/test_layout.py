@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from embedding_constraint import FixedRows, bake, fix_rows, fixed_rows
+from embedding_constraint import FixedRows, bake, fix_rows, reads
 
 ROWS: dict[str, list[int] | None] = {"prefix": None, "scattered": [8, 1, 4, 5]}
 FIXED_AT = {"prefix": [0, 1, 2, 3], "scattered": [8, 1, 4, 5]}
@@ -125,7 +125,7 @@ def test_apart_the_lookup_gives_the_same_values_gradients_and_training(
     overwrite: bool,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(fixed_rows, "_on_host", lambda slot: overwrite)
+    monkeypatch.setattr(reads, "_on_host", lambda slot: overwrite)
     joined, reference = _embedding(where, torch.float64)
     apart = copy.deepcopy(joined)
     split(apart)

@@ -10,7 +10,7 @@ from support import constraint_of, graph_ops, stored
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from embedding_constraint import FixedRows, bake, fix_rows, fixed_rows
+from embedding_constraint import FixedRows, bake, fix_rows, fixed_rows, reads
 
 ROWS: dict[str, list[int] | None] = {"prefix": None, "scattered": [8, 1, 4, 5]}
 
@@ -67,7 +67,7 @@ def test_lookup_matches_reading_the_whole_weight(
 def test_the_accelerator_path_matches_too(where: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # On an accelerator (and under torch.compile) the lookup takes `where` instead of
     # overwriting the free rows' lookups in place; check that path on the CPU.
-    monkeypatch.setattr(fixed_rows, "_on_host", lambda slot: False)
+    monkeypatch.setattr(reads, "_on_host", lambda slot: False)
     fast, generic, _ = _pair(ROWS[where], 4, padding_idx=7)
     indices = torch.tensor([[0, 1, 2, 9], [8, 8, 4, 7], [1, 5, 6, 3]])
     assert torch.equal(_step(fast, indices), _step(generic, indices))
