@@ -5,6 +5,9 @@ Each reads the reference and the free rows, mostly from the one block ``[referen
 that holds both, and sends gradients to the free rows only: `_ScatterRows` assembles the whole
 tensor (`FixedRows.forward`), `_Lookup` looks rows up (`FixedRows.lookup`), `_Bag` reduces bags
 (`FixedRows.bag`) and `_Linear` multiplies by the weight (`FixedRows.linear`).
+
+Their forwards take ``ctx`` rather than pairing with ``setup_context``: `Function.apply` then
+skips binding the arguments to the signature, which costs more than a small lookup's kernels.
 """
 
 from __future__ import annotations
@@ -18,8 +21,6 @@ from torch import Tensor, nn
 class _ScatterRows(torch.autograd.Function):
     """Interleave fixed and free rows into one tensor; gradients reach the free rows only."""
 
-    # Forwards take ``ctx`` rather than pairing with ``setup_context``: `apply` then skips
-    # binding the arguments to the signature, which costs more than the lookup's kernels.
     @staticmethod
     def forward(
         ctx: Any, free: Tensor, reference: Tensor, rows: Tensor, free_rows: Tensor
@@ -57,8 +58,6 @@ class _Lookup(torch.autograd.Function):
     size of the whole weight is ever formed.
     """
 
-    # Forwards take ``ctx`` rather than pairing with ``setup_context``: `apply` then skips
-    # binding the arguments to the signature, which costs more than the lookup's kernels.
     @staticmethod
     def forward(
         ctx: Any,
