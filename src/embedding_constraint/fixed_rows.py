@@ -358,6 +358,16 @@ class FixedRows(nn.Module):
         self._spare = _spare_rows(device, fixed)
         self.grad_row = torch.where(slot < fixed, total - fixed + slot % self._spare, slot - fixed)
 
+    def _grad_rows(self, free: Tensor) -> Tensor:
+        """Return ``grad_row`` for a tensor of ``free``'s free rows, derived if out of date."""
+        total = self.num_fixed + free.shape[0]
+        if self.grad_row is None or self.grad_row.numel() != total:
+            # Registration, `.to()` and loading derive it; an assignment of another shape
+            # to the stored rows (`load_state_dict(assign=True)`, say) would not.
+            self._derive_grad_rows(total)
+        assert self.grad_row is not None
+        return self.grad_row
+
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
         # A state dict in the parametrization's own format may bring other `rows` (with their
         # reference and free rows): derive the layout from what was loaded.
@@ -401,8 +411,7 @@ class FixedRows(nn.Module):
             return nn.functional.embedding(
                 indices, free, padding_idx, scale_grad_by_freq=scale_grad_by_freq
             )
-        if self.grad_row is None or self.grad_row.numel() != self.num_fixed + free.shape[0]:
-            self._derive_grad_rows(self.num_fixed + free.shape[0])
+        grad_row = self._grad_rows(free)
         # For a prefix, an index is its own slot (passed as None: autograd.Function inputs
         # must be distinct tensors for torch.compile).
         slot = None if self.slot is None else self.slot[indices]
@@ -412,7 +421,7 @@ class FixedRows(nn.Module):
             self._joined(free),
             indices,
             slot,
-            self.grad_row,
+            grad_row,
             self._spare,
             padding_idx,
             scale_grad_by_freq,
@@ -469,15 +478,12 @@ class FixedRows(nn.Module):
                 padding_idx=padding_idx,
                 scale_grad_by_freq=scale_grad_by_freq,
             )
-        total = self.num_fixed + free.shape[0]
-        if self.grad_row is None or self.grad_row.numel() != total:
-            self._derive_grad_rows(total)
-        assert self.grad_row is not None
+        grad_row = self._grad_rows(free)
         if padding_idx is not None and padding_idx < 0:
-            padding_idx += total
+            padding_idx += grad_row.numel()
         # Target rows: the free rows, one row for padding lookups, then the spare rows.
         free_rows = free.shape[0]
-        target_input = self.grad_row[input]
+        target_input = grad_row[input]
         target_input = target_input + (target_input >= free_rows)
         target_padding = None
         if padding_idx is not None:
