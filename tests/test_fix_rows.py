@@ -135,6 +135,23 @@ def test_bake_restores_a_plain_module_with_the_same_parameter() -> None:
     assert not emb._load_state_dict_pre_hooks
 
 
+@pytest.mark.parametrize(
+    "module",
+    [nn.Embedding(5, 4), nn.EmbeddingBag(5, 4), nn.Linear(4, 5)],
+    ids=["embedding", "bag", "linear"],
+)
+def test_bake_removes_the_fast_forward(module: nn.Module) -> None:
+    plain = type(module)
+    fix_rows(module, torch.zeros(2, 4))
+    assert type(module).forward is not plain.forward
+    bake(module)
+    assert type(module) is plain
+    assert "forward" not in vars(module)
+    weight = module.weight
+    assert isinstance(weight, nn.Parameter)
+    assert torch.equal(weight[:2], torch.zeros(2, 4))
+
+
 def test_fix_rows_again_after_bake() -> None:
     emb = nn.Embedding(6, 3)
     fix_rows(emb, torch.ones(2, 3))

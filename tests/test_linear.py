@@ -10,7 +10,7 @@ from support import graph_ops, stored
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from embedding_constraint import FixedRows, bake, fix_rows
+from embedding_constraint import FixedRows, fix_rows
 
 ROWS: dict[str, list[int] | None] = {"prefix": None, "scattered": [6, 1, 3]}
 
@@ -89,15 +89,6 @@ def test_training_a_head_keeps_fixed_rows_exact() -> None:
             opt.step()
         assert torch.equal(fast.weight[[6, 1, 3]], reference)
     torch.testing.assert_close(stored(fast), stored(generic), rtol=1e-10, atol=1e-12)
-
-
-def test_bake_restores_the_linear_forward() -> None:
-    head = nn.Linear(4, 6)
-    fix_rows(head, torch.zeros(2, 4))
-    assert type(head).forward is not nn.Linear.forward
-    bake(head)
-    assert type(head) is nn.Linear
-    assert torch.equal(head.weight[:2], torch.zeros(2, 4))
 
 
 @pytest.mark.parametrize("layout", ["joined", "apart"])

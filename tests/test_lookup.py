@@ -10,7 +10,7 @@ from support import constraint_of, graph_ops, stored
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from embedding_constraint import FixedRows, bake, fix_rows, fixed_rows, reads
+from embedding_constraint import FixedRows, fix_rows, fixed_rows, reads
 
 ROWS: dict[str, list[int] | None] = {"prefix": None, "scattered": [8, 1, 4, 5]}
 
@@ -172,15 +172,6 @@ def test_lookup_stays_exact_after_module_changes(change: str) -> None:
     assert torch.equal(emb(torch.tensor([7, 0, 3])), reference)
     assert torch.equal(emb.weight[[7, 0, 3]], reference)
     assert emb.weight.dtype == reference.dtype
-
-
-def test_bake_removes_the_lookup() -> None:
-    emb = nn.Embedding(5, 2)
-    fix_rows(emb, torch.zeros(1, 2))
-    assert type(emb).forward is not nn.Embedding.forward
-    bake(emb)
-    assert type(emb) is nn.Embedding
-    assert "forward" not in vars(emb)
 
 
 def test_subclasses_keep_their_own_forward() -> None:
