@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from embedding_constraint import FixedRows
-from embedding_constraint.fix_rows import parametrization_list
+from embedding_constraint.fixed_rows import parametrization_list
 
 
 def stored(module: nn.Module, name: str = "weight") -> Tensor:

@@ -13,7 +13,7 @@ from support import stored
 from torch import nn
 
 from embedding_constraint import FixedRows, bake, fix_rows
-from embedding_constraint.fix_rows import parametrization_list
+from embedding_constraint.fixed_rows import parametrization_list
 
 
 def _snapshot(module: nn.Module) -> tuple[type, dict[str, Any], list[int]]:

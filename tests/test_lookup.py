@@ -10,7 +10,8 @@ from support import constraint_of, graph_ops, stored
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from embedding_constraint import FixedRows, fix_rows, fixed_rows, reads
+from embedding_constraint import FixedRows, fix_rows, fixed_rows
+from embedding_constraint.reads import lookup as lookup_read
 
 ROWS: dict[str, list[int] | None] = {"prefix": None, "scattered": [8, 1, 4, 5]}
 
@@ -67,7 +68,7 @@ def test_lookup_matches_reading_the_whole_weight(
 def test_the_accelerator_path_matches_too(where: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # On an accelerator (and under torch.compile) the lookup takes `where` instead of
     # overwriting the free rows' lookups in place; check that path on the CPU.
-    monkeypatch.setattr(reads, "_on_host", lambda slot: False)
+    monkeypatch.setattr(lookup_read, "_on_host", lambda slot: False)
     fast, generic, _ = _pair(ROWS[where], 4, padding_idx=7)
     indices = torch.tensor([[0, 1, 2, 9], [8, 8, 4, 7], [1, 5, 6, 3]])
     assert torch.equal(_step(fast, indices), _step(generic, indices))
@@ -129,18 +130,6 @@ def test_scale_grad_by_freq_matches_reading_the_weight(where: str) -> None:
     assert "CatBackward0" not in graph_ops(_step(fast, indices))
     _step(generic, indices)
     torch.testing.assert_close(stored(fast).grad, stored(generic).grad, rtol=1e-6, atol=1e-7)
-
-
-def test_a_parametrization_stacked_on_top_is_respected() -> None:
-    emb = nn.Embedding(6, 2)
-    fix_rows(emb, torch.ones(2, 2))
-
-    class Double(nn.Module):
-        def forward(self, x: Tensor) -> Tensor:
-            return 2 * x
-
-    parametrize.register_parametrization(emb, "weight", Double())
-    assert torch.equal(emb(torch.tensor([0, 1])), torch.full((2, 2), 2.0))
 
 
 @pytest.mark.parametrize(
@@ -218,6 +207,6 @@ def test_lookup_gradcheck_float64(where: str) -> None:
 
     def lookup(free: Tensor) -> Tensor:
         # Plain options: padding_idx and scale_grad_by_freq change gradients on purpose.
-        return constraint.lookup(indices, free)
+        return lookup_read.lookup(constraint, indices, free)
 
     assert torch.autograd.gradcheck(lookup, (free,))

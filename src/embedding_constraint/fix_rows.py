@@ -15,22 +15,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, cast
 
-import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
-from torch.nn.utils.parametrize import ParametrizationList
 
-from embedding_constraint.fixed_rows import FixedRows
+from embedding_constraint.fixed_rows import FixedRows, parametrization_list
+from embedding_constraint.reads import FAST_FORWARDS
+from embedding_constraint.state_dict import (
+    plain_parameter_order,
+    register_plain_hooks,
+    remove_plain_hooks,
+)
 
-__all__ = ["bake", "fix_rows", "is_fixed", "parametrization_list"]
-
-
-def parametrization_list(module: nn.Module, attr: str) -> ParametrizationList:
-    """Return the parametrizations of ``module.<attr>`` (which must be parametrized)."""
-    plist = module.parametrizations[attr]  # type: ignore[index]
-    if not isinstance(plist, ParametrizationList):
-        raise TypeError(f"Expected {attr!r} to be parametrized. Got {type(plist).__name__}.")
-    return plist
+__all__ = ["bake", "fix_rows", "is_fixed"]
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -77,120 +73,6 @@ def _check_lookup_options(module: nn.Module) -> None:
             )
 
 
-class _PlainStateDict:
-    """State-dict hooks that show a constrained tensor as the plain full tensor.
-
-    Saving writes ``<prefix><name>`` (the full tensor) instead of the parametrization's
-    entries. Loading accepts ``<prefix><name>``: its free rows go to the stored parameter,
-    and its fixed rows must equal the reference.
-    """
-
-    def __init__(self, name: str, parameter_order: Sequence[str]) -> None:
-        self.name = name
-        # The module's parameter names before it was constrained: saving puts the full tensor
-        # back in its place, so the keys come in the plain module's order too.
-        self.parameter_order = tuple(parameter_order)
-
-    def _constraint(self, module: nn.Module) -> FixedRows | None:
-        if not parametrize.is_parametrized(module, self.name):
-            return None
-        constraint = parametrization_list(module, self.name)[0]
-        return constraint if isinstance(constraint, FixedRows) else None
-
-    def __call__(
-        self, module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any
-    ) -> None:
-        """Save: replace the parametrization's entries by the full tensor."""
-        if self._constraint(module) is None:
-            return
-        inner = f"{prefix}parametrizations.{self.name}."
-        # This module's entries are the last ones written: take them out, put them back in order.
-        mine = {k: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(prefix)]}
-        with torch.no_grad():
-            mine[prefix + self.name] = parametrization_list(module, self.name)().detach()
-        for key in [prefix + p for p in self.parameter_order if prefix + p in mine]:
-            state_dict[key] = mine.pop(key)
-        state_dict.update((k, v) for k, v in mine.items() if not k.startswith(inner))
-
-    def load(
-        self,
-        module: nn.Module,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: Any,
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        """Load: route a plain full tensor to the stored free rows, checking the fixed ones."""
-        constraint = self._constraint(module)
-        key = prefix + self.name
-        if constraint is None or key not in state_dict:
-            return
-        plist = parametrization_list(module, self.name)
-        inner = f"{prefix}parametrizations.{self.name}."
-        value = state_dict[key]
-        expected = (constraint.num_fixed + plist.original.shape[0], *plist.original.shape[1:])
-        if not isinstance(value, Tensor) or tuple(value.shape) != expected:
-            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-            error_msgs.append(
-                f"size mismatch for {key}: expected a tensor of shape {expected}, got {got}."
-            )
-            del state_dict[key]
-            return
-        with torch.no_grad():
-            fixed_at = constraint.fixed_row_indices().to(value.device)
-            incoming = value.index_select(0, fixed_at).to(constraint.reference)
-            differ = (incoming != constraint.reference).reshape(constraint.num_fixed, -1).any(1)
-            if bool(differ.any()):
-                rows = fixed_at[differ.to(fixed_at.device)].tolist()
-                shown = ", ".join(map(str, rows[:10])) + (", ..." if len(rows) > 10 else "")
-                raise ValueError(
-                    f"Expected the fixed rows of {key!r} to equal the reference. "
-                    f"Got {len(rows)} differing row(s): [{shown}]."
-                )
-            free = (
-                value[constraint.num_fixed :]
-                if constraint.free_rows is None
-                else value.index_select(0, constraint.free_rows.to(value.device))
-            )
-        del state_dict[key]
-        state_dict[inner + "original"] = free
-        # The reference is the constraint's own: a plain state dict never replaces it.
-        for buffer_name, buffer in constraint.state_dict(prefix=inner + "0.").items():
-            state_dict[buffer_name] = buffer
-
-
-def _ours(hook: Any) -> _PlainStateDict | None:
-    target = getattr(hook, "hook", hook)  # torch stores load pre-hooks wrapped in .hook
-    target = getattr(target, "__self__", target)  # and ours are bound methods there
-    return target if isinstance(target, _PlainStateDict) else None
-
-
-def _register_plain_hooks(module: nn.Module, name: str, parameter_order: Sequence[str]) -> None:
-    hooks = _PlainStateDict(name, parameter_order)
-    module.register_state_dict_post_hook(hooks)  # type: ignore[no-untyped-call]
-    module.register_load_state_dict_pre_hook(hooks.load)  # type: ignore[no-untyped-call]
-
-
-def _plain_parameter_order(module: nn.Module) -> tuple[str, ...]:
-    """The module's parameter names as the unconstrained module lists them."""
-    for hook in module._state_dict_hooks.values():
-        ours = _ours(hook)
-        if ours is not None:  # constrained before: its order predates every constraint
-            return ours.parameter_order
-    return tuple(module._parameters)
-
-
-def _remove_plain_hooks(module: nn.Module, name: str) -> None:
-    for registry in (module._state_dict_hooks, module._load_state_dict_pre_hooks):
-        for handle_id, hook in list(registry.items()):
-            ours = _ours(hook)
-            if ours is not None and ours.name == name:
-                del registry[handle_id]
-
-
 def _share_parametrization(
     source: nn.Module, source_attr: str, module: nn.Module, attr: str
 ) -> None:
@@ -203,82 +85,20 @@ def _share_parametrization(
     cast(nn.ModuleDict, module.parametrizations)[attr] = parametrization_list(source, source_attr)
 
 
-def _constraint_and_free(module: nn.Module) -> tuple[FixedRows, Tensor] | None:
-    """The module's weight constraint and stored rows, if `FixedRows` alone constrains it."""
-    plist = parametrization_list(module, "weight")
-    constraint = plist[0]
-    if len(plist) != 1 or not isinstance(constraint, FixedRows):
-        return None  # another parametrization stacked on ours: read through all of them
-    free = plist.original
-    assert isinstance(free, Tensor)
-    return constraint, free
+def _own_class(cls: type) -> type:
+    """A copy of the parametrized class ``cls``: same base, same attributes, a class of its own.
 
-
-def _embedding_forward(self: nn.Embedding, input: Tensor) -> Tensor:
-    """``nn.Embedding.forward`` for a constrained weight: look up without building the weight."""
-    found = _constraint_and_free(self)
-    if found is None:
-        return nn.Embedding.forward(self, input)
-    constraint, free = found
-    return constraint.lookup(input, free, self.padding_idx, self.scale_grad_by_freq)
-
-
-def _embedding_bag_forward(
-    self: nn.EmbeddingBag,
-    input: Tensor,
-    offsets: Tensor | None = None,
-    per_sample_weights: Tensor | None = None,
-) -> Tensor:
-    """``nn.EmbeddingBag.forward`` for a constrained weight: reduce without building it."""
-    found = _constraint_and_free(self)
-    if found is None:
-        return nn.EmbeddingBag.forward(self, input, offsets, per_sample_weights)
-    constraint, free = found
-    return constraint.bag(
-        input,
-        free,
-        offsets,
-        mode=self.mode,
-        per_sample_weights=per_sample_weights,
-        include_last_offset=self.include_last_offset,
-        padding_idx=self.padding_idx,
-        scale_grad_by_freq=self.scale_grad_by_freq,
-    )
-
-
-def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
-    """``nn.Linear.forward`` for a constrained weight: no weight gradient for fixed rows."""
-    found = _constraint_and_free(self)
-    if found is None:
-        return nn.Linear.forward(self, input)
-    constraint, free = found
-    return constraint.linear(input, free, self.bias)
-
-
-# The forwards that read a constrained weight without building it, by the module's own class.
-_FAST_FORWARDS: dict[type[nn.Module], Any] = {
-    nn.Embedding: _embedding_forward,
-    nn.EmbeddingBag: _embedding_bag_forward,
-    nn.Linear: _linear_forward,
-}
-
-
-def _use_fast_forward(module: nn.Module, attr: str) -> None:
-    """Give a constrained plain ``nn.Embedding``, ``nn.EmbeddingBag`` or ``nn.Linear`` a forward
-    that skips building the weight.
-
-    ``register_parametrization`` gave the module a class of its own (``ParametrizedEmbedding``),
-    which ``remove_parametrizations`` takes away again; the forward lives on that class.
-    Subclasses keep their own forward (it may read the weight in other ways).
+    Torch's ``remove_parametrizations`` deletes the tensor's property from the module's class,
+    so two modules must never share one (``deepcopy`` of a parametrized module would).
     """
-    bases = type(module).__bases__
-    if attr == "weight" and len(bases) == 1 and bases[0] in _FAST_FORWARDS:
-        type(module).forward = _FAST_FORWARDS[bases[0]]
+    own = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    return type(cls.__name__, cls.__bases__, own)
 
 
-def _remove_fast_forward(module: nn.Module, attr: str) -> None:
-    if attr == "weight" and type(module).__dict__.get("forward") in _FAST_FORWARDS.values():
-        del type(module).forward
+def _above_own_class(module: nn.Module) -> Any:
+    """``super()`` past the module's own parametrized class (the one `_set_up_class` set up)."""
+    own = next(c for c in type(module).__mro__ if "_fixed_rows_class" in c.__dict__)
+    return super(own, module)
 
 
 def _rejoin_all(module: nn.Module) -> None:
@@ -291,35 +111,47 @@ def _rejoin_all(module: nn.Module) -> None:
             plist[0].rejoin(plist.original)
 
 
-def _keep_joined(module: nn.Module) -> None:
-    """Make ``.to()``-like calls and ``deepcopy`` of ``module`` rejoin its `FixedRows` buffers.
+def _apply(self: nn.Module, fn: Any, recurse: bool = True) -> nn.Module:
+    """``nn.Module._apply``, then rejoin what it moved apart."""
+    _above_own_class(self)._apply(fn, recurse)
+    _rejoin_all(self)
+    return self
 
-    ``nn.Module._apply`` (behind ``.to()``, ``.cuda()``, ``.double()``, ...) converts the
-    stored Parameter and the reference buffer one by one, and ``deepcopy`` clones a Parameter
-    without its buffer: either leaves them apart. Both get a wrapper on the module's own
-    parametrized class that rejoins them afterwards. The class goes away when the last
-    parametrization is removed, and the wrappers with it.
+
+def _set_up_class(module: nn.Module, attr: str) -> None:
+    """Set up the module's own parametrized class for reading a constrained weight.
+
+    ``register_parametrization`` gave the module a class of its own
+    (``ParametrizedEmbedding``), which ``remove_parametrizations`` takes away again. On it:
+
+    - the fast forward of a plain ``nn.Embedding``, ``nn.EmbeddingBag`` or ``nn.Linear``
+      (`embedding_constraint.reads`; subclasses keep their own forward, which may read the
+      weight in other ways). It reads the weight plainly once nothing constrains it.
+    - ``_apply`` (behind ``.to()``, ``.cuda()``, ``.double()``, ...), which converts the stored
+      Parameter and the reference one by one, and ``__deepcopy__``, which clones a Parameter
+      without its buffer: both rejoin them afterwards. A deep copy also gets a class of its
+      own (`_own_class`), so baking one copy leaves the others as they were.
+
+    Nothing on the class depends on one instance: the methods look at the instance they are
+    called on.
     """
     cls = type(module)
-    if "_rejoins" in cls.__dict__:
+    bases = cls.__bases__
+    if attr == "weight" and len(bases) == 1 and bases[0] in FAST_FORWARDS:
+        setattr(cls, "forward", FAST_FORWARDS[bases[0]])  # noqa: B010 - on its own class
+    if "_fixed_rows_class" in cls.__dict__:
         return
+    copier = getattr(cls, "__deepcopy__")  # noqa: B009 - torch's, or the module's own
 
-    def _apply(self: nn.Module, fn: Any, recurse: bool = True) -> nn.Module:
-        super(cls, self)._apply(fn, recurse)  # type: ignore[misc]  # cls: the module's own class
-        _rejoin_all(self)
-        return self
+    def __deepcopy__(self: nn.Module, memo: dict[int, Any]) -> nn.Module:
+        replica: nn.Module = copier(self, memo)
+        replica.__class__ = _own_class(type(replica))
+        _rejoin_all(replica)
+        return replica
 
-    setattr(cls, "_apply", _apply)  # noqa: B010 - a method on the module's own class
-    copier = cls.__dict__.get("__deepcopy__")  # torch's, unless the module brings its own
-    if copier is not None:
-
-        def __deepcopy__(self: nn.Module, memo: dict[int, Any]) -> nn.Module:
-            replica: nn.Module = copier(self, memo)
-            _rejoin_all(replica)
-            return replica
-
-        setattr(cls, "__deepcopy__", __deepcopy__)  # noqa: B010
-    setattr(cls, "_rejoins", True)  # noqa: B010
+    setattr(cls, "_apply", _apply)  # noqa: B010
+    setattr(cls, "__deepcopy__", __deepcopy__)  # noqa: B010
+    setattr(cls, "_fixed_rows_class", True)  # noqa: B010
 
 
 def is_fixed(module: nn.Module, name: str = "weight") -> bool:
@@ -404,15 +236,14 @@ def fix_rows(
         _check_lookup_options(holder)
     constraint = FixedRows._borrowing(reference, rows=rows)  # registered below, at once
     constraint.check_compatible(param)
-    orders = [_plain_parameter_order(holder) for holder, _ in holders]
+    orders = [plain_parameter_order(holder) for holder, _ in holders]
     # Nothing below can fail on user input: the module changes only from here on.
     parametrize.register_parametrization(owner, attr, constraint)
     for (holder, holder_attr), order in zip(holders, orders, strict=True):
         if holder is not owner or holder_attr != attr:
             _share_parametrization(owner, attr, holder, holder_attr)
-        _register_plain_hooks(holder, holder_attr, order)
-        _use_fast_forward(holder, holder_attr)
-        _keep_joined(holder)
+        register_plain_hooks(holder, holder_attr, order)
+        _set_up_class(holder, holder_attr)
     return module
 
 
@@ -452,10 +283,8 @@ def bake(module: nn.Module, *, name: str = "weight") -> nn.Module:
         if parametrization_list(holder, holder_attr) is plist
     ]
     for holder, holder_attr in sharers:
-        _remove_fast_forward(holder, holder_attr)
         parametrize.remove_parametrizations(holder, holder_attr, leave_parametrized=False)
-        _remove_plain_hooks(holder, holder_attr)
-    _remove_fast_forward(owner, attr)
+        remove_plain_hooks(holder, holder_attr)
     parametrize.remove_parametrizations(owner, attr, leave_parametrized=True)
-    _remove_plain_hooks(owner, attr)
+    remove_plain_hooks(owner, attr)
     return module

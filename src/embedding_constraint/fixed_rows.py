@@ -2,12 +2,18 @@
 
 The stored tensor (``parametrizations.<name>.original``) holds only the free rows, so an
 optimizer never sees, decays or keeps state for the fixed ones. Reading the parametrized
-tensor puts the reference rows and the free rows together.
+tensor puts the reference rows and the free rows together: `FixedRows.forward` is the plain
+read, which every fast read in `embedding_constraint.reads` is tested against.
 
 Both live in one buffer, ``[reference; free]``: the reference buffer and the stored parameter
 are its two parts (views). A lookup then gathers from the whole buffer at once. Whatever
 separates them (assigning ``.data``, ``load_state_dict(assign=True)``, a ``.to()`` that
 `fix_rows` did not see) costs speed, never correctness: the lookup then gathers from each.
+
+Beside the class live the small helpers every read needs: `parametrization_list`,
+`constrained` (the constraint and stored rows of a module that `FixedRows` alone constrains)
+and `composable_only` (whether a transform is active that only plain torch operations
+support).
 """
 
 from __future__ import annotations
@@ -17,10 +23,87 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd import forward_ad
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrize import ParametrizationList
 
-from embedding_constraint.reads import _Bag, _Linear, _Lookup, _ScatterRows
+__all__ = ["FixedRows", "composable_only", "constrained", "parametrization_list"]
 
-__all__ = ["FixedRows"]
+
+def parametrization_list(module: nn.Module, attr: str) -> ParametrizationList:
+    """Return the parametrizations of ``module.<attr>`` (which must be parametrized)."""
+    plist = module.parametrizations[attr]  # type: ignore[index]
+    if not isinstance(plist, ParametrizationList):
+        raise TypeError(f"Expected {attr!r} to be parametrized. Got {type(plist).__name__}.")
+    return plist
+
+
+def constrained(module: nn.Module, attr: str = "weight") -> tuple[FixedRows, Tensor] | None:
+    """Return the `FixedRows` on ``module.<attr>`` and its stored rows, or None if it has none.
+
+    Raises:
+        ValueError: another parametrization is registered after `FixedRows` on it. It would
+            transform the fixed rows too, so they would no longer be exact.
+    """
+    if not parametrize.is_parametrized(module, attr):
+        return None
+    plist = parametrization_list(module, attr)
+    constraint = plist[0]
+    if not isinstance(constraint, FixedRows):
+        return None
+    if len(plist) != 1:
+        kinds = [type(p).__name__ for p in plist]
+        raise ValueError(
+            f"Expected FixedRows to be the only parametrization of {attr!r}. Got {kinds}: a "
+            "parametrization registered after FixedRows transforms the fixed rows too, so "
+            "they would not stay exact. Register it on another tensor, or bake() first."
+        )
+    free = plist.original
+    assert isinstance(free, Tensor)
+    return constraint, free
+
+
+def composable_only(*tensors: Tensor | None) -> bool:
+    """Whether only plain torch operations may read the weight now.
+
+    True under a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ...) and when a tensor
+    carries a forward-mode tangent: the fast reads' autograd functions support neither, and
+    their tensors have no memory to compare. The plain read (`FixedRows.forward` and the
+    module's own forward) is made of operations that support both.
+    """
+    # Private, and what torch's own autograd.Function.apply asks: there is no public test
+    # for an active torch.func transform.
+    if torch._C._are_functorch_transforms_active():
+        return True
+    return any(
+        t is not None and forward_ad.unpack_dual(t).tangent is not None  # type: ignore[no-untyped-call]
+        for t in tensors
+    )
+
+
+class _ScatterRows(torch.autograd.Function):
+    """Interleave fixed and free rows into one tensor; gradients reach the free rows only.
+
+    Equal to ``cat((reference, free)).index_select(0, slot)`` (the composable read that
+    `FixedRows.forward` uses under transforms) with one copy of the weight instead of two.
+    Its backward is one ``index_select``, itself differentiable: double backward works.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, free: Tensor, reference: Tensor, rows: Tensor, free_rows: Tensor
+    ) -> Tensor:
+        out = free.new_empty((reference.shape[0] + free.shape[0], *free.shape[1:]))
+        out.index_copy_(0, rows, reference)
+        out.index_copy_(0, free_rows, free)
+        ctx.save_for_backward(free_rows)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
+        (free_rows,) = ctx.saved_tensors
+        grad_free = grad.index_select(0, free_rows) if ctx.needs_input_grad[0] else None
+        return grad_free, None, None, None
 
 
 # Most spare rows that an accelerator's lookup backward spreads dropped lookups over.
@@ -76,6 +159,34 @@ def _as_rows(rows: object, count: int) -> Tensor:
     return index
 
 
+def _extremes(reference: Tensor) -> Tensor:
+    """The largest and smallest value of ``reference`` in float64 on the host (0, 0 if empty)."""
+    if not reference.numel():
+        return torch.zeros(2, dtype=torch.float64)
+    # Two reductions (NaN propagates through both) rather than a mask of the whole tensor.
+    return torch.stack((reference.amax(), reference.amin())).to("cpu", torch.float64)
+
+
+def _check_finite(reference: Tensor, extremes: Tensor, dtype: torch.dtype) -> None:
+    """Raise if a value of ``reference`` is NaN or Inf, or becomes Inf in ``dtype``.
+
+    ``extremes`` are its `_extremes`: converting is monotonic, so if they stay finite in
+    ``dtype``, every value does.
+    """
+    if bool(torch.isfinite(extremes.to(dtype)).all()):
+        return
+    finite = torch.isfinite(reference.to(dtype))
+    bad = (~finite).reshape(reference.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
+    if dtype == reference.dtype:
+        raise ValueError(
+            f"Expected `reference` to be finite. Got NaN or Inf in reference rows {bad}."
+        )
+    raise ValueError(
+        f"Expected `reference` to be finite in {dtype}, the dtype of the tensor it constrains. "
+        f"Got values in reference rows {bad} that are too large for it."
+    )
+
+
 class FixedRows(nn.Module):
     r"""Hold rows of a tensor at reference values while the other rows train.
 
@@ -101,10 +212,12 @@ class FixedRows(nn.Module):
     Raises:
         TypeError: ``reference`` is not a floating-point tensor, or ``rows`` does not hold
             integers.
-        ValueError: ``reference`` is 0-d or holds NaN or Inf; ``rows`` is not 1-D, has a
-            different count than ``reference``, is negative or has duplicates. When
-            registered: the tensor has another trailing shape, fewer rows than ``reference``
-            or fewer than ``max(rows) + 1`` rows.
+        ValueError: ``reference`` is 0-d, on the meta device or holds NaN or Inf; ``rows``
+            is not 1-D, has a different count than ``reference``, is negative or has
+            duplicates. When registered (see `check_compatible`): the tensor is not
+            floating-point or on the meta device, has another trailing shape, fewer rows than
+            ``reference`` or fewer than ``max(rows) + 1`` rows, or a reference value would be
+            infinite in its dtype.
 
     Examples:
 
@@ -155,15 +268,15 @@ class FixedRows(nn.Module):
             )
         if reference.dim() == 0:
             raise ValueError("Expected `reference` to have a row dimension. Got a 0-d tensor.")
-        # Two reductions (NaN propagates through both) rather than a mask of the whole tensor.
-        extremes = torch.stack((reference.amax(), reference.amin())) if reference.numel() else None
-        if extremes is not None and not bool(torch.isfinite(extremes).all()):
-            finite = torch.isfinite(reference)
-            bad = (~finite).reshape(reference.shape[0], -1).any(dim=1).nonzero().flatten()
+        if reference.is_meta:
             raise ValueError(
-                "Expected `reference` to be finite. "
-                f"Got NaN or Inf in reference rows {bad.tolist()}."
+                "Expected `reference` to hold values. Got a tensor on the meta device, which "
+                "has none: load or compute the reference first, then constrain."
             )
+        # Its largest and smallest values (host memory): whether it stays finite in a tensor's
+        # dtype is known from these two alone (`check_compatible`).
+        self._extremes = _extremes(reference)
+        _check_finite(reference, self._extremes, reference.dtype)
         index = None if rows is None else _as_rows(rows, reference.shape[0])
         reference = reference.detach()
         copied = False
@@ -204,11 +317,25 @@ class FixedRows(nn.Module):
         """Raise if ``tensor`` cannot be constrained by these rows; change nothing.
 
         Raises:
-            ValueError: the trailing shape differs, ``tensor`` has fewer rows than the
-                reference, or a fixed row lies past its last row.
+            TypeError: ``tensor`` is not floating-point.
+            ValueError: ``tensor`` is on the meta device, the trailing shape differs,
+                ``tensor`` has fewer rows than the reference, a fixed row lies past its last
+                row, or a reference value overflows ``tensor``'s dtype.
         """
         if tensor.dim() == 0:
             raise ValueError("Expected a tensor with a row dimension. Got a 0-d tensor.")
+        if not tensor.is_floating_point():
+            raise TypeError(
+                "Expected a floating-point tensor to constrain. Got a tensor of dtype "
+                f"{tensor.dtype}: it could not hold the reference's values exactly."
+            )
+        if tensor.is_meta:
+            raise ValueError(
+                "Expected a tensor with values to constrain. Got one on the meta device: the "
+                "reference is copied into the tensor's memory, which `to_empty()` would "
+                "replace with uninitialised memory. Materialise the module first (`to_empty()`, "
+                "then load its weights), then constrain it."
+            )
         if tensor.shape[1:] != self.reference.shape[1:]:
             expected = ", ".join(["k", *map(str, tensor.shape[1:])])
             raise ValueError(
@@ -225,15 +352,18 @@ class FixedRows(nn.Module):
                 f"Expected `rows` below {tensor.shape[0]}, the row count of a tensor of shape "
                 f"{tuple(tensor.shape)}. Got row {int(self.rows.max())}."
             )
+        _check_finite(self.reference, self._extremes, tensor.dtype)
 
     def forward(self, free: Tensor) -> Tensor:
         """Return the full tensor: reference rows at their positions, ``free`` elsewhere."""
         if self.rows is None:
             return torch.cat((self.reference, free))
-        if self.free_rows is None:
+        if self.free_rows is None or self.slot is None:
             raise RuntimeError(
                 "FixedRows has not been registered: its free rows are not known yet."
             )
+        if composable_only(free):
+            return torch.cat((self.reference, free)).index_select(0, self.slot)
         out: Tensor = _ScatterRows.apply(  # type: ignore[no-untyped-call]
             free, self.reference, self.rows, self.free_rows
         )
@@ -358,6 +488,18 @@ class FixedRows(nn.Module):
         self._spare = _spare_rows(device, fixed)
         self.grad_row = torch.where(slot < fixed, total - fixed + slot % self._spare, slot - fixed)
 
+    def places(self, ids: Tensor) -> Tensor | None:
+        """Return each of ``ids``' place in ``[reference; free]``; None for a prefix (an id is
+        its own place).
+
+        The ids are looked up in the table of places with ``F.embedding``, so ids that a plain
+        lookup rejects (negative, too large, not int64/int32) fail here with its error, where
+        Python-style indexing would wrap negative ids or read bool ids as masks.
+        """
+        if self.slot is None:
+            return None
+        return nn.functional.embedding(ids, self.slot.unsqueeze(1)).squeeze(-1)
+
     def _grad_rows(self, free: Tensor) -> Tensor:
         """Return ``grad_row`` for a tensor of ``free``'s free rows, derived if out of date."""
         total = self.num_fixed + free.shape[0]
@@ -377,184 +519,6 @@ class FixedRows(nn.Module):
             self._derive_layout(self.num_fixed + self.free_rows.numel())
         if self.grad_row is not None:
             self._derive_grad_rows(self.grad_row.numel())
-
-    def lookup(
-        self,
-        indices: Tensor,
-        free: Tensor,
-        padding_idx: int | None = None,
-        scale_grad_by_freq: bool = False,
-    ) -> Tensor:
-        """Return ``F.embedding(indices, weight)`` without building the weight.
-
-        Fixed rows are gathered from the reference, free rows from ``free``; the gradient
-        reaches only the free rows that ``indices`` names, so the cost of a lookup and its
-        backward follows the batch and the number of free rows, not the vocabulary.
-        ``fix_rows`` makes a constrained ``nn.Embedding`` look up through this.
-
-        Args:
-            indices (Tensor): row indices, any shape.
-            free (Tensor): the stored free rows (``parametrizations.weight.original``).
-            padding_idx (int, optional): a row whose lookups get no gradient, as in
-                ``nn.Embedding``. Default: ``None``.
-            scale_grad_by_freq (bool, optional): scale each free row's gradient by the inverse
-                of its frequency in ``indices``, as in ``nn.Embedding``. Default: ``False``.
-
-        Returns:
-            Tensor: shape ``(*indices.shape, *trailing)``.
-        """
-        if not free.shape[0]:
-            # Nothing to train; read the weight so the result still depends on `free`.
-            return nn.functional.embedding(indices, self(free), padding_idx)
-        if not self.num_fixed:
-            # Nothing fixed: exactly the plain lookup, at the plain lookup's cost.
-            return nn.functional.embedding(
-                indices, free, padding_idx, scale_grad_by_freq=scale_grad_by_freq
-            )
-        grad_row = self._grad_rows(free)
-        # For a prefix, an index is its own slot (passed as None: autograd.Function inputs
-        # must be distinct tensors for torch.compile).
-        slot = None if self.slot is None else self.slot[indices]
-        out: Tensor = _Lookup.apply(  # type: ignore[no-untyped-call]
-            free,
-            self.reference,
-            self._joined(free),
-            indices,
-            slot,
-            grad_row,
-            self._spare,
-            padding_idx,
-            scale_grad_by_freq,
-        )
-        return out
-
-    def bag(
-        self,
-        input: Tensor,
-        free: Tensor,
-        offsets: Tensor | None = None,
-        *,
-        mode: str = "mean",
-        per_sample_weights: Tensor | None = None,
-        include_last_offset: bool = False,
-        padding_idx: int | None = None,
-        scale_grad_by_freq: bool = False,
-    ) -> Tensor:
-        """Return ``F.embedding_bag(input, weight, offsets, ...)`` without building the weight.
-
-        For ``mode="sum"`` and ``"mean"``, the bags are reduced from the block that holds the
-        reference and the free rows, and the gradient reaches only the free rows that the bags
-        name, as in `lookup`. ``mode="max"``, a reference and free rows that are apart (see
-        `rejoin`) and torch.compile read the weight. ``fix_rows`` makes a constrained
-        ``nn.EmbeddingBag`` reduce its bags through this. The arguments are those of
-        ``nn.functional.embedding_bag``.
-
-        Args:
-            input (Tensor): row indices, 1-D with ``offsets`` or 2-D (bags of equal size).
-            free (Tensor): the stored free rows (``parametrizations.weight.original``).
-            offsets (Tensor, optional): where each bag starts in a 1-D ``input``.
-            mode (str, optional): ``"sum"``, ``"mean"`` or ``"max"``. Default: ``"mean"``.
-            per_sample_weights (Tensor, optional): a weight per index (``"sum"`` only).
-            include_last_offset (bool, optional): ``offsets`` ends with the input's length.
-            padding_idx (int, optional): a row whose lookups count for nothing.
-            scale_grad_by_freq (bool, optional): scale gradients by the inverse frequency of
-                their row in ``input``.
-
-        Returns:
-            Tensor: shape ``(bags, *trailing)``.
-        """
-        joined = None
-        if self.num_fixed and free.shape[0] and mode != "max":
-            joined = self._joined(free)
-        if joined is None:
-            weight = self(free) if self.num_fixed else free
-            return nn.functional.embedding_bag(
-                input,
-                weight,
-                offsets,
-                mode=mode,
-                per_sample_weights=per_sample_weights,
-                include_last_offset=include_last_offset,
-                padding_idx=padding_idx,
-                scale_grad_by_freq=scale_grad_by_freq,
-            )
-        grad_row = self._grad_rows(free)
-        if padding_idx is not None and padding_idx < 0:
-            padding_idx += grad_row.numel()
-        # Target rows: the free rows, one row for padding lookups, then the spare rows.
-        free_rows = free.shape[0]
-        target_input = grad_row[input]
-        target_input = target_input + (target_input >= free_rows)
-        target_padding = None
-        if padding_idx is not None:
-            target_input = target_input.masked_fill(input == padding_idx, free_rows)
-            target_padding = free_rows
-        slot_input = input if self.slot is None else self.slot[input].to(input.dtype)
-        # (For scattered rows, reading the padding row's slot is a device sync on a GPU.)
-        slot_padding = None if padding_idx is None else self._slot_of(padding_idx)
-        options = (
-            mode,
-            include_last_offset,
-            slot_padding,
-            target_padding,
-            scale_grad_by_freq,
-            free_rows + 1 + self._spare,
-        )
-        out: Tensor = _Bag.apply(  # type: ignore[no-untyped-call]
-            free,
-            joined,
-            slot_input,
-            target_input.to(input.dtype),
-            offsets,
-            per_sample_weights,
-            options,
-        )
-        return out
-
-    def _slot_of(self, row: int) -> int:
-        """Return ``row``'s place in ``[reference; free]``."""
-        return row if self.slot is None else int(self.slot[row])
-
-    def linear(self, input: Tensor, free: Tensor, bias: Tensor | None = None) -> Tensor:
-        """Return ``F.linear(input, weight, bias)`` without building the weight.
-
-        For fixed rows that are a prefix, the weight is ``[reference; free]``: it is read in
-        place from the buffer that holds both, and the weight gradient is computed for the free
-        rows only (a plain layer computes it for every row, then the parametrization drops the
-        fixed ones). If the two are apart (see `rejoin`) or under torch.compile, the output
-        features of fixed rows come from the reference and those of free rows from ``free``,
-        side by side. Scattered rows read the weight. ``fix_rows`` makes a constrained
-        ``nn.Linear`` compute its output through this.
-
-        Args:
-            input (Tensor): shape ``(*, in_features)``.
-            free (Tensor): the stored free rows (``parametrizations.weight.original``).
-            bias (Tensor, optional): added to the output. Default: ``None``.
-
-        Returns:
-            Tensor: shape ``(*, out_features)``.
-        """
-        if not self.num_fixed:
-            return nn.functional.linear(input, free, bias)
-        if not free.shape[0] or self.rows is not None:
-            # Scattered rows would need the output's features reordered, a copy as large as
-            # the output and dearer than the weight gradient saved: read the weight instead.
-            return nn.functional.linear(input, self(free), bias)
-        joined = self._joined(free)
-        if joined is not None:  # the weight, in place
-            device = input.device.type
-            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-            out: Tensor = _Linear.apply(input, free, joined, bias, dtype)  # type: ignore[no-untyped-call]
-            return out
-        fixed = self.num_fixed
-        bias_fixed, bias_free = (None, None) if bias is None else (bias[:fixed], bias[fixed:])
-        return torch.cat(
-            (
-                nn.functional.linear(input, self.reference, bias_fixed),
-                nn.functional.linear(input, free, bias_free),
-            ),
-            -1,
-        )
 
     def extra_repr(self) -> str:
         where = "prefix" if self.rows is None else "rows"

@@ -1,0 +1,230 @@
+"""The bag: a constrained ``nn.EmbeddingBag`` reduces its bags without building the weight.
+
+`bag` reduces sum and mean bags from the block ``[reference; free]``; `_Bag`'s backward runs
+the reduction's backward in a small table of free, padding and spare rows, so its cost
+follows the batch and the free rows. `embedding_bag_forward` is the forward `fix_rows`
+installs on a constrained ``nn.EmbeddingBag``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from embedding_constraint.fixed_rows import FixedRows, composable_only, constrained
+
+__all__ = ["bag", "embedding_bag_forward"]
+
+
+class _Bag(torch.autograd.Function):
+    """``F.embedding_bag`` (sums and means) from ``[reference; free]``; gradients to free rows.
+
+    The forward reduces the bags from the block ``joined``, looked up by ``slot_input``. The
+    backward runs the same reduction's backward in a small "target" table instead of the
+    weight: free rows, then one row for the padding row's lookups (the bags' padding row, so
+    they still do not count in a mean), then spare rows for the fixed rows' lookups (counted,
+    then dropped). Its cost follows the batch and the free rows, not the vocabulary.
+
+    With ``create_graph=True`` the backward differentiates the plain read instead (the same
+    bags from ``cat(reference, free)``), so the gradients are differentiable in turn.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        free: Tensor,
+        joined: Tensor,
+        slot_input: Tensor,
+        target_input: Tensor,
+        offsets: Tensor | None,
+        per_sample_weights: Tensor | None,
+        options: tuple[str, bool, int | None, int | None, bool, int],
+    ) -> Tensor:
+        mode, include_last_offset, slot_padding, _, scale, _ = options
+        out = nn.functional.embedding_bag(
+            slot_input,
+            joined,
+            offsets,
+            mode=mode,
+            per_sample_weights=per_sample_weights,
+            include_last_offset=include_last_offset,
+            padding_idx=slot_padding,
+            scale_grad_by_freq=scale,
+        )
+        ctx.save_for_backward(free, joined, slot_input, target_input, offsets, per_sample_weights)
+        ctx.options = options
+        return out
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad: Tensor
+    ) -> tuple[Tensor | None, None, None, None, None, Tensor | None, None]:
+        free, joined, slot_input, target_input, offsets, weights = ctx.saved_tensors
+        mode, include_last_offset, slot_padding, target_padding, scale, target_rows = ctx.options
+        needs = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the plain read
+            fixed = joined.shape[0] - free.shape[0]
+            out = nn.functional.embedding_bag(
+                slot_input,
+                torch.cat((joined[:fixed], free)),
+                offsets,
+                mode=mode,
+                per_sample_weights=weights,
+                include_last_offset=include_last_offset,
+                padding_idx=slot_padding,
+                scale_grad_by_freq=scale,
+            )
+            wanted = ((free, needs[0]), (weights, needs[5]))
+            grads = iter(
+                torch.autograd.grad(out, [t for t, n in wanted if n], grad, create_graph=True)
+            )
+            picked = [next(grads) if n else None for _, n in wanted]
+            return picked[0], None, None, None, None, picked[1], None
+        grad_free = grad_weights = None
+        detached = None if weights is None else weights.detach()
+        if needs[0]:
+            table = free.new_zeros((target_rows, *free.shape[1:]), requires_grad=True)
+            with torch.enable_grad():
+                out = nn.functional.embedding_bag(
+                    target_input,
+                    table,
+                    offsets,
+                    mode=mode,
+                    per_sample_weights=detached,
+                    include_last_offset=include_last_offset,
+                    padding_idx=target_padding,
+                    scale_grad_by_freq=scale,
+                )
+            (grad_table,) = torch.autograd.grad(out, table, grad)
+            grad_free = grad_table[: free.shape[0]]
+        if needs[5]:
+            leaf = detached.requires_grad_()  # type: ignore[union-attr]
+            with torch.enable_grad():
+                out = nn.functional.embedding_bag(
+                    slot_input,
+                    joined,
+                    offsets,
+                    mode=mode,
+                    per_sample_weights=leaf,
+                    include_last_offset=include_last_offset,
+                    padding_idx=slot_padding,
+                )
+            (grad_weights,) = torch.autograd.grad(out, leaf, grad)
+        return grad_free, None, None, None, None, grad_weights, None
+
+
+def bag(
+    constraint: FixedRows,
+    input: Tensor,
+    free: Tensor,
+    offsets: Tensor | None = None,
+    *,
+    mode: str = "mean",
+    per_sample_weights: Tensor | None = None,
+    include_last_offset: bool = False,
+    padding_idx: int | None = None,
+    scale_grad_by_freq: bool = False,
+) -> Tensor:
+    """Return ``F.embedding_bag(input, weight, offsets, ...)`` without building the weight.
+
+    For ``mode="sum"`` and ``"mean"``, the bags are reduced from the block that holds the
+    reference and the free rows, and the gradient reaches only the free rows that the bags
+    name. ``mode="max"``, a reference and free rows that are apart (see `FixedRows.rejoin`)
+    and torch.compile read the weight. Indices are checked as ``F.embedding_bag`` checks
+    them. The arguments are those of ``nn.functional.embedding_bag``.
+
+    Args:
+        constraint (FixedRows): the registered constraint.
+        input (Tensor): row indices, 1-D with ``offsets`` or 2-D (bags of equal size).
+        free (Tensor): the stored free rows (``parametrizations.weight.original``).
+        offsets (Tensor, optional): where each bag starts in a 1-D ``input``.
+        mode (str, optional): ``"sum"``, ``"mean"`` or ``"max"``. Default: ``"mean"``.
+        per_sample_weights (Tensor, optional): a weight per index (``"sum"`` only).
+        include_last_offset (bool, optional): ``offsets`` ends with the input's length.
+        padding_idx (int, optional): a row whose lookups count for nothing.
+        scale_grad_by_freq (bool, optional): scale gradients by the inverse frequency of
+            their row in ``input``.
+
+    Returns:
+        Tensor: shape ``(bags, *trailing)``.
+    """
+    joined = None
+    if constraint.num_fixed and free.shape[0] and mode != "max":
+        joined = constraint._joined(free)
+    plain_options: dict[str, Any] = {
+        "mode": mode,
+        "per_sample_weights": per_sample_weights,
+        "include_last_offset": include_last_offset,
+        "padding_idx": padding_idx,
+        "scale_grad_by_freq": scale_grad_by_freq,
+    }
+    if joined is None:
+        weight = constraint(free) if constraint.num_fixed else free
+        return nn.functional.embedding_bag(input, weight, offsets, **plain_options)
+    grad_row = constraint._grad_rows(free)
+    total = grad_row.numel()
+    if input.device.type == "cpu":
+        # The plain bag's own checks (index range and dtype, offsets, per-sample weights) on
+        # a table of one column: the same errors as a plain module, for a pass over the ids.
+        nn.functional.embedding_bag(input, free.new_empty((total, 1)), offsets, **plain_options)
+    if padding_idx is not None and padding_idx < 0:
+        padding_idx += total
+    # Target rows: the free rows, one row for padding lookups, then the spare rows. Ids are
+    # mapped with lookups (`F.embedding`), which reject what Python-style indexing would wrap.
+    free_rows = free.shape[0]
+    target_input = nn.functional.embedding(input, grad_row.unsqueeze(1)).squeeze(-1)
+    target_input = target_input + (target_input >= free_rows)
+    target_padding = None
+    if padding_idx is not None:
+        target_input = target_input.masked_fill(input == padding_idx, free_rows)
+        target_padding = free_rows
+    places = constraint.places(input)
+    slot_input = input if places is None else places.to(input.dtype)
+    # (For scattered rows, reading the padding row's place is a device sync on a GPU.)
+    slot_padding = None
+    if padding_idx is not None:
+        slot_padding = padding_idx if constraint.slot is None else int(constraint.slot[padding_idx])
+    options = (
+        mode,
+        include_last_offset,
+        slot_padding,
+        target_padding,
+        scale_grad_by_freq,
+        free_rows + 1 + constraint._spare,
+    )
+    out: Tensor = _Bag.apply(  # type: ignore[no-untyped-call]
+        free,
+        joined,
+        slot_input,
+        target_input.to(input.dtype),
+        offsets,
+        per_sample_weights,
+        options,
+    )
+    return out
+
+
+def embedding_bag_forward(
+    self: nn.EmbeddingBag,
+    input: Tensor,
+    offsets: Tensor | None = None,
+    per_sample_weights: Tensor | None = None,
+) -> Tensor:
+    """``nn.EmbeddingBag.forward`` for a constrained weight: reduce without building it."""
+    found = constrained(self)
+    if found is None or composable_only(found[1], found[0].reference, per_sample_weights):
+        return nn.EmbeddingBag.forward(self, input, offsets, per_sample_weights)
+    constraint, free = found
+    return bag(
+        constraint,
+        input,
+        free,
+        offsets,
+        mode=self.mode,
+        per_sample_weights=per_sample_weights,
+        include_last_offset=self.include_last_offset,
+        padding_idx=self.padding_idx,
+        scale_grad_by_freq=self.scale_grad_by_freq,
+    )

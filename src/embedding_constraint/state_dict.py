@@ -1,0 +1,166 @@
+"""Plain state dicts for constrained modules: the keys and shapes of the unconstrained module.
+
+`fix_rows` registers `_PlainStateDict` on every module holding a constrained tensor. Saving
+writes the full tensor under its plain key (``weight``) instead of the parametrization's
+entries (``parametrizations.weight.original``, ...); loading takes the plain key, routes the
+free rows to the stored parameter and checks the fixed rows against the reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from embedding_constraint.fixed_rows import FixedRows, parametrization_list
+
+__all__ = ["plain_parameter_order", "register_plain_hooks", "remove_plain_hooks"]
+
+
+class _PlainStateDict:
+    """State-dict hooks that show a constrained tensor as the plain full tensor.
+
+    Saving writes ``<prefix><name>`` (the full tensor) instead of the parametrization's
+    entries. Loading accepts ``<prefix><name>``: its free rows go to the stored parameter,
+    and its fixed rows must equal the reference.
+    """
+
+    def __init__(self, name: str, parameter_order: Sequence[str]) -> None:
+        self.name = name
+        # The module's parameter names before it was constrained: saving puts the full tensor
+        # back in its place, so the keys come in the plain module's order too.
+        self.parameter_order = tuple(parameter_order)
+
+    def _constraint(self, module: nn.Module) -> FixedRows | None:
+        if not parametrize.is_parametrized(module, self.name):
+            return None
+        plist = parametrization_list(module, self.name)
+        # Stacked under another parametrization, the tensor is no longer the plain one:
+        # leave torch's own entries (the module's reads refuse that case, see `constrained`).
+        if len(plist) != 1 or not isinstance(plist[0], FixedRows):
+            return None
+        return plist[0]
+
+    def __call__(
+        self, module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any
+    ) -> None:
+        """Save: replace the parametrization's entries by the full tensor."""
+        if self._constraint(module) is None:
+            return
+        inner = f"{prefix}parametrizations.{self.name}."
+        # This module's entries are the last ones written: take them out, put them back in order.
+        mine = {k: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(prefix)]}
+        with torch.no_grad():
+            mine[prefix + self.name] = parametrization_list(module, self.name)().detach()
+        for key in [prefix + p for p in self.parameter_order if prefix + p in mine]:
+            state_dict[key] = mine.pop(key)
+        state_dict.update((k, v) for k, v in mine.items() if not k.startswith(inner))
+
+    def load(
+        self,
+        module: nn.Module,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: Any,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Load: route a plain full tensor to the stored free rows, checking the fixed ones.
+
+        Problems go to ``error_msgs`` and ``missing_keys`` in the plain keys, as torch reports
+        its own: a missing ``<prefix><name>``, a tensor of another shape, fixed rows that
+        differ from the reference. The module then keeps its own values for this tensor.
+        """
+        constraint = self._constraint(module)
+        if constraint is None:
+            return
+        key = prefix + self.name
+        plist = parametrization_list(module, self.name)
+        inner = f"{prefix}parametrizations.{self.name}."
+        if key not in state_dict:
+            if inner + "original" not in state_dict:  # not a state dict in torch's own format
+                missing_keys.append(key)
+                self._keep_own(constraint, plist, state_dict, inner)
+            return
+        value = state_dict.pop(key)
+        problem = self._problem(constraint, plist, key, value)
+        if problem is not None:
+            error_msgs.append(problem)
+            self._keep_own(constraint, plist, state_dict, inner)
+            return
+        with torch.no_grad():
+            free = (
+                value[constraint.num_fixed :]
+                if constraint.free_rows is None
+                else value.index_select(0, constraint.free_rows.to(value.device))
+            )
+        state_dict[inner + "original"] = free
+        self._keep_own(constraint, None, state_dict, inner)
+
+    @staticmethod
+    def _problem(constraint: FixedRows, plist: Any, key: str, value: object) -> str | None:
+        """What keeps ``value`` from loading into the constrained tensor, or None."""
+        expected = (constraint.num_fixed + plist.original.shape[0], *plist.original.shape[1:])
+        if not isinstance(value, Tensor) or tuple(value.shape) != expected:
+            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            return f"size mismatch for {key}: expected a tensor of shape {expected}, got {got}."
+        with torch.no_grad():
+            fixed_at = constraint.fixed_row_indices().to(value.device)
+            incoming = value.index_select(0, fixed_at).to(constraint.reference)
+            differ = (incoming != constraint.reference).reshape(constraint.num_fixed, -1).any(1)
+            if not bool(differ.any()):
+                return None
+            rows = fixed_at[differ.to(fixed_at.device)].tolist()
+        shown = ", ".join(map(str, rows[:10])) + (", ..." if len(rows) > 10 else "")
+        return (
+            f"Expected the fixed rows of {key!r} to equal the reference (they are held fixed). "
+            f"Got {len(rows)} differing row(s): [{shown}]."
+        )
+
+    @staticmethod
+    def _keep_own(
+        constraint: FixedRows, plist: Any, state_dict: dict[str, Any], inner: str
+    ) -> None:
+        """Give torch's loading the constraint's own entries, so it loads them onto themselves.
+
+        The reference always (a plain state dict never replaces it); the stored rows too when
+        ``plist`` is given (nothing of them is loaded). Torch then reports no internal keys.
+        """
+        if plist is not None:
+            state_dict[inner + "original"] = plist.original
+        for buffer_name, buffer in constraint.state_dict(prefix=inner + "0.").items():
+            state_dict[buffer_name] = buffer
+
+
+def _ours(hook: Any) -> _PlainStateDict | None:
+    target = getattr(hook, "hook", hook)  # torch stores load pre-hooks wrapped in .hook
+    target = getattr(target, "__self__", target)  # and ours are bound methods there
+    return target if isinstance(target, _PlainStateDict) else None
+
+
+def register_plain_hooks(module: nn.Module, name: str, parameter_order: Sequence[str]) -> None:
+    hooks = _PlainStateDict(name, parameter_order)
+    module.register_state_dict_post_hook(hooks)  # type: ignore[no-untyped-call]
+    module.register_load_state_dict_pre_hook(hooks.load)  # type: ignore[no-untyped-call]
+
+
+def plain_parameter_order(module: nn.Module) -> tuple[str, ...]:
+    """The module's parameter names as the unconstrained module lists them."""
+    for hook in module._state_dict_hooks.values():
+        ours = _ours(hook)
+        if ours is not None:  # constrained before: its order predates every constraint
+            return ours.parameter_order
+    return tuple(module._parameters)
+
+
+def remove_plain_hooks(module: nn.Module, name: str) -> None:
+    for registry in (module._state_dict_hooks, module._load_state_dict_pre_hooks):
+        for handle_id, hook in list(registry.items()):
+            ours = _ours(hook)
+            if ours is not None and ours.name == name:
+                del registry[handle_id]
