@@ -65,6 +65,11 @@ class _Bag(torch.autograd.Function):
         mode, include_last_offset, slot_padding, target_padding, scale, target_rows = ctx.options
         needs = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain read
+            # Aliases: the gradients below are then this read's own (a path from the output
+            # to `free` through the per-sample weights is not counted twice), and they stay
+            # differentiable in `free` and the weights through the aliases.
+            free = free.view_as(free)
+            weights = None if weights is None else weights.view_as(weights)
             fixed = joined.shape[0] - free.shape[0]
             out = nn.functional.embedding_bag(
                 slot_input,
@@ -76,12 +81,13 @@ class _Bag(torch.autograd.Function):
                 padding_idx=slot_padding,
                 scale_grad_by_freq=scale,
             )
-            wanted = ((free, needs[0]), (weights, needs[5]))
-            grads = iter(
-                torch.autograd.grad(out, [t for t, n in wanted if n], grad, create_graph=True)
-            )
-            picked = [next(grads) if n else None for _, n in wanted]
-            return picked[0], None, None, None, None, picked[1], None
+            wrt = [free] if needs[0] else []
+            if needs[5]:
+                wrt.append(weights)
+            grads = iter(torch.autograd.grad(out, wrt, grad, create_graph=True))
+            grad_free = next(grads) if needs[0] else None
+            grad_weights = next(grads) if needs[5] else None
+            return grad_free, None, None, None, None, grad_weights, None
         grad_free = grad_weights = None
         detached = None if weights is None else weights.detach()
         if needs[0]:
@@ -169,6 +175,9 @@ def bag(
         # The plain bag's own checks (index range and dtype, offsets, per-sample weights) on
         # a table of one column: the same errors as a plain module, for a pass over the ids.
         nn.functional.embedding_bag(input, free.new_empty((total, 1)), offsets, **plain_options)
+    if offsets is not None:  # the ids and offsets meet in one dtype, as in the plain bag
+        common = torch.promote_types(input.dtype, offsets.dtype)
+        input, offsets = input.to(common), offsets.to(common)
     if padding_idx is not None and padding_idx < 0:
         padding_idx += total
     # Target rows: the free rows, one row for padding lookups, then the spare rows. Ids are

@@ -27,8 +27,9 @@ class _Linear(torch.autograd.Function):
     the whole weight, as a plain layer does, and the weight gradient for the free rows (the
     last output features) only, in ``free``'s dtype.
 
-    With ``create_graph=True`` the backward differentiates the plain product instead (the
-    weight read as ``cat(reference, free)``), so the gradients are differentiable in turn.
+    With ``create_graph=True`` the input's gradient is computed with the weight read as
+    ``cat(reference, free)``, so every gradient is differentiable in turn; the others are
+    made of the saved input and the incoming gradient, which are.
     """
 
     @staticmethod
@@ -38,27 +39,22 @@ class _Linear(torch.autograd.Function):
         out = nn.functional.linear(input, weight, bias)
         # `free` too, though the product reads it through `weight`: an in-place change of it
         # before the backward (an optimizer step) then raises, as it does for a plain weight.
-        ctx.save_for_backward(input, free, weight, bias)
+        ctx.save_for_backward(input, free, weight)
         return out
 
     @staticmethod
     def backward(
         ctx: Any, grad: Tensor
     ) -> tuple[Tensor | None, Tensor | None, None, Tensor | None]:
-        input, free, weight, bias = ctx.saved_tensors
+        input, free, weight = ctx.saved_tensors
         needs = ctx.needs_input_grad
         fixed = weight.shape[0] - free.shape[0]
-        if torch.is_grad_enabled():  # create_graph=True: differentiate the plain product
-            full = torch.cat((weight[:fixed], free.to(weight.dtype)))
-            out = nn.functional.linear(input, full, bias)
-            wanted = ((input, needs[0]), (free, needs[1]), (bias, needs[3]))
-            grads = iter(
-                torch.autograd.grad(out, [t for t, n in wanted if n], grad, create_graph=True)
-            )
-            picked = [next(grads) if n else None for _, n in wanted]
-            return picked[0], picked[1], None, picked[2]
         grad_input = grad_free = grad_bias = None
         if needs[0]:
+            if torch.is_grad_enabled():
+                # create_graph=True: the weight as the plain read builds it, so that this
+                # gradient is differentiable in `free` too (the buffer `weight` is not).
+                weight = torch.cat((weight[:fixed], free.to(weight.dtype)))
             grad_input = grad @ weight
         flat_grad = grad.reshape(-1, grad.shape[-1])
         if needs[1]:

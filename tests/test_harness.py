@@ -1,0 +1,359 @@
+"""The differential harness: every fast read against the plain ``cat`` read.
+
+One table of read paths (`PATHS`) drives every check, as torch's OpInfo tests do: a new fast
+path joins the table and gets them all. Each case builds a module, constrains it with
+`fix_rows` (prefix or scattered rows; the reference and the free rows joined in one buffer or
+apart) and compares it with the unconstrained module whose weight is given by `plain_read`,
+the reference rows and the free rows put together with nothing but ``cat`` and
+``index_select``. Checked: values, first gradients (free rows, float inputs, other
+parameters), double gradients (a gradient penalty), ``torch.func`` (``grad``, ``vmap``,
+``jvp``), forward-mode AD, ``torch.compile`` and bad ids (the same kind of error, the module
+unchanged).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+from support import stored
+from torch import Tensor, nn
+from torch.autograd import forward_ad
+from torch.func import functional_call
+
+from embedding_constraint import fix_rows
+
+VOCAB, DIM, FIXED = 10, 4, 4
+LAYOUTS: dict[str, list[int] | None] = {"prefix": None, "scattered": [8, 1, 4, 5]}
+STORAGE = ("joined", "apart")
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+IDS = torch.tensor([[0, 1, 9, 8], [8, 5, 6, 2], [3, 3, 7, 4]])
+
+
+def plain_read(reference: Tensor, free: Tensor, rows: list[int] | None) -> Tensor:
+    """The reference rows at ``rows`` (default: first), the free rows elsewhere, in order."""
+    weight = torch.cat((reference, free))
+    if rows is None:
+        return weight
+    total = weight.shape[0]
+    free_rows = [r for r in range(total) if r not in rows]
+    places = torch.empty(total, dtype=torch.int64)
+    places[rows] = torch.arange(len(rows))
+    places[free_rows] = torch.arange(len(rows), total)
+    return weight.index_select(0, places)
+
+
+class _Tied(nn.Module):
+    """An embedding and an output head that share one Parameter."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, DIM, dtype=dtype)
+        self.head = nn.Linear(DIM, VOCAB, bias=False, dtype=dtype)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: Tensor) -> Tensor:
+        out: Tensor = self.head(torch.tanh(self.emb(ids)))
+        return out
+
+
+class _Reader(nn.Module):
+    """A module of its own that reads its weight as a tensor: the generic read."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(VOCAB, DIM, dtype=dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x @ self.weight.t().sin()
+
+
+def _ids(dtype: torch.dtype) -> tuple[Tensor, ...]:
+    return (IDS,)
+
+
+def _features(dtype: torch.dtype) -> tuple[Tensor, ...]:
+    return (torch.randn(3, 2, DIM, dtype=dtype),)
+
+
+def _bag_sum(dtype: torch.dtype) -> tuple[Tensor, ...]:
+    input = torch.tensor([0, 5, 9, 8, 8, 2, 7, 1, 6, 4, 3, 9])
+    return input, torch.tensor([0, 3, 3, 7, 9]), torch.rand(12, dtype=dtype)
+
+
+def _bag_1d(dtype: torch.dtype) -> tuple[Tensor, ...]:
+    return torch.tensor([0, 5, 9, 8, 8, 2, 7, 1, 6, 4, 3, 9]), torch.tensor([0, 3, 3, 7, 9])
+
+
+@dataclass(frozen=True)
+class Path:
+    """A read path: how to build the module, its inputs, and which inputs take ids."""
+
+    make: Callable[[torch.dtype], nn.Module]
+    inputs: Callable[[torch.dtype], tuple[Tensor, ...]]
+    name: str = "weight"  # the constrained parameter, dotted under the module
+    takes_ids: bool = False  # the first input holds row ids
+
+
+PATHS = {
+    "lookup": Path(lambda d: nn.Embedding(VOCAB, DIM, dtype=d), _ids, takes_ids=True),
+    "lookup-options": Path(
+        lambda d: nn.Embedding(VOCAB, DIM, padding_idx=8, scale_grad_by_freq=True, dtype=d),
+        _ids,
+        takes_ids=True,
+    ),
+    "bag-sum": Path(
+        lambda d: nn.EmbeddingBag(VOCAB, DIM, mode="sum", dtype=d), _bag_sum, takes_ids=True
+    ),
+    "bag-mean": Path(
+        lambda d: nn.EmbeddingBag(VOCAB, DIM, mode="mean", padding_idx=9, dtype=d),
+        _bag_1d,
+        takes_ids=True,
+    ),
+    "bag-max": Path(
+        lambda d: nn.EmbeddingBag(VOCAB, DIM, mode="max", dtype=d), _ids, takes_ids=True
+    ),
+    "head": Path(lambda d: nn.Linear(DIM, VOCAB, dtype=d), _features),
+    "tied": Path(_Tied, _ids, name="emb.weight", takes_ids=True),
+    "generic": Path(_Reader, _features),
+}
+
+
+@dataclass
+class Case:
+    """A constrained module and its plain twin, with what it takes to compare them."""
+
+    path: Path
+    fast: nn.Module
+    plain: nn.Module
+    reference: Tensor
+    rows: list[int] | None
+    dtype: torch.dtype
+
+    @property
+    def free(self) -> Tensor:
+        owner, _, attr = self.path.name.rpartition(".")
+        return stored(self.fast.get_submodule(owner), attr)
+
+    @property
+    def free_key(self) -> str:
+        owner, _, attr = self.path.name.rpartition(".")
+        return f"{owner}.parametrizations.{attr}.original".lstrip(".")
+
+    def inputs(self) -> tuple[Tensor, ...]:
+        torch.manual_seed(1)
+        return tuple(
+            t.requires_grad_() if t.is_floating_point() else t for t in self.path.inputs(self.dtype)
+        )
+
+    def run_plain(self, free: Tensor, inputs: tuple[Tensor, ...]) -> Tensor:
+        weight = plain_read(self.reference, free, self.rows)
+        out: Tensor = functional_call(self.plain, {self.path.name: weight}, inputs)
+        return out
+
+    def others(self, module: nn.Module) -> list[Tensor]:
+        """The module's parameters other than the constrained one (a head's bias)."""
+        return [
+            p
+            for n, p in module.named_parameters()
+            if not n.endswith(("weight", "parametrizations.weight.original"))
+        ]
+
+    def tolerances(self) -> dict[str, Any]:
+        # bfloat16 keeps 8 bits: products split in two (the head with its parts apart) round
+        # a few units of the last place differently.
+        return {"rtol": 5e-2, "atol": 5e-2} if self.dtype == torch.bfloat16 else {}
+
+
+def make_case(path: str, layout: str, storage: str, dtype: torch.dtype) -> Case:
+    torch.manual_seed(0)
+    spec = PATHS[path]
+    plain = spec.make(dtype)
+    fast = copy.deepcopy(plain)
+    owner, _, attr = spec.name.rpartition(".")
+    trailing = getattr(plain.get_submodule(owner), attr).shape[1:]
+    reference = torch.randn(FIXED, *trailing, dtype=dtype)
+    fix_rows(fast, reference, name=spec.name, rows=LAYOUTS[layout])
+    case = Case(spec, fast, plain, reference, LAYOUTS[layout], dtype)
+    with torch.no_grad():
+        case.free.copy_(torch.randn_like(case.free))
+        if storage == "apart":
+            case.free.data = case.free.data.clone()
+    return case
+
+
+def _loss(out: Tensor) -> Tensor:
+    """Not linear in the output, so second derivatives are not all zero."""
+    probe = torch.linspace(-1.0, 2.0, out.numel(), dtype=out.dtype).reshape(out.shape)
+    return (out * out.tanh() * probe).sum()
+
+
+def _differentiable(
+    case: Case, module: nn.Module, free: Tensor, inputs: tuple[Tensor, ...]
+) -> list[Tensor]:
+    return [free, *(t for t in inputs if t.requires_grad), *case.others(module)]
+
+
+CASES = [
+    pytest.param(path, layout, storage, dtype, id=f"{path}-{layout}-{storage}-{dtype}")
+    for path in PATHS
+    for layout in LAYOUTS
+    for storage in STORAGE
+    for dtype in DTYPES
+]
+
+
+@pytest.mark.parametrize(("path", "layout", "storage", "dtype"), CASES)
+def test_values_gradients_and_double_gradients(
+    path: str, layout: str, storage: str, dtype: str
+) -> None:
+    case = make_case(path, layout, storage, DTYPES[dtype])
+    free = case.free.detach().clone().requires_grad_()
+    fast_in, plain_in = case.inputs(), case.inputs()
+    out_fast, out_plain = case.fast(*fast_in), case.run_plain(free, plain_in)
+    torch.testing.assert_close(out_fast, out_plain, **case.tolerances())
+    fast_wrt = _differentiable(case, case.fast, case.free, fast_in)
+    plain_wrt = _differentiable(case, case.plain, free, plain_in)
+    firsts_fast = torch.autograd.grad(_loss(out_fast), fast_wrt, create_graph=True)
+    firsts_plain = torch.autograd.grad(_loss(out_plain), plain_wrt, create_graph=True)
+    for got, expected in zip(firsts_fast, firsts_plain, strict=True):
+        torch.testing.assert_close(got, expected, **case.tolerances())
+
+    if case.dtype == torch.bfloat16:
+        # Second derivatives of a bfloat16 loss amplify single roundings past any tolerance
+        # that would still catch a wrong formula; float32 and float64 check them.
+        return
+
+    # A gradient penalty: the gradients' own gradients. Where the plain read has none (torch
+    # does not differentiate an embedding bag's backward), the fast read fails the same way.
+    def seconds(firsts: tuple[Tensor, ...], wrt: list[Tensor]) -> tuple[Tensor | None, ...]:
+        penalty = torch.stack([(g.float() ** 2).sum() for g in firsts]).sum()
+        grads: tuple[Tensor | None, ...] = torch.autograd.grad(penalty, wrt, allow_unused=True)
+        return grads
+
+    try:
+        seconds_plain = seconds(firsts_plain, plain_wrt)
+    except (RuntimeError, NotImplementedError) as error:
+        with pytest.raises(type(error)):
+            seconds(firsts_fast, fast_wrt)
+        return
+    for second, expected_second in zip(seconds(firsts_fast, fast_wrt), seconds_plain, strict=True):
+        assert (second is None) == (expected_second is None)
+        if second is not None:
+            torch.testing.assert_close(second, expected_second, **case.tolerances())
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("path", [p for p in PATHS if p != "lookup-options"])
+def test_gradcheck_and_gradgradcheck_in_float64(path: str, layout: str) -> None:
+    # (lookup-options is left out: padding_idx and scale_grad_by_freq change its gradients on
+    # purpose, so they are no derivatives; the test above compares them with the plain read.)
+    case = make_case(path, layout, "joined", torch.float64)
+    inputs = case.inputs()
+    floats = [t for t in inputs if t.requires_grad]
+
+    def call(read: Callable[[Tensor, tuple[Tensor, ...]], Tensor]) -> Callable[..., Tensor]:
+        def run(free: Tensor, *floats_in: Tensor) -> Tensor:
+            it = iter(floats_in)
+            return read(free, tuple(next(it) if t.requires_grad else t for t in inputs))
+
+        return run
+
+    def fast_read(free: Tensor, args: tuple[Tensor, ...]) -> Tensor:
+        out: Tensor = functional_call(case.fast, {case.free_key: free}, args)
+        return out
+
+    fast, plain = call(fast_read), call(case.run_plain)
+    free = case.free.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(fast, (free, *floats))
+    plain_error = _error_of(lambda: torch.autograd.gradgradcheck(plain, (free, *floats)))
+    if plain_error is None:
+        assert torch.autograd.gradgradcheck(fast, (free, *floats))
+    else:  # torch does not differentiate an embedding bag's backward
+        with pytest.raises(plain_error):
+            torch.autograd.gradgradcheck(fast, (free, *floats))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("path", PATHS)
+# torch's own vmap of the plain embedding bag, in both reads:
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+def test_torch_func_grad_vmap_jvp_and_forward_ad(path: str, layout: str) -> None:
+    case = make_case(path, layout, "joined", torch.float64)
+    inputs = case.inputs()
+    detached = tuple(t.detach() for t in inputs)
+
+    def fast(free: Tensor) -> Tensor:
+        out: Tensor = functional_call(case.fast, {case.free_key: free}, detached)
+        return out
+
+    def plain(free: Tensor) -> Tensor:
+        return case.run_plain(free, detached)
+
+    free = case.free.detach().clone()
+    tangent = torch.randn_like(free)
+    batch = torch.stack((free, free.flip(0)))
+
+    def forward_mode(read: Callable[[Tensor], Tensor]) -> Tensor | None:
+        with forward_ad.dual_level():
+            dual = forward_ad.make_dual(free, tangent)  # type: ignore[no-untyped-call]
+            out: Tensor | None = forward_ad.unpack_dual(read(dual)).tangent  # type: ignore[no-untyped-call]
+            return out
+
+    transforms: dict[str, Callable[[Callable[[Tensor], Tensor]], Any]] = {
+        "grad": lambda read: torch.func.grad(lambda f: _loss(read(f)))(free),
+        "vmap": lambda read: torch.func.vmap(read)(batch),
+        "jvp": lambda read: torch.func.jvp(read, (free,), (tangent,)),
+        "forward-ad": forward_mode,
+    }
+    for name, transform in transforms.items():
+        try:
+            expected = transform(plain)
+        except (RuntimeError, NotImplementedError) as error:  # torch has no rule for the op
+            with pytest.raises(type(error)):
+                transform(fast)
+            continue
+        got = transform(fast)
+        assert type(got) is type(expected), name
+        torch.testing.assert_close(got, expected)
+
+
+BAD_IDS = {
+    "negative": lambda ids: ids.masked_fill(ids == 8, -1),
+    "too-large": lambda ids: ids.masked_fill(ids == 8, VOCAB),
+    "uint8": lambda ids: ids.to(torch.uint8),
+    "bool": lambda ids: ids > 4,
+    "float": lambda ids: ids.float(),
+}
+
+
+def _error_of(call: Callable[[], Any]) -> type[BaseException] | None:
+    try:
+        call()
+    except Exception as error:  # noqa: BLE001 - the kind of error is what is compared
+        return type(error)
+    return None
+
+
+@pytest.mark.parametrize("bad", BAD_IDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("path", [p for p, spec in PATHS.items() if spec.takes_ids])
+def test_bad_ids_fail_as_in_the_plain_module(path: str, layout: str, bad: str) -> None:
+    case = make_case(path, layout, "joined", torch.float32)
+    ids, *rest = case.inputs()
+    bad_inputs = (BAD_IDS[bad](ids), *rest)
+    plain_error = _error_of(lambda: case.run_plain(case.free.detach(), bad_inputs))
+    before = {k: v.clone() for k, v in case.fast.state_dict().items()}
+    if plain_error is None:  # accepted by the plain module: the same values
+        with torch.no_grad():
+            expected = case.run_plain(case.free.detach(), bad_inputs)
+            torch.testing.assert_close(case.fast(*bad_inputs), expected)
+    else:
+        with pytest.raises(plain_error):
+            case.fast(*bad_inputs)
+    after = case.fast.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
