@@ -10,6 +10,9 @@ Hooks used, in the order Lightning calls them during ``fit``:
   and before the strategy wraps the model (DDP), so both see only the free rows. The hook
   ``on_fit_start`` would be too late: by then DDP has recorded the full-size parameter and
   shrinking it makes DDP fail ("parameters that were not used in producing the loss").
+- ``on_load_checkpoint`` (resuming): refuse optimizer state saved for the full weight.
+- ``on_fit_start``: check that the module that trains is the one constrained (a
+  ``LightningModule.setup`` or ``configure_model`` that runs after ``setup`` may replace it).
 - ``on_fit_end``, ``on_exception`` and ``teardown``: bake the result into a plain weight, so a
   finished, failed or interrupted fit (an exception in ``training_step``, Ctrl-C, the learning
   rate or batch size finder that leaves from inside ``on_fit_start``) leaves a plain module.
@@ -23,8 +26,8 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 from typing_extensions import Self
 
-from embedding_constraint.fix_rows import _check_lookup_options, bake, fix_rows, is_fixed
-from embedding_constraint.fixed_rows import FixedRows
+from embedding_constraint.fix_rows import _check_lookup_options, _owner, bake, fix_rows, is_fixed
+from embedding_constraint.fixed_rows import FixedRows, parametrization_list
 
 __all__ = ["EmbeddingConstraintHooks"]
 
@@ -34,6 +37,12 @@ _TARGETS = (nn.Embedding, nn.EmbeddingBag, nn.Linear)
 _SHARDED_STRATEGIES = frozenset(
     {"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy"}
 )
+
+
+def _rows_of(target: nn.Module) -> int:
+    weight = target.weight
+    assert isinstance(weight, Tensor)
+    return weight.shape[0]
 
 
 class EmbeddingConstraintHooks:
@@ -53,7 +62,16 @@ class EmbeddingConstraintHooks:
         *,
         rows: Tensor | Sequence[int] | None = None,
     ) -> None:
-        self._configure(target, self._references_from(target, constraint), rows)
+        references = self._references_from(target, constraint)
+        fixed, total = references["weight"].shape[0], _rows_of(target)
+        if isinstance(constraint, nn.Module) and rows is None and fixed > total:
+            raise ValueError(
+                f"Expected `constraint` (the trained module) to have at most as many rows as "
+                f"`target` (the module to train). Got {fixed} rows in `constraint` and {total} "
+                "in `target`: the arguments may be swapped. The call is "
+                "EmbeddingConstraint(new_module, old_module)."
+            )
+        self._configure(target, references, rows)
 
     def _configure(
         self,
@@ -73,6 +91,8 @@ class EmbeddingConstraintHooks:
             None if rows is None else (rows.clone() if isinstance(rows, Tensor) else list(rows))
         )
         self._fixed: list[tuple[nn.Module, str]] = []
+        # The target's dotted name in the LightningModule, once `setup` has found it.
+        self._name: str | None = None
 
     @classmethod
     def from_vocabularies(
@@ -96,9 +116,17 @@ class EmbeddingConstraintHooks:
         from embedding_constraint.vocab import align
 
         alignment = align(old_vocab, new_vocab)
+        old_references = cls._references_from(target, old)
+        old_rows = old_references["weight"].shape[0]
+        if len(old_vocab) != old_rows:
+            raise ValueError(
+                f"Expected `old_vocab` to name one token per row of `old` ({old_rows}). "
+                f"Got {len(old_vocab)} tokens: a missing or extra token would shift every "
+                "row after it."
+            )
         references = {
             attr: value.index_select(0, alignment.old_rows.to(value.device))
-            for attr, value in cls._references_from(target, old).items()
+            for attr, value in old_references.items()
         }
         callback = cls.__new__(cls)
         callback._configure(target, references, alignment.new_rows)
@@ -137,10 +165,15 @@ class EmbeddingConstraintHooks:
 
     @property
     def state_key(self) -> str:
-        """Distinct per constrained parameter, so several constraints share one Trainer."""
-        weight = self.references["weight"]
-        target = f"{type(self.target).__name__}{tuple(weight.shape[1:])}"
-        return f"{type(self).__qualname__}{{target={target}, fixed={weight.shape[0]}}}"
+        """Distinct per target, so several constraints share one Trainer.
+
+        Once the fit has set up, the target's dotted name in the LightningModule (the same in
+        every run of the same code, so checkpoints find their callback again); before, the
+        target's identity.
+        """
+        where = self._name or f"{type(self.target).__name__}@{id(self.target):x}"
+        fixed = self.references["weight"].shape[0]
+        return f"{type(self).__qualname__}{{target={where}, fixed={fixed}}}"
 
     # -- hooks ------------------------------------------------------------------------------
 
@@ -156,6 +189,8 @@ class EmbeddingConstraintHooks:
                 "support sharded strategies yet."
             )
         prefix = self._qualified_name(pl_module)
+        self._check_other_callbacks(trainer)
+        self._name = prefix
         for attr, reference in self.references.items():
             name = f"{prefix}.{attr}" if prefix else attr
             fix_rows(pl_module, reference, name=name, rows=self.rows)
@@ -164,6 +199,53 @@ class EmbeddingConstraintHooks:
             type(self)._info(
                 f"EmbeddingConstraint: {name} has {reference.shape[0]} fixed and "
                 f"{total - reference.shape[0]} free rows."
+            )
+
+    def on_load_checkpoint(
+        self, trainer: Any, pl_module: nn.Module, checkpoint: dict[str, Any]
+    ) -> None:
+        """Refuse to resume optimizer state that was saved for the full, unconstrained weight."""
+        stored = {
+            id(p): name
+            for root, name in self._fixed
+            for p in [parametrization_list(*_owner(root, name)).original]
+        }
+        states = checkpoint.get("optimizer_states") or []
+        for optimizer, state in zip(trainer.optimizers, states, strict=False):
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            for index, param in enumerate(params):
+                if id(param) not in stored:
+                    continue
+                for key, value in state.get("state", {}).get(index, {}).items():
+                    if (
+                        isinstance(value, Tensor)
+                        and value.dim() == param.dim()
+                        and value.shape[1:] == param.shape[1:]
+                        and value.shape[0] != param.shape[0]
+                    ):
+                        raise RuntimeError(
+                            f"Expected the checkpoint's optimizer state for {stored[id(param)]!r} "
+                            f"to have one row per free row ({param.shape[0]}). Got {key!r} with "
+                            f"{value.shape[0]} rows: the checkpoint was saved without "
+                            "EmbeddingConstraint (or with other fixed rows). Resume with the "
+                            "callbacks it was saved with, or start a new fit from its weights "
+                            "(model.load_state_dict(checkpoint['state_dict']), no ckpt_path)."
+                        )
+
+    def on_fit_start(self, trainer: Any, pl_module: nn.Module) -> None:
+        """Check that the module that trains is the one constrained in ``setup``."""
+        for root, name in self._fixed:
+            if root is not pl_module or not is_fixed(pl_module, name):
+                raise RuntimeError(
+                    f"Expected {name!r} to be constrained when the fit starts. Got a module "
+                    "without the constraint: LightningModule.setup or configure_model, which "
+                    "run after the callback's setup, replaced the target. Build the target in "
+                    "__init__ (or before fit), and pass that module to EmbeddingConstraint."
+                )
+        if self._fixed and self._qualified_name(pl_module) != self._name:
+            raise RuntimeError(
+                f"Expected the target to stay at {self._name!r} in the "
+                f"{type(pl_module).__name__}. Got it moved or replaced after the callback's setup."
             )
 
     def on_fit_end(self, trainer: Any, pl_module: nn.Module) -> None:
@@ -179,6 +261,29 @@ class EmbeddingConstraintHooks:
         self._release()
 
     # -- helpers ----------------------------------------------------------------------------
+
+    def _check_other_callbacks(self, trainer: Any) -> None:
+        """Refuse, before anything changes, callbacks that would conflict with this one."""
+        callbacks = list(trainer.callbacks)
+        mine = callbacks.index(self)
+        for index, other in enumerate(callbacks):
+            if other is self:
+                continue
+            if isinstance(other, EmbeddingConstraintHooks) and other.target is self.target:
+                shared = sorted(set(other.references) & set(self.references))
+                if shared:
+                    raise ValueError(
+                        f"Expected one EmbeddingConstraint per tensor. Got two on the same "
+                        f"{type(self.target).__name__}'s {shared}: give one callback all the "
+                        "fixed rows (rows= lists them all)."
+                    )
+            if index < mine and type(other).__name__ == "StochasticWeightAveraging":
+                raise ValueError(
+                    "Expected EmbeddingConstraint before StochasticWeightAveraging in "
+                    "`callbacks`. Got it after: StochasticWeightAveraging copies the model in "
+                    "its own setup, which would copy the unconstrained weight. List "
+                    "EmbeddingConstraint first."
+                )
 
     def _qualified_name(self, pl_module: nn.Module) -> str:
         for name, module in pl_module.named_modules(remove_duplicate=False):

@@ -12,6 +12,7 @@ copy the reference and the stored rows apart, the module puts them back into one
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -53,6 +54,28 @@ def _holders(root: nn.Module, param: Tensor) -> list[tuple[nn.Module, str]]:
         for attr, value in module._parameters.items()
         if value is param
     ]
+
+
+def _held_outside(root: nn.Module, value: object, registry: str) -> bool:
+    """Whether a module outside ``root`` holds ``value`` in its ``registry`` dict too.
+
+    ``registry`` is ``"_parameters"`` (a Parameter tied to a module above ``root``) or
+    ``"_modules"`` (a parametrization shared by such a module). Neither keeps a list of its
+    holders, so the garbage collector's referrers are the one way to find them: a dict that
+    holds ``value`` and is some module's ``registry``. Two passes over the heap (tens of
+    milliseconds for a large model), once per `fix_rows` or `bake`.
+    """
+    inside = {id(getattr(m, registry)) for m in root.modules()}
+    for holder in gc.get_referrers(value):
+        if not isinstance(holder, dict) or id(holder) in inside:
+            continue
+        if not any(v is value for v in holder.values()):
+            continue
+        for owner in gc.get_referrers(holder):
+            state = owner.__dict__ if isinstance(owner, nn.Module) else owner
+            if isinstance(state, dict) and state.get(registry) is holder:
+                return True
+    return False
 
 
 def _check_lookup_options(module: nn.Module) -> None:
@@ -196,9 +219,10 @@ def fix_rows(
 
     Raises:
         TypeError: ``module`` is not an ``nn.Module``, or see `FixedRows`.
-        ValueError: there is no such parameter, it is already parametrized, it is an
-            ``nn.Embedding``/``nn.EmbeddingBag`` with ``sparse=True`` or ``max_norm``, or the
-            reference does not fit it (see `FixedRows`). The module is left unchanged.
+        ValueError: there is no such parameter, it is already parametrized, a module
+            outside ``module`` holds it too (a tied head: pass the root and ``name=``), it is
+            an ``nn.Embedding``/``nn.EmbeddingBag`` with ``sparse=True`` or ``max_norm``, or
+            the reference does not fit it (see `FixedRows`). The module is left unchanged.
 
     Examples:
 
@@ -231,6 +255,14 @@ def fix_rows(
             f"Expected `module` to have a parameter named {name!r}. "
             f"Got none; its parameters are {available}."
         )
+    if _held_outside(module, param, "_parameters"):
+        raise ValueError(
+            f"Expected {name!r} to be held only by modules under `module`. Got a Parameter "
+            "that a module outside it holds too (an output head tied to this embedding, say): "
+            "constraining it here would change that module's tensor behind its back. Pass the "
+            "root module that holds both, with the dotted name: "
+            "fix_rows(model, reference, name='embedding.weight')."
+        )
     holders = _holders(module, param)
     for holder, _ in holders:
         _check_lookup_options(holder)
@@ -262,7 +294,9 @@ def bake(module: nn.Module, *, name: str = "weight") -> nn.Module:
         nn.Module: ``module``, with a plain parameter in place.
 
     Raises:
-        ValueError: ``module.<name>`` is not constrained by `FixedRows` alone.
+        ValueError: ``module.<name>`` is not constrained by `FixedRows` alone, or a module
+            outside ``module`` reads it too (a tied head: bake from the root, with ``name=``).
+            The module is left unchanged.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"Expected `module` to be a torch.nn.Module. Got {type(module).__name__}.")
@@ -282,6 +316,14 @@ def bake(module: nn.Module, *, name: str = "weight") -> nn.Module:
         for holder_attr in list(holder.parametrizations)  # type: ignore[arg-type]
         if parametrization_list(holder, holder_attr) is plist
     ]
+    if _held_outside(module, plist, "_modules"):
+        raise ValueError(
+            f"Expected {name!r} to be read only by modules under `module`. Got a constrained "
+            "tensor that a module outside it reads too (a tied output head, say): baking it "
+            "here would leave that module reading a tensor of the wrong size. Bake from the "
+            "root module that holds both, with the dotted name: "
+            "bake(model, name='embedding.weight')."
+        )
     for holder, holder_attr in sharers:
         parametrize.remove_parametrizations(holder, holder_attr, leave_parametrized=False)
         remove_plain_hooks(holder, holder_attr)
