@@ -93,6 +93,8 @@ class EmbeddingConstraintHooks:
         self._fixed: list[tuple[nn.Module, str]] = []
         # The target's dotted name in the LightningModule, once `setup` has found it.
         self._name: str | None = None
+        # Optimizer states of a checkpoint being resumed, until they are checked.
+        self._resumed_optimizer_states: list[Any] = []
 
     @classmethod
     def from_vocabularies(
@@ -204,13 +206,55 @@ class EmbeddingConstraintHooks:
     def on_load_checkpoint(
         self, trainer: Any, pl_module: nn.Module, checkpoint: dict[str, Any]
     ) -> None:
-        """Refuse to resume optimizer state that was saved for the full, unconstrained weight."""
+        """Refuse to resume optimizer state that was saved for the full, unconstrained weight.
+
+        Most strategies restore the checkpoint before they create the optimizers: the states
+        are then checked in ``on_fit_start``, which runs after that and before they are loaded.
+        """
+        self._resumed_optimizer_states = checkpoint.get("optimizer_states") or []
+        if trainer.optimizers:
+            self._check_optimizer_states(trainer)
+
+    def on_fit_start(self, trainer: Any, pl_module: nn.Module) -> None:
+        """Check that the module that trains is the one constrained in ``setup``, and the
+        optimizer state of a checkpoint being resumed."""
+        for root, name in self._fixed:
+            if root is not pl_module or not is_fixed(pl_module, name):
+                raise RuntimeError(
+                    f"Expected {name!r} to be constrained when the fit starts. Got a module "
+                    "without the constraint: LightningModule.setup or configure_model, which "
+                    "run after the callback's setup, replaced the target. Build the target in "
+                    "__init__ (or before fit), and pass that module to EmbeddingConstraint."
+                )
+        if self._fixed and self._qualified_name(pl_module) != self._name:
+            raise RuntimeError(
+                f"Expected the target to stay at {self._name!r} in the "
+                f"{type(pl_module).__name__}. Got it moved or replaced after the callback's setup."
+            )
+        self._check_optimizer_states(trainer)
+
+    def on_fit_end(self, trainer: Any, pl_module: nn.Module) -> None:
+        """Bake the trained rows into a plain weight."""
+        self._release()
+
+    def on_exception(self, trainer: Any, pl_module: nn.Module, exception: BaseException) -> None:
+        """Bake, so a failed or interrupted fit leaves a plain module."""
+        self._release()
+
+    def teardown(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
+        """Bake, for exits that skip ``on_fit_end`` (the tuners')."""
+        self._release()
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _check_optimizer_states(self, trainer: Any) -> None:
+        """Raise if the optimizer state being resumed has other rows than the stored ones."""
+        states, self._resumed_optimizer_states = self._resumed_optimizer_states, []
         stored = {
             id(p): name
             for root, name in self._fixed
             for p in [parametrization_list(*_owner(root, name)).original]
         }
-        states = checkpoint.get("optimizer_states") or []
         for optimizer, state in zip(trainer.optimizers, states, strict=False):
             params = [p for group in optimizer.param_groups for p in group["params"]]
             for index, param in enumerate(params):
@@ -231,36 +275,6 @@ class EmbeddingConstraintHooks:
                             "callbacks it was saved with, or start a new fit from its weights "
                             "(model.load_state_dict(checkpoint['state_dict']), no ckpt_path)."
                         )
-
-    def on_fit_start(self, trainer: Any, pl_module: nn.Module) -> None:
-        """Check that the module that trains is the one constrained in ``setup``."""
-        for root, name in self._fixed:
-            if root is not pl_module or not is_fixed(pl_module, name):
-                raise RuntimeError(
-                    f"Expected {name!r} to be constrained when the fit starts. Got a module "
-                    "without the constraint: LightningModule.setup or configure_model, which "
-                    "run after the callback's setup, replaced the target. Build the target in "
-                    "__init__ (or before fit), and pass that module to EmbeddingConstraint."
-                )
-        if self._fixed and self._qualified_name(pl_module) != self._name:
-            raise RuntimeError(
-                f"Expected the target to stay at {self._name!r} in the "
-                f"{type(pl_module).__name__}. Got it moved or replaced after the callback's setup."
-            )
-
-    def on_fit_end(self, trainer: Any, pl_module: nn.Module) -> None:
-        """Bake the trained rows into a plain weight."""
-        self._release()
-
-    def on_exception(self, trainer: Any, pl_module: nn.Module, exception: BaseException) -> None:
-        """Bake, so a failed or interrupted fit leaves a plain module."""
-        self._release()
-
-    def teardown(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
-        """Bake, for exits that skip ``on_fit_end`` (the tuners')."""
-        self._release()
-
-    # -- helpers ----------------------------------------------------------------------------
 
     def _check_other_callbacks(self, trainer: Any) -> None:
         """Refuse, before anything changes, callbacks that would conflict with this one."""

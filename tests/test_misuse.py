@@ -1,0 +1,351 @@
+"""Misuse fails loudly and leaves the module as it was; copies and ties stay correct.
+
+One section per class of defect found by the hardening review (issue 10): copies, ties that
+reach outside the given module, dtypes, the meta device, stacked parametrizations, optimizers
+and checkpoints, Lightning, loading, vocabularies. (Bad ids, double gradients and torch.func
+are in the differential harness, ``test_harness.py``.)
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning_models import FLAVOURS, Flavour, loader
+from support import constraint_of, stored
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from embedding_constraint import bake, fix_rows, is_fixed
+
+LAYOUTS: dict[str, list[int] | None] = {"prefix": None, "scattered": [8, 1, 4, 5]}
+FIXED_AT = {"prefix": [0, 1, 2, 3], "scattered": [8, 1, 4, 5]}
+
+
+def _snapshot(module: nn.Module) -> dict[str, Any]:
+    """What a failed call must leave as it was: classes, parameters by identity, values."""
+    return {
+        "classes": [type(m) for m in module.modules()],
+        "parameters": [(n, p, p.detach().clone()) for n, p in module.named_parameters()],
+        "parametrized": [parametrize.is_parametrized(m) for m in module.modules()],
+    }
+
+
+def _assert_unchanged(module: nn.Module, before: dict[str, Any]) -> None:
+    after = _snapshot(module)
+    assert after["classes"] == before["classes"]
+    assert after["parametrized"] == before["parametrized"]
+    assert [(n, p) for n, p, _ in after["parameters"]] == [
+        (n, p) for n, p, _ in before["parameters"]
+    ]
+    for (_, _, value), (_, _, old) in zip(after["parameters"], before["parameters"], strict=True):
+        assert torch.equal(value, old)
+
+
+# -- copies -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("baked_first", ["original", "copy"])
+def test_baking_one_copy_leaves_the_other_constrained_and_working(
+    layout: str, baked_first: str
+) -> None:
+    torch.manual_seed(0)
+    reference = torch.randn(4, 3)
+    original = nn.Embedding(10, 3)
+    fix_rows(original, reference, rows=LAYOUTS[layout])
+    replica = copy.deepcopy(original)
+    assert type(replica) is not type(original)  # a class of its own
+    baked, kept = (original, replica) if baked_first == "original" else (replica, original)
+    bake(baked)
+    assert type(baked) is nn.Embedding
+    assert is_fixed(kept)
+    ids = torch.tensor([0, 1, 4, 8, 9])
+    expected = kept.weight.detach()[ids]
+    torch.testing.assert_close(kept(ids), expected)
+    opt = torch.optim.AdamW(kept.parameters(), lr=0.1, weight_decay=0.1)
+    kept(ids).pow(2).sum().backward()
+    opt.step()
+    assert torch.equal(kept.weight[FIXED_AT[layout]], reference)
+    assert list(kept.state_dict()) == ["weight"]
+    bake(kept)
+    assert type(kept) is nn.Embedding
+    assert torch.equal(kept.weight[FIXED_AT[layout]], reference)
+
+
+def test_a_snapshot_taken_during_a_fit_survives_the_bake_at_its_end() -> None:
+    flavour = FLAVOURS["pytorch_lightning"]
+    torch.manual_seed(0)
+    old = nn.Embedding(6, 4)
+    model = flavour.model(vocab=10, dim=4)
+    snapshots: list[Any] = []
+
+    class Snapshot(flavour.package.Callback):  # type: ignore[name-defined,misc]
+        def on_train_epoch_end(self, trainer: Any, pl_module: nn.Module) -> None:
+            snapshots.append(copy.deepcopy(pl_module))  # an EMA or best-model copy
+
+    callbacks = [flavour.callback(model.embedding, old), Snapshot()]
+    flavour.trainer(callbacks=callbacks, max_epochs=1).fit(model, loader())
+    assert type(model.embedding.weight) is nn.Parameter
+    (snapshot,) = snapshots
+    assert is_fixed(snapshot, "embedding.weight")
+    ids = torch.arange(10)
+    torch.testing.assert_close(snapshot.embedding(ids), snapshot.embedding.weight.detach())
+    assert torch.equal(snapshot.embedding.weight[:6], old.weight)
+
+
+# -- ties that reach outside the module given -------------------------------------------------
+
+
+class _Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.embedding.weight
+
+
+def test_fix_rows_refuses_a_parameter_also_held_outside_the_module() -> None:
+    model = _Tied()
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"a module outside it holds too.*name='embedding.weight'"):
+        fix_rows(model.embedding, torch.zeros(4, 4))
+    _assert_unchanged(model, before)
+    assert model.head.weight is model.embedding.weight
+    assert model.head(torch.zeros(1, 4)).shape == (1, 10)
+
+
+def test_bake_refuses_a_tensor_also_read_outside_the_module() -> None:
+    model = _Tied()
+    fix_rows(model, torch.zeros(4, 4), name="embedding.weight")
+    with pytest.raises(ValueError, match=r"a module outside it reads too.*bake\(model"):
+        bake(model.embedding)
+    assert is_fixed(model, "embedding.weight")
+    assert is_fixed(model, "head.weight")
+    assert model.head(torch.zeros(1, 4)).shape == (1, 10)
+    bake(model, name="embedding.weight")
+    assert model.head.weight is model.embedding.weight
+    assert model.head.weight.shape == (10, 4)
+
+
+def test_a_parameter_held_only_inside_is_not_refused_for_other_references_to_it() -> None:
+    emb = nn.Embedding(10, 4)
+    named = dict(emb.named_parameters())  # a dict holding it, but no module's
+    optimizer = torch.optim.SGD(emb.parameters(), lr=0.1)
+    fix_rows(emb, torch.zeros(4, 4))
+    assert named["weight"] is stored(emb)
+    assert optimizer.param_groups[0]["params"][0] is stored(emb)
+
+
+# -- dtypes -----------------------------------------------------------------------------------
+
+
+def test_a_reference_that_overflows_the_weights_dtype_is_refused() -> None:
+    emb = nn.Embedding(4, 2)
+    before = _snapshot(emb)
+    reference = torch.tensor([[1.0, 2.0], [1e300, -3.0]], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"finite in torch.float32.*rows \[1\]"):
+        fix_rows(emb, reference)
+    _assert_unchanged(emb, before)
+    fix_rows(emb, reference[:1])  # finite in float32: accepted, rounded once
+    assert torch.equal(emb.weight[:1], reference[:1].float())
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
+def test_a_weight_that_is_not_floating_point_is_refused(dtype: torch.dtype) -> None:
+    module = nn.Module()
+    module.weight = nn.Parameter(torch.zeros(4, 2, dtype=dtype), requires_grad=False)
+    before = _snapshot(module)
+    with pytest.raises(TypeError, match=rf"floating-point tensor to constrain.*{dtype}"):
+        fix_rows(module, torch.zeros(1, 2))
+    _assert_unchanged(module, before)
+
+
+# -- the meta device --------------------------------------------------------------------------
+
+
+def test_a_meta_reference_is_refused() -> None:
+    emb = nn.Embedding(4, 2)
+    before = _snapshot(emb)
+    with pytest.raises(ValueError, match=r"meta device.*load or compute the reference first"):
+        fix_rows(emb, torch.empty(2, 2, device="meta"))
+    _assert_unchanged(emb, before)
+
+
+def test_a_module_on_the_meta_device_is_refused_with_what_to_do() -> None:
+    emb = nn.Embedding(4, 2, device="meta")
+    with pytest.raises(ValueError, match=r"meta device.*to_empty\(\).*then constrain it"):
+        fix_rows(emb, torch.zeros(2, 2))
+    assert not parametrize.is_parametrized(emb)
+    emb.to_empty(device="cpu")  # the way that works: materialise, load, then constrain
+    emb.load_state_dict({"weight": torch.arange(8.0).reshape(4, 2)})
+    fix_rows(emb, emb.weight[:2].detach())
+    assert torch.equal(emb.weight, torch.arange(8.0).reshape(4, 2))
+
+
+# -- stacked parametrizations -----------------------------------------------------------------
+
+
+class _Double(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return 2 * x
+
+
+@pytest.mark.parametrize(
+    "module",
+    [nn.Embedding(6, 2), nn.EmbeddingBag(6, 2), nn.Linear(2, 6)],
+    ids=["embedding", "bag", "linear"],
+)
+def test_a_parametrization_stacked_on_top_is_refused_at_the_read(module: nn.Module) -> None:
+    fix_rows(module, torch.ones(2, 2))
+    parametrize.register_parametrization(module, "weight", _Double())
+    input = torch.ones(3, 2) if isinstance(module, nn.Linear) else torch.tensor([[0, 1]])
+    with pytest.raises(
+        ValueError, match=r"only parametrization of 'weight'.*\['FixedRows', '_Double'\]"
+    ):
+        module(input)
+    with pytest.raises(ValueError, match="constrained by FixedRows alone"):
+        bake(module)
+    keys = list(module.state_dict())  # never raises: torch's own entries then
+    assert "parametrizations.weight.original" in keys
+
+
+# -- optimizers and checkpoints ---------------------------------------------------------------
+
+
+def _fit_plain_and_save(flavour: Flavour, path: Path) -> Any:
+    torch.manual_seed(0)
+    model = flavour.model(vocab=10, dim=4)
+    trainer = flavour.trainer(max_epochs=1)
+    trainer.fit(model, loader())
+    trainer.save_checkpoint(path)
+    return model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flavour", FLAVOURS.values(), ids=list(FLAVOURS))
+def test_resuming_a_plain_checkpoint_with_the_constraint_names_the_cause(
+    flavour: Flavour, tmp_path: Path
+) -> None:
+    path = tmp_path / "plain.ckpt"
+    trained = _fit_plain_and_save(flavour, path)
+    reference = trained.embedding.weight[:6].detach().clone()
+    model = flavour.model(vocab=10, dim=4)
+    callback = flavour.callback(model.embedding, reference)
+    trainer = flavour.trainer(callbacks=[callback], max_epochs=2)
+    with pytest.raises(
+        RuntimeError, match=r"optimizer state for 'embedding.weight'.*saved without"
+    ):
+        trainer.fit(model, loader(), ckpt_path=path)
+    assert type(model.embedding.weight) is nn.Parameter  # baked on the way out
+
+
+# -- Lightning --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS.values(), ids=list(FLAVOURS))
+def test_a_target_replaced_in_the_modules_setup_fails_loudly(flavour: Flavour) -> None:
+    class Replacing(flavour.model):  # type: ignore[name-defined,misc]
+        def setup(self, stage: str) -> None:
+            self.embedding = nn.Embedding(10, 4)  # runs after the callback's setup
+
+    model = Replacing(vocab=10, dim=4)
+    callback = flavour.callback(model.embedding, nn.Embedding(6, 4))
+    with pytest.raises(
+        RuntimeError, match=r"'embedding.weight' to be constrained.*configure_model"
+    ):
+        flavour.trainer(callbacks=[callback], max_epochs=1).fit(model, loader())
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS.values(), ids=list(FLAVOURS))
+def test_two_callbacks_on_one_weight_fail_before_touching_it(flavour: Flavour) -> None:
+    model = flavour.model(vocab=10, dim=4)
+    before = _snapshot(model)
+    first = flavour.callback(model.embedding, torch.zeros(2, 4))
+    second = flavour.callback(model.embedding, torch.ones(3, 4), rows=[7, 8, 9])
+    with pytest.raises(ValueError, match=r"one EmbeddingConstraint per tensor.*\['weight'\]"):
+        flavour.trainer(callbacks=[first, second], max_epochs=1).fit(model, loader())
+    _assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS.values(), ids=list(FLAVOURS))
+def test_stochastic_weight_averaging_listed_first_is_refused(flavour: Flavour) -> None:
+    model = flavour.model(vocab=10, dim=4)
+    before = _snapshot(model)
+    swa = flavour.package.callbacks.StochasticWeightAveraging(swa_lrs=0.01)
+    callback = flavour.callback(model.embedding, torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="EmbeddingConstraint before StochasticWeightAveraging"):
+        flavour.trainer(callbacks=[swa, callback], max_epochs=1).fit(model, loader())
+    _assert_unchanged(model, before)
+
+
+@pytest.mark.slow
+def test_stochastic_weight_averaging_listed_after_keeps_the_rows_exact() -> None:
+    flavour = FLAVOURS["pytorch_lightning"]
+    torch.manual_seed(0)
+    old = nn.Embedding(6, 4)
+    model = flavour.model(vocab=10, dim=4)
+    swa = flavour.package.callbacks.StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=1)
+    callback = flavour.callback(model.embedding, old)
+    flavour.trainer(callbacks=[callback, swa], max_epochs=3).fit(model, loader())
+    assert type(model.embedding.weight) is nn.Parameter
+    assert torch.equal(model.embedding.weight[:6], old.weight)
+
+
+def test_state_keys_differ_for_same_shaped_targets() -> None:
+    flavour = FLAVOURS["pytorch_lightning"]
+    model = flavour.model(vocab=10, dim=4, classes=10)
+    on_embedding = flavour.callback(model.embedding, torch.zeros(2, 4))
+    on_head = flavour.callback(model.head, torch.zeros(2, 4))
+    assert on_embedding.state_key != on_head.state_key
+    flavour.trainer(callbacks=[on_embedding, on_head], max_epochs=1).fit(model, loader())
+    assert "target=embedding" in on_embedding.state_key
+    assert "target=head" in on_head.state_key
+
+
+def test_swapped_arguments_are_named() -> None:
+    flavour = FLAVOURS["pytorch_lightning"]
+    old, new = nn.Embedding(6, 4), nn.Embedding(10, 4)
+    with pytest.raises(
+        ValueError, match=r"arguments may be swapped.*EmbeddingConstraint\(new_module, old_module\)"
+    ):
+        flavour.callback(old, new)
+
+
+def test_from_vocabularies_checks_the_old_vocabulary_against_the_old_rows() -> None:
+    flavour = FLAVOURS["pytorch_lightning"]
+    old, new = nn.Embedding(4, 2), nn.Embedding(5, 2)
+    with pytest.raises(ValueError, match=r"one token per row of `old` \(4\). Got 3 tokens"):
+        flavour.callback.from_vocabularies(new, old, ["a", "b", "c"], ["a", "b", "c", "d", "e"])
+
+
+# -- loading ----------------------------------------------------------------------------------
+
+
+def test_differing_fixed_rows_are_reported_through_load_state_dict_with_the_others() -> None:
+    model = nn.Sequential(nn.Embedding(8, 2), nn.Linear(2, 3))
+    fix_rows(model, torch.zeros(2, 2), name="0.weight")
+    incoming = {k: v.clone() for k, v in model.state_dict().items()}
+    incoming["0.weight"][1] = 5.0
+    incoming["1.weight"] = torch.zeros(4, 2)  # a size mismatch elsewhere
+    before = model.state_dict()["0.weight"].clone()
+    with pytest.raises(RuntimeError) as error:
+        model.load_state_dict(incoming)
+    message = str(error.value)
+    assert "fixed rows of '0.weight'" in message
+    assert "size mismatch for 1.weight" in message
+    assert "parametrizations" not in message
+    assert torch.equal(model.state_dict()["0.weight"], before)
+
+
+def test_missing_keys_are_the_plain_ones() -> None:
+    emb = fix_rows(nn.Embedding(8, 2), torch.zeros(2, 2))
+    result = emb.load_state_dict({}, strict=False)
+    assert result.missing_keys == ["weight"]
+    assert result.unexpected_keys == []
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "weight"\.'):
+        emb.load_state_dict({})
+    assert torch.equal(constraint_of(emb).reference, torch.zeros(2, 2))
