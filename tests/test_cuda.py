@@ -7,6 +7,8 @@ Skipped where there is no CUDA device (CI has none). On a GPU machine:
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -112,3 +114,43 @@ def test_the_callback_keeps_its_reference_in_host_memory() -> None:
     # Lightning moves the model back to the CPU at the end of the fit.
     assert model.embedding.weight.device.type == "cpu"
     assert torch.equal(model.embedding.weight[:6], old.weight.cpu())
+
+
+_BAD_IDS_SCRIPT = """
+import sys, torch
+from torch import nn
+from embedding_constraint import fix_rows
+kind, layout, bad, constrained = sys.argv[1:]
+module = nn.Embedding(10, 3) if kind == "embedding" else nn.EmbeddingBag(10, 3, mode="sum")
+if constrained == "yes":
+    fix_rows(module, torch.zeros(4, 3), rows=None if layout == "prefix" else [8, 1, 4, 5])
+module = module.cuda()
+ids = torch.tensor([[0, 8, 9]], device="cuda")
+ids = {"negative": ids - 1, "too-large": ids + 1, "uint8": ids.to(torch.uint8), "good": ids}[bad]
+try:
+    module(ids).sum().backward()
+    torch.cuda.synchronize()
+except Exception as error:
+    print("FAILED", type(error).__name__, str(error).splitlines()[0][:200])
+    sys.exit(1)
+print("OK")
+"""
+
+
+@pytest.mark.parametrize("bad", ["negative", "too-large", "uint8", "good"])
+@pytest.mark.parametrize("layout", ROWS)
+@pytest.mark.parametrize("kind", ["embedding", "bag"])
+def test_bad_ids_fail_on_cuda_as_in_the_plain_module(kind: str, layout: str, bad: str) -> None:
+    # A device-side assert leaves the process's CUDA context unusable: one process per run.
+    def run(constrained: str) -> subprocess.CompletedProcess[str]:
+        args = [sys.executable, "-c", _BAD_IDS_SCRIPT, kind, layout, bad, constrained]
+        return subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
+
+    plain, ours = run("no"), run("yes")
+    assert (ours.returncode == 0) == (plain.returncode == 0), (plain.stdout, ours.stdout)
+    if bad == "good":
+        assert ours.returncode == 0, ours.stderr[-2000:]
+    else:
+        assert ours.returncode != 0
+        # The same kind of error: a device-side assert for ids out of range, a dtype error.
+        assert ours.stdout.split()[:2] == plain.stdout.split()[:2], (plain.stdout, ours.stdout)
