@@ -1,4 +1,8 @@
-"""DDP with two CPU processes (gloo): exact fixed rows on every rank, free rows as one process."""
+"""DDP: exact fixed rows on every rank, free rows as one process, and no traffic for fixed rows.
+
+Two CPU processes (gloo) fit side by side with one; one in-process group counts the bytes a
+constrained model sends per step.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,12 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel
+
+from embedding_constraint import fix_rows
 
 SCRIPT = Path(__file__).with_name("ddp_fit.py")
 
@@ -47,3 +57,53 @@ def test_ddp_two_processes_match_one_process(
     initial = torch.nn.Embedding(10, 4).weight.detach()[free_at]
     moved = ranks[0]["state_dict"]["embedding.weight"][free_at]
     assert not torch.allclose(moved, initial), "free rows did not train"
+
+
+class _Traffic:
+    """Bytes a DDP model sends per step: buffer broadcasts and gradient all-reduces."""
+
+    def __init__(self) -> None:
+        self.broadcast = 0
+        self.allreduce = 0
+
+    def hook(self, state: Any, bucket: Any) -> torch.futures.Future[torch.Tensor]:
+        buffer = bucket.buffer()
+        self.allreduce += buffer.numel() * buffer.element_size()
+        return default_hooks.allreduce_hook(state, bucket)
+
+
+@pytest.mark.parametrize("layout", ["prefix", "scattered"])
+def test_fixed_rows_add_no_ddp_traffic(
+    layout: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vocab, dim, fixed = 1000, 16, 900
+    traffic = _Traffic()
+    broadcast = getattr(dist, "_broadcast_coalesced")  # noqa: B009 - private: what DDP calls
+
+    def counting(group: Any, tensors: list[torch.Tensor], *args: Any) -> Any:
+        traffic.broadcast += sum(t.numel() * t.element_size() for t in tensors)
+        return broadcast(group, tensors, *args)
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1
+    )
+    try:
+        torch.manual_seed(0)
+        emb = nn.Embedding(vocab, dim)
+        rows = None if layout == "prefix" else torch.randperm(vocab)[:fixed].tolist()
+        fix_rows(emb, torch.randn(fixed, dim), rows=rows)
+        model = DistributedDataParallel(emb)  # broadcast_buffers=True, the default
+        # (A lambda: DDP checks annotations, which this module keeps as strings.)
+        model.register_comm_hook(None, lambda state, bucket: traffic.hook(state, bucket))
+        monkeypatch.setattr(dist, "_broadcast_coalesced", counting)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+        steps = 3
+        for _ in range(steps):
+            optimizer.zero_grad()
+            model(torch.randint(0, vocab, (64,))).pow(2).sum().backward()
+            optimizer.step()
+    finally:
+        dist.destroy_process_group()
+    assert traffic.broadcast == 0  # nothing of the fixed rows travels
+    free_gradient = (vocab - fixed) * dim * 4  # float32
+    assert traffic.allreduce == steps * free_gradient

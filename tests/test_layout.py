@@ -112,9 +112,10 @@ def _apart(emb: nn.Module) -> None:
 
 
 def _assign_load(emb: nn.Module) -> None:
-    # The parametrization's own format, assigned: fresh tensors for both parts.
+    # The parametrization's own format, assigned: a fresh tensor for the stored rows (the
+    # reference is extra state, copied in place).
     plists = emb.get_submodule("parametrizations")
-    state = {k: v.clone() for k, v in plists.state_dict().items()}
+    state = {k: v.clone() if isinstance(v, Tensor) else v for k, v in plists.state_dict().items()}
     plists.load_state_dict(state, assign=True)
 
 

@@ -234,12 +234,6 @@ class FixedRows(nn.Module):
         True
     """
 
-    reference: Tensor
-    rows: Tensor | None
-    free_rows: Tensor | None
-    slot: Tensor | None
-    grad_row: Tensor | None
-
     def __init__(self, reference: Tensor, rows: Tensor | Sequence[int] | None = None) -> None:
         self._init(reference, rows, copy=True)
 
@@ -289,15 +283,18 @@ class FixedRows(nn.Module):
                 index = None
         if copy and not copied:  # one private copy, however the rows came
             reference = reference.clone(memory_format=torch.contiguous_format)
-        self.register_buffer("reference", reference)
-        self.register_buffer("rows", index)
+        # Tensors of the constraint, but no buffers: DDP broadcasts every buffer at every
+        # forward, and these never change. `_apply` moves them with the module; the state dict
+        # holds the reference and rows as extra state (`get_extra_state`).
+        self.reference = reference
+        self.rows = index
         # Derived at registration (`right_inverse`), when the row count is known, so not saved:
         # `free_rows`, the complement of `rows`; `slot[r]`, row r's place in [reference; free].
-        self.register_buffer("free_rows", None, persistent=False)
-        self.register_buffer("slot", None, persistent=False)
+        self.free_rows: Tensor | None = None
+        self.slot: Tensor | None = None
         # `grad_row[r]`: where the lookup backward sends row r's gradient (see `_Lookup`), and
         # how many spare rows that uses.
-        self.register_buffer("grad_row", None, persistent=False)
+        self.grad_row: Tensor | None = None
         self._spare = 1
         # The one buffer holding [reference; free] once registered (see `_join`), or None.
         self._joined_buffer: Tensor | None = None
@@ -444,6 +441,13 @@ class FixedRows(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> FixedRows:
         super()._apply(fn, recurse)  # type: ignore[no-untyped-call]  # untyped in torch
+        # As `nn.Module._apply` converts buffers: `fn` changes the dtype of floating-point
+        # tensors only, so the index tables just move.
+        self.reference = fn(self.reference)
+        for name in ("rows", "free_rows", "slot"):
+            table = getattr(self, name)
+            if table is not None:
+                setattr(self, name, fn(table))
         self._release_if_left()  # `.to()` may have moved the reference out of the buffer
         if self.grad_row is not None:  # the spare rows suit the device: derive them anew
             self._derive_grad_rows(self.grad_row.numel())
@@ -510,15 +514,39 @@ class FixedRows(nn.Module):
         assert self.grad_row is not None
         return self.grad_row
 
-    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
-        # A state dict in the parametrization's own format may bring other `rows` (with their
-        # reference and free rows): derive the layout from what was loaded.
-        super()._load_from_state_dict(state_dict, prefix, *args)
-        self._release_if_left()  # `assign=True` replaces the reference
-        if self.rows is not None and self.free_rows is not None:
-            self._derive_layout(self.num_fixed + self.free_rows.numel())
-        if self.grad_row is not None:
-            self._derive_grad_rows(self.grad_row.numel())
+    def get_extra_state(self) -> dict[str, Tensor | None]:
+        """The reference and the fixed rows' positions, for ``state_dict()``."""
+        return {"reference": self.reference, "rows": self.rows}
+
+    @torch.no_grad()
+    def set_extra_state(self, state: Any) -> None:
+        """Load a reference and positions saved by `get_extra_state` (torch's own format).
+
+        The reference is copied in place (it stays in the block ``[reference; free]``); other
+        positions for the same number of rows re-derive the layout.
+        """
+        reference, rows = state["reference"], state["rows"]
+        if reference is self.reference and rows is self.rows:  # our own, given back
+            return
+        if not isinstance(reference, Tensor) or reference.shape != self.reference.shape:
+            got = tuple(reference.shape) if isinstance(reference, Tensor) else reference
+            raise ValueError(
+                f"Expected a saved reference of shape {tuple(self.reference.shape)}. Got {got}."
+            )
+        self.reference.copy_(reference)
+        self._extremes = _extremes(self.reference)
+        same_rows = (rows is None and self.rows is None) or (
+            rows is not None and self.rows is not None and torch.equal(rows.cpu(), self.rows.cpu())
+        )
+        if same_rows or self.grad_row is None:
+            self.rows = None if rows is None else rows.to(self.reference.device)
+            return
+        total = self.grad_row.numel()
+        self.rows = None if rows is None else rows.to(self.reference.device)
+        self.free_rows = self.slot = None
+        if self.rows is not None:
+            self._derive_layout(total)
+        self._derive_grad_rows(total)
 
     def extra_repr(self) -> str:
         where = "prefix" if self.rows is None else "rows"
