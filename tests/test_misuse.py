@@ -216,6 +216,40 @@ def test_a_parametrization_stacked_on_top_is_refused_at_the_read(module: nn.Modu
 # -- optimizers and checkpoints ---------------------------------------------------------------
 
 
+def _adagrad(emb: nn.Embedding) -> torch.optim.Optimizer:
+    return torch.optim.Adagrad(emb.parameters())  # makes its state when created
+
+
+def _stepped_adam(emb: nn.Embedding) -> torch.optim.Optimizer:
+    optimizer = torch.optim.Adam(emb.parameters())
+    emb(torch.tensor([5])).sum().backward()
+    optimizer.step()
+    return optimizer
+
+
+@pytest.mark.parametrize("make", [_adagrad, _stepped_adam], ids=["adagrad", "stepped-adam"])
+def test_an_optimizer_with_state_for_the_full_weight_is_refused(
+    make: Any,
+) -> None:
+    emb = nn.Embedding(6, 2)
+    optimizer = make(emb)
+    before = _snapshot(emb)
+    with pytest.raises(ValueError, match=r"optimizer that holds state of its full shape \(6, 2\)"):
+        fix_rows(emb, torch.zeros(2, 2))
+    _assert_unchanged(emb, before)
+    assert optimizer.state[emb.weight]  # untouched too
+
+
+def test_an_optimizer_made_before_that_has_not_stepped_trains_the_free_rows() -> None:
+    emb = nn.Embedding(6, 2)
+    optimizer = torch.optim.Adam(emb.parameters(), lr=0.1)
+    fix_rows(emb, torch.zeros(2, 2))
+    emb(torch.tensor([0, 5])).sum().backward()
+    optimizer.step()
+    assert optimizer.state[stored(emb)]["exp_avg"].shape == (4, 2)
+    assert torch.equal(emb.weight[:2], torch.zeros(2, 2))
+
+
 def _fit_plain_and_save(flavour: Flavour, path: Path) -> Any:
     torch.manual_seed(0)
     model = flavour.model(vocab=10, dim=4)

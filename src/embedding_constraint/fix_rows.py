@@ -78,6 +78,22 @@ def _held_outside(root: nn.Module, value: object, registry: str) -> bool:
     return False
 
 
+def _has_optimizer_state(param: Tensor) -> bool:
+    """Whether an optimizer holds state of ``param``'s shape for it (it stepped, or it is one
+    that allocates state when it is made, as Adagrad does).
+
+    Optimizers key their state by the Parameter; the garbage collector finds such a dict.
+    """
+    for holder in gc.get_referrers(param):
+        if isinstance(holder, dict) and param in holder:
+            state = holder[param]
+            if isinstance(state, dict) and any(
+                isinstance(v, Tensor) and v.shape == param.shape for v in state.values()
+            ):
+                return True
+    return False
+
+
 def _check_lookup_options(module: nn.Module) -> None:
     if isinstance(module, nn.Embedding | nn.EmbeddingBag):
         kind = type(module).__name__
@@ -201,7 +217,10 @@ def fix_rows(
     Registers `FixedRows` on the parameter and keeps ``module.state_dict()`` plain:
     the same keys and shapes as the unconstrained module. Loading a plain state dict loads
     its free rows; its fixed rows must equal the reference. The Parameter object is kept,
-    so an optimizer created before the call still trains it if it has taken no step.
+    so an optimizer created before the call still trains it if it holds no state for it yet
+    (it has not stepped, and it is not one that makes state when created, as Adagrad does;
+    such an optimizer is refused). After `bake`, create a new optimizer: the old one's state
+    has the free rows' shape.
 
     ``name`` may be dotted (``"transformer.wte.weight"``). Every module under ``module``
     that holds the same Parameter (an output head tied to the embedding) reads the
@@ -220,7 +239,8 @@ def fix_rows(
     Raises:
         TypeError: ``module`` is not an ``nn.Module``, or see `FixedRows`.
         ValueError: there is no such parameter, it is already parametrized, a module
-            outside ``module`` holds it too (a tied head: pass the root and ``name=``), it is
+            outside ``module`` holds it too (a tied head: pass the root and ``name=``), an
+            optimizer already holds state of its full shape, it is
             an ``nn.Embedding``/``nn.EmbeddingBag`` with ``sparse=True`` or ``max_norm``, or
             the reference does not fit it (see `FixedRows`). The module is left unchanged.
 
@@ -262,6 +282,13 @@ def fix_rows(
             "constraining it here would change that module's tensor behind its back. Pass the "
             "root module that holds both, with the dotted name: "
             "fix_rows(model, reference, name='embedding.weight')."
+        )
+    if _has_optimizer_state(param):
+        raise ValueError(
+            f"Expected no optimizer state for {name!r} yet. Got an optimizer that holds state of "
+            f"its full shape {tuple(param.shape)} (it has stepped, or it makes its state when "
+            "it is created, as Adagrad does): after fix_rows the parameter holds only the free "
+            "rows, and its next step would fail. Create the optimizer after fix_rows."
         )
     holders = _holders(module, param)
     for holder, _ in holders:
