@@ -4,8 +4,8 @@
 and shapes as the unconstrained module, so checkpoints load into ordinary modules and ordinary
 checkpoints load into constrained ones. Every module under the root that holds the same
 Parameter (tied weights) reads the constrained tensor, and a plain ``nn.Embedding``,
-``nn.EmbeddingBag`` or ``nn.Linear`` reads it without building the weight (`FixedRows.lookup`,
-`FixedRows.bag`, `FixedRows.linear`). After ``.to()`` and ``deepcopy``, which
+``nn.EmbeddingBag`` or ``nn.Linear`` reads it without building the weight (the forwards of
+`embedding_constraint.reads`). After ``.to()`` and ``deepcopy``, which
 copy the reference and the stored rows apart, the module puts them back into one buffer
 (`FixedRows.rejoin`).
 """
