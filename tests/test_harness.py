@@ -9,11 +9,15 @@ the reference rows and the free rows put together with nothing but ``cat`` and
 parameters), double gradients (a gradient penalty), ``torch.func`` (``grad``, ``vmap``,
 ``jvp``), forward-mode AD, ``torch.compile`` and bad ids (the same kind of error, the module
 unchanged).
+
+On the CPU by default; ``EMBEDDING_CONSTRAINT_TEST_DEVICE=cuda`` runs it on a GPU, where the
+reads take their accelerator paths (``tests/benchmarks/gpu_check.sh`` does).
 """
 
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +31,7 @@ from torch.func import functional_call
 
 from embedding_constraint import fix_rows
 
+DEVICE = torch.device(os.environ.get("EMBEDDING_CONSTRAINT_TEST_DEVICE", "cpu"))
 VOCAB, DIM, FIXED = 10, 4, 4
 LAYOUTS: dict[str, list[int] | None] = {"prefix": None, "scattered": [8, 1, 4, 5]}
 STORAGE = ("joined", "apart")
@@ -44,7 +49,7 @@ def plain_read(reference: Tensor, free: Tensor, rows: list[int] | None) -> Tenso
     places = torch.empty(total, dtype=torch.int64)
     places[rows] = torch.arange(len(rows))
     places[free_rows] = torch.arange(len(rows), total)
-    return weight.index_select(0, places)
+    return weight.index_select(0, places.to(weight.device))
 
 
 class _Tied(nn.Module):
@@ -146,9 +151,8 @@ class Case:
 
     def inputs(self) -> tuple[Tensor, ...]:
         torch.manual_seed(1)
-        return tuple(
-            t.requires_grad_() if t.is_floating_point() else t for t in self.path.inputs(self.dtype)
-        )
+        inputs = (t.to(DEVICE) for t in self.path.inputs(self.dtype))
+        return tuple(t.requires_grad_() if t.is_floating_point() else t for t in inputs)
 
     def run_plain(self, free: Tensor, inputs: tuple[Tensor, ...]) -> Tensor:
         weight = plain_read(self.reference, free, self.rows)
@@ -172,11 +176,11 @@ class Case:
 def make_case(path: str, layout: str, storage: str, dtype: torch.dtype) -> Case:
     torch.manual_seed(0)
     spec = PATHS[path]
-    plain = spec.make(dtype)
+    plain = spec.make(dtype).to(DEVICE)
     fast = copy.deepcopy(plain)
     owner, _, attr = spec.name.rpartition(".")
     trailing = getattr(plain.get_submodule(owner), attr).shape[1:]
-    reference = torch.randn(FIXED, *trailing, dtype=dtype)
+    reference = torch.randn(FIXED, *trailing, dtype=dtype).to(DEVICE)
     fix_rows(fast, reference, name=spec.name, rows=LAYOUTS[layout])
     case = Case(spec, fast, plain, reference, LAYOUTS[layout], dtype)
     with torch.no_grad():
@@ -343,6 +347,8 @@ def _error_of(call: Callable[[], Any]) -> type[BaseException] | None:
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("path", [p for p, spec in PATHS.items() if spec.takes_ids])
 def test_bad_ids_fail_as_in_the_plain_module(path: str, layout: str, bad: str) -> None:
+    if DEVICE.type != "cpu" and bad in ("negative", "too-large"):
+        pytest.skip("a device-side assert; tests/test_cuda.py checks it, one process per run")
     case = make_case(path, layout, "joined", torch.float32)
     ids, *rest = case.inputs()
     bad_inputs = (BAD_IDS[bad](ids), *rest)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check: the CUDA tests, then the GPU-size benchmark (all variants, both AdamWs,
+# The GPU check: the CUDA tests and the differential harness on the GPU, then the GPU-size benchmark (all variants, both AdamWs,
 # torch.compile, peak memory). Run from the repository root on a CUDA machine whose python3
 # has torch, pytest and Lightning; results go to OUTDIR (default: the current directory).
 #
@@ -10,7 +10,9 @@ mkdir -p "$out"
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)" | tee -a "$out/gpu.txt"
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -25 | tee "$out/cuda-tests.txt"
+# The CUDA tests, and the differential harness with every read on the GPU.
+EMBEDDING_CONSTRAINT_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -p no:cacheprovider \
+    tests/test_cuda.py tests/test_harness.py 2>&1 | tail -25 | tee "$out/cuda-tests.txt"
 # Synced and pipelined step times against `free-only` (the floor), and kernel profiles.
 (cd "$out" && python3 "$OLDPWD/tests/benchmarks/profile_step.py" --gpu-size --fractions 0.99 0.5 \
     2>&1 | grep -v -e USDT -e Warning -e _warn_once)
