@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check: the CUDA tests and the differential harness on the GPU, then the GPU-size benchmark (all variants, both AdamWs,
-# torch.compile, peak memory). Run from the repository root on a CUDA machine whose python3
+# The GPU check: the CUDA tests and the differential harness on the GPU, then the GPU-size
+# benchmark (all variants, both AdamWs, torch.compile, peak memory). Run from the repository root on a CUDA machine whose python3
 # has torch, pytest and Lightning; results go to OUTDIR (default: the current directory).
 #
 #   bash tests/benchmarks/gpu_check.sh OUTDIR
