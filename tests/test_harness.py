@@ -192,7 +192,8 @@ def make_case(path: str, layout: str, storage: str, dtype: torch.dtype) -> Case:
 
 def _loss(out: Tensor) -> Tensor:
     """Not linear in the output, so second derivatives are not all zero."""
-    probe = torch.linspace(-1.0, 2.0, out.numel(), dtype=out.dtype).reshape(out.shape)
+    probe = torch.linspace(-1.0, 2.0, out.numel(), dtype=out.dtype, device=out.device)
+    probe = probe.reshape(out.shape)
     return (out * out.tanh() * probe).sum()
 
 
