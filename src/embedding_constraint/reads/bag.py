@@ -18,6 +18,31 @@ from embedding_constraint.fixed_rows import FixedRows, composable_only, constrai
 __all__ = ["bag", "embedding_bag_forward"]
 
 
+_Options = tuple[str, bool, int | None, int | None, bool, int]
+
+
+def _reduce(
+    ids: Tensor,
+    table: Tensor,
+    offsets: Tensor | None,
+    weights: Tensor | None,
+    padding: int | None,
+    options: _Options,
+) -> Tensor:
+    """``F.embedding_bag`` of ``ids`` in ``table`` with the bag's options (see `bag`)."""
+    mode, include_last_offset, _, _, scale, _ = options
+    return nn.functional.embedding_bag(
+        ids,
+        table,
+        offsets,
+        mode=mode,
+        per_sample_weights=weights,
+        include_last_offset=include_last_offset,
+        padding_idx=padding,
+        scale_grad_by_freq=scale,
+    )
+
+
 class _Bag(torch.autograd.Function):
     """``F.embedding_bag`` (sums and means) from ``[reference; free]``; gradients to free rows.
 
@@ -40,19 +65,9 @@ class _Bag(torch.autograd.Function):
         target_input: Tensor,
         offsets: Tensor | None,
         per_sample_weights: Tensor | None,
-        options: tuple[str, bool, int | None, int | None, bool, int],
+        options: _Options,
     ) -> Tensor:
-        mode, include_last_offset, slot_padding, _, scale, _ = options
-        out = nn.functional.embedding_bag(
-            slot_input,
-            joined,
-            offsets,
-            mode=mode,
-            per_sample_weights=per_sample_weights,
-            include_last_offset=include_last_offset,
-            padding_idx=slot_padding,
-            scale_grad_by_freq=scale,
-        )
+        out = _reduce(slot_input, joined, offsets, per_sample_weights, options[2], options)
         ctx.save_for_backward(free, joined, slot_input, target_input, offsets, per_sample_weights)
         ctx.options = options
         return out
@@ -62,7 +77,8 @@ class _Bag(torch.autograd.Function):
         ctx: Any, grad: Tensor
     ) -> tuple[Tensor | None, None, None, None, None, Tensor | None, None]:
         free, joined, slot_input, target_input, offsets, weights = ctx.saved_tensors
-        mode, include_last_offset, slot_padding, target_padding, scale, target_rows = ctx.options
+        options = ctx.options
+        _, _, slot_padding, target_padding, _, target_rows = options
         needs = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph=True: differentiate the plain read
             # Aliases: the gradients below are then this read's own (a path from the output
@@ -71,16 +87,8 @@ class _Bag(torch.autograd.Function):
             free = free.view_as(free)
             weights = None if weights is None else weights.view_as(weights)
             fixed = joined.shape[0] - free.shape[0]
-            out = nn.functional.embedding_bag(
-                slot_input,
-                torch.cat((joined[:fixed], free)),
-                offsets,
-                mode=mode,
-                per_sample_weights=weights,
-                include_last_offset=include_last_offset,
-                padding_idx=slot_padding,
-                scale_grad_by_freq=scale,
-            )
+            weight = torch.cat((joined[:fixed], free))
+            out = _reduce(slot_input, weight, offsets, weights, slot_padding, options)
             wrt = [free] if needs[0] else []
             if needs[5]:
                 wrt.append(weights)
@@ -93,30 +101,14 @@ class _Bag(torch.autograd.Function):
         if needs[0]:
             table = free.new_zeros((target_rows, *free.shape[1:]), requires_grad=True)
             with torch.enable_grad():
-                out = nn.functional.embedding_bag(
-                    target_input,
-                    table,
-                    offsets,
-                    mode=mode,
-                    per_sample_weights=detached,
-                    include_last_offset=include_last_offset,
-                    padding_idx=target_padding,
-                    scale_grad_by_freq=scale,
-                )
+                out = _reduce(target_input, table, offsets, detached, target_padding, options)
             (grad_table,) = torch.autograd.grad(out, table, grad)
             grad_free = grad_table[: free.shape[0]]
         if needs[5]:
             leaf = detached.requires_grad_()  # type: ignore[union-attr]
             with torch.enable_grad():
-                out = nn.functional.embedding_bag(
-                    slot_input,
-                    joined,
-                    offsets,
-                    mode=mode,
-                    per_sample_weights=leaf,
-                    include_last_offset=include_last_offset,
-                    padding_idx=slot_padding,
-                )
+                # (scale_grad_by_freq scales the table's gradient only, not this one.)
+                out = _reduce(slot_input, joined, offsets, leaf, slot_padding, options)
             (grad_weights,) = torch.autograd.grad(out, leaf, grad)
         return grad_free, None, None, None, None, grad_weights, None
 
