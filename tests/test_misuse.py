@@ -213,6 +213,18 @@ def test_a_parametrization_stacked_on_top_is_refused_at_the_read(module: nn.Modu
     assert "parametrizations.weight.original" in keys
 
 
+def test_a_module_that_reads_its_weight_itself_composes_a_stacked_parametrization() -> None:
+    # Only the fast forwards can refuse at the read; any other module reads through torch's
+    # list of parametrizations, which applies each in turn (documented in the FAQ).
+    module = nn.Module()
+    module.weight = nn.Parameter(torch.zeros(4, 2))
+    fix_rows(module, torch.ones(2, 2))
+    parametrize.register_parametrization(module, "weight", _Double())
+    assert torch.equal(module.weight[:2], torch.full((2, 2), 2.0))  # the fixed rows, doubled
+    with pytest.raises(ValueError, match="constrained by FixedRows alone"):
+        bake(module)
+
+
 # -- optimizers and checkpoints ---------------------------------------------------------------
 
 

@@ -5,7 +5,7 @@ optimizer never sees, decays or keeps state for the fixed ones. Reading the para
 tensor puts the reference rows and the free rows together: `FixedRows.forward` is the plain
 read, which every fast read in `embedding_constraint.reads` is tested against.
 
-Both live in one buffer, ``[reference; free]``: the reference buffer and the stored parameter
+Both live in one buffer, ``[reference; free]``: the reference tensor and the stored parameter
 are its two parts (views). A lookup then gathers from the whole buffer at once. Whatever
 separates them (assigning ``.data``, ``load_state_dict(assign=True)``, a ``.to()`` that
 `fix_rows` did not see) costs speed, never correctness: the lookup then gathers from each.
