@@ -1,9 +1,11 @@
-"""The head: a constrained ``nn.Linear`` multiplies by its weight without building it.
+"""The head: a constrained ``nn.Linear`` multiplies by its weight, with no weight gradient for
+fixed rows.
 
-`linear` reads the weight in place from ``[reference; free]`` when the fixed rows are a prefix
-(`_Linear`: the weight gradient for free rows only), or side by side from the reference and the
-free rows when the two lie apart. `linear_forward` is the forward `fix_rows` installs on a
-constrained ``nn.Linear``.
+`linear` reads the weight in place from ``[reference; free]`` when the fixed rows are a
+prefix, assembles it once (as the plain read does) when they are scattered, and `_Linear`
+computes the weight gradient for the free rows only, either way. With the reference and the
+free rows apart, a prefix head computes its two parts side by side. `linear_forward` is the
+forward `fix_rows` installs on a constrained ``nn.Linear``.
 """
 
 from __future__ import annotations
@@ -19,63 +21,79 @@ __all__ = ["linear", "linear_forward"]
 
 
 class _Linear(torch.autograd.Function):
-    """``F.linear`` with a weight read in place; the weight gradient reaches free rows only.
+    """``F.linear`` by the whole weight; the weight gradient reaches the free rows only.
 
-    ``weight`` is ``[reference; free]`` in one buffer (or its copy in the autocast dtype), the
-    weight itself when the fixed rows are a prefix: the forward is the plain product, without
-    a copy of the weight or of the output. The backward computes the input's gradient with
-    the whole weight, as a plain layer does, and the weight gradient for the free rows (the
-    last output features) only, in ``free``'s dtype.
+    ``weight`` is the full weight without a graph: the block ``[reference; free]`` itself for a
+    prefix of fixed rows, an assembled copy for scattered ones (or either's copy in the autocast
+    dtype). The forward is the plain product. The backward computes the input's gradient with
+    the whole weight, as a plain layer does, and the weight gradient for the free rows
+    (``free_rows``, or the last rows when None) only, in ``free``'s dtype: a product the size
+    of the free rows instead of the whole weight.
 
-    With ``create_graph=True`` the input's gradient is computed with the weight read as
-    ``cat(reference, free)``, so every gradient is differentiable in turn; the others are
-    made of the saved input and the incoming gradient, which are.
+    With ``create_graph=True`` the input's gradient is computed with the weight rebuilt from
+    ``free`` (its free rows replaced by ``free``, which holds the same values), so every
+    gradient is differentiable in turn; the others are made of the saved input and the incoming
+    gradient, which are.
     """
 
     @staticmethod
     def forward(
-        ctx: Any, input: Tensor, free: Tensor, weight: Tensor, bias: Tensor | None
+        ctx: Any,
+        input: Tensor,
+        free: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        free_rows: Tensor | None,
     ) -> Tensor:
         out = nn.functional.linear(input, weight, bias)
         # `free` too, though the product reads it through `weight`: an in-place change of it
         # before the backward (an optimizer step) then raises, as it does for a plain weight.
-        ctx.save_for_backward(input, free, weight)
+        ctx.save_for_backward(input, free, weight, free_rows)
         return out
 
     @staticmethod
     def backward(
         ctx: Any, grad: Tensor
-    ) -> tuple[Tensor | None, Tensor | None, None, Tensor | None]:
-        input, free, weight = ctx.saved_tensors
+    ) -> tuple[Tensor | None, Tensor | None, None, Tensor | None, None]:
+        input, free, weight, free_rows = ctx.saved_tensors
         needs = ctx.needs_input_grad
         fixed = weight.shape[0] - free.shape[0]
         grad_input = grad_free = grad_bias = None
         if needs[0]:
             if torch.is_grad_enabled():
                 # create_graph=True: the weight as the plain read builds it, so that this
-                # gradient is differentiable in `free` too (the buffer `weight` is not).
-                weight = torch.cat((weight[:fixed], free.to(weight.dtype)))
+                # gradient is differentiable in `free` too (the `weight` given is not).
+                rebuilt = free.to(weight.dtype)
+                if free_rows is None:
+                    weight = torch.cat((weight[:fixed], rebuilt))
+                else:
+                    weight = weight.index_copy(0, free_rows, rebuilt)
             grad_input = grad @ weight
         flat_grad = grad.reshape(-1, grad.shape[-1])
         if needs[1]:
             flat_x = input.reshape(-1, input.shape[-1])
-            grad_free = (flat_grad[:, fixed:].t() @ flat_x).to(free.dtype)
+            if free_rows is None:
+                grad_out_free = flat_grad[:, fixed:]
+            else:
+                grad_out_free = flat_grad.index_select(1, free_rows)
+            grad_free = (grad_out_free.t() @ flat_x).to(free.dtype)
         if needs[3]:
             grad_bias = flat_grad.sum(0)
-        return grad_input, grad_free, None, grad_bias
+        return grad_input, grad_free, None, grad_bias, None
 
 
 def linear(
     constraint: FixedRows, input: Tensor, free: Tensor, bias: Tensor | None = None
 ) -> Tensor:
-    """Return ``F.linear(input, weight, bias)`` without building the weight.
+    """Return ``F.linear(input, weight, bias)`` with no weight gradient for fixed rows.
 
     For fixed rows that are a prefix, the weight is ``[reference; free]``: it is read in
-    place from the buffer that holds both, and the weight gradient is computed for the free
-    rows only (a plain layer computes it for every row, then the parametrization drops the
-    fixed ones). If the two are apart (see `FixedRows.rejoin`) or under torch.compile, the
-    output features of fixed rows come from the reference and those of free rows from
-    ``free``, side by side. Scattered rows read the weight.
+    place from the buffer that holds both. For scattered rows it is assembled once, a copy
+    of its size, as reading it plainly does. Either way the product is the plain one, and the
+    weight gradient is computed for the free rows only (a plain layer computes it for every
+    row, then the parametrization drops the fixed ones). If the reference and the free rows of
+    a prefix are apart (see `FixedRows.rejoin`) or under torch.compile, the output features of
+    fixed rows come from the reference and those of free rows from ``free``, side by side.
 
     Args:
         constraint (FixedRows): the registered constraint.
@@ -88,30 +106,34 @@ def linear(
     """
     if not constraint.num_fixed:
         return nn.functional.linear(input, free, bias)
-    if not free.shape[0] or constraint.rows is not None:
-        # Scattered rows would need the output's features reordered, a copy as large as
-        # the output and dearer than the weight gradient saved: read the weight instead.
+    if not free.shape[0]:
         return nn.functional.linear(input, constraint(free), bias)
-    joined = constraint._joined(free)
-    if joined is not None:  # the weight, in place
-        device = input.device.type
-        if torch.is_autocast_enabled(device):
-            # Cast as F.linear does under autocast; outside the function, so the casts are
-            # recorded and each gradient returns in its tensor's own dtype.
-            dtype = torch.get_autocast_dtype(device)
-            input, joined = input.to(dtype), joined.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
-        out: Tensor = _Linear.apply(input, free, joined, bias)  # type: ignore[no-untyped-call]
-        return out
-    fixed = constraint.num_fixed
-    bias_fixed, bias_free = (None, None) if bias is None else (bias[:fixed], bias[fixed:])
-    return torch.cat(
-        (
-            nn.functional.linear(input, constraint.reference, bias_fixed),
-            nn.functional.linear(input, free, bias_free),
-        ),
-        -1,
+    if constraint.rows is None:
+        weight = constraint._joined(free)  # the weight, in place
+        if weight is None:
+            fixed = constraint.num_fixed
+            bias_fixed, bias_free = (None, None) if bias is None else (bias[:fixed], bias[fixed:])
+            return torch.cat(
+                (
+                    nn.functional.linear(input, constraint.reference, bias_fixed),
+                    nn.functional.linear(input, free, bias_free),
+                ),
+                -1,
+            )
+    else:
+        with torch.no_grad():  # `_Linear` sends the gradient to `free` itself
+            weight = constraint(free)
+    device = input.device.type
+    if torch.is_autocast_enabled(device):
+        # Cast as F.linear does under autocast; outside the function, so the casts are
+        # recorded and each gradient returns in its tensor's own dtype.
+        dtype = torch.get_autocast_dtype(device)
+        input, weight = input.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    out: Tensor = _Linear.apply(  # type: ignore[no-untyped-call]
+        input, free, weight, bias, constraint.free_rows
     )
+    return out
 
 
 def linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
