@@ -1,17 +1,24 @@
 """Sessions that check embedding-constraint.
 
-`nox` runs the everyday set: tests, lint, typecheck, docs and demo. `nox -s bench` runs the
-benchmark (not part of the everyday set: it measures, it does not check).
+`nox` runs the everyday set: tests, lint, typecheck, docs and demo. They share one virtual
+environment per torch requirement (``.nox/shared-<torch>``), made on first use: torch, both
+Lightning packages, every extra and the pinned checkers. So torch is installed once, not once a
+session; the environment is made again when the torch requirement, ``pyproject.toml`` or the
+pinned checkers change. `nox -s bench` runs the benchmark (not part of the everyday set: it
+measures, it does not check).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
+import sys
+from pathlib import Path
 
 import nox
 
 nox.options.sessions = ["tests", "lint", "typecheck", "docs", "demo"]
-nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
 # An unpinned `torch` pulls a multi-GB CUDA build; pin the CPU build and let the
@@ -21,48 +28,66 @@ LIGHTNING = ["pytorch-lightning>=2.2", "lightning>=2.2"]
 # Checkers pinned: a new release may format or infer differently, and CI must not change with it.
 RUFF = "ruff==0.17.6"
 MYPY = "mypy==2.4.1"
+ROOT = Path(__file__).resolve().parent
 
 
-def _install(session: nox.Session, extras: str, *more: str) -> None:
-    """Install the pinned torch first, so nothing else can pull an unpinned one."""
-    session.install(TORCH)
-    session.install("-e", f".[{extras}]", *more)
+def _python(session: nox.Session) -> str:
+    """The shared environment's python, made first if it is missing or out of date."""
+    wanted = "\n".join(
+        [TORCH, *LIGHTNING, RUFF, MYPY, "nox", (ROOT / "pyproject.toml").read_text()]
+    )
+    stamp = hashlib.sha256(wanted.encode()).hexdigest()
+    env = ROOT / ".nox" / f"shared-{re.sub(r'[^A-Za-z0-9.]+', '-', TORCH)}"
+    python = env / "bin" / "python"
+    done = env / "installed.sha256"
+    if done.exists() and done.read_text() == stamp and python.exists():
+        return str(python)
+    session.log(
+        f"Making {env.relative_to(ROOT)} once for every session: {TORCH} first (so nothing "
+        "pulls an unpinned one), then both Lightning packages, this project with its test, "
+        "demo and docs extras, ruff and mypy."
+    )
+    session.run(sys.executable, "-m", "venv", "--clear", str(env), external=True)
+    pip = [str(python), "-m", "pip", "install", "--progress-bar", "off"]
+    session.run(*pip, TORCH, external=True)
+    session.run(*pip, "-e", f"{ROOT}[test,demo,docs]", *LIGHTNING, RUFF, MYPY, "nox", external=True)
+    done.write_text(stamp)
+    return str(python)
 
 
-@nox.session
+@nox.session(venv_backend="none")
 def tests(session: nox.Session) -> None:
     """Run the test suite, doctests and executed examples, under both Lightning flavours."""
-    _install(session, "test,demo", *LIGHTNING)
-    session.run("pytest", *session.posargs)
+    session.run(_python(session), "-m", "pytest", *session.posargs, external=True)
 
 
-@nox.session
+@nox.session(venv_backend="none")
 def lint(session: nox.Session) -> None:
     """Check style and formatting with ruff."""
-    session.install(RUFF)
-    session.run("ruff", "check", ".")
-    session.run("ruff", "format", "--check", ".")
+    python = _python(session)
+    session.run(python, "-m", "ruff", "check", ".", external=True)
+    session.run(python, "-m", "ruff", "format", "--check", ".", external=True)
 
 
-@nox.session
+@nox.session(venv_backend="none")
 def typecheck(session: nox.Session) -> None:
     """Type-check the package, tests and examples with mypy --strict."""
-    _install(session, "test,demo", *LIGHTNING, MYPY, "nox")
-    session.run("mypy", "--strict")
+    session.run(_python(session), "-m", "mypy", "--strict", external=True)
 
 
-@nox.session
+@nox.session(venv_backend="none")
 def demo(session: nox.Session) -> None:
     """Run the produce demo: expand a vocabulary with and without the constraint."""
-    _install(session, "demo")
-    session.run("python", "examples/produce_demo.py", *session.posargs)
+    python = _python(session)
+    session.run(python, "examples/produce_demo.py", *session.posargs, external=True)
 
 
-@nox.session
+@nox.session(venv_backend="none")
 def docs(session: nox.Session) -> None:
     """Build the documentation site in strict mode (warnings fail the build)."""
-    _install(session, "docs")
     session.run(
+        _python(session),
+        "-m",
         "mkdocs",
         "build",
         "--strict",
@@ -70,11 +95,11 @@ def docs(session: nox.Session) -> None:
         "site",
         *session.posargs,
         env={"NO_MKDOCS_2_WARNING": "1"},  # material's notice about a future MkDocs
+        external=True,
     )
 
 
-@nox.session
+@nox.session(venv_backend="none")
 def bench(session: nox.Session) -> None:
     """Time a training step side by side: plain, overwrite, gradmask and this library."""
-    _install(session, "test")
-    session.run("python", "tests/benchmarks/bench_step.py", *session.posargs)
+    session.run(_python(session), "tests/benchmarks/bench_step.py", *session.posargs, external=True)

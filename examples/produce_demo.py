@@ -15,21 +15,26 @@ Four items arrive (lemon, kiwi, pumpkin, pepper) and the embedding is expanded t
   old coordinates, bit for bit, while the four new rows train. The classifier keeps working
   unchanged, and the new items still settle with their kind.
 
-The demo writes ``produce_demo.png`` (one panel per embedding) and prints a summary table. It
-exits with status 1 if an old item moved in the constrained expansion or a new item settled
-nearer the other kind's centroid.
+The demo writes ``produce_demo.png`` (one panel per embedding) and prints a summary table for
+one seed, then runs the same expansion over several seeds and reports how far retraining moved
+the old items and how often the classifier lost them, next to the constrained expansion. It
+exits with status 1 if, for any seed, an old item moved in the constrained expansion or a new
+item settled nearer the other kind's centroid.
 
 Run it with ``nox -s demo`` or
-``python examples/produce_demo.py [--outdir DIR] [--epochs N] [--seed N]``.
+``python examples/produce_demo.py [--outdir DIR] [--epochs N] [--seed N] [--seeds N]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import logging
 import math
 import sys
-from collections.abc import Sequence
+import time
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,13 +222,14 @@ class Summary:
     """What a run of the demo produced.
 
     Attributes:
-        figure: the PNG with one panel per embedding.
+        figure: where the PNG with one panel per embedding goes (`run` draws it).
         seed: the seed of the run.
         epochs: epochs per fit.
         original: every old item's coordinates in the original embedding.
         original_accuracy: the classifier's accuracy on the original coordinates.
         retrained: the expansion trained from scratch.
         constrained: the expansion with the old rows held by ``EmbeddingConstraint``.
+        classifier: the fruit/vegetable classifier fitted to the original coordinates.
     """
 
     figure: Path
@@ -233,6 +239,7 @@ class Summary:
     original_accuracy: float
     retrained: Expansion
     constrained: Expansion
+    classifier: KindClassifier
 
     @property
     def problems(self) -> list[str]:
@@ -346,7 +353,13 @@ def _compare(
     )
 
 
-def run(outdir: Path | str, epochs: int, seed: int, progress_bar: bool = True) -> Summary:
+def run(
+    outdir: Path | str,
+    epochs: int,
+    seed: int,
+    progress_bar: bool | None = None,
+    announce: Callable[[str], None] | None = None,
+) -> Summary:
     """Train, expand both ways, compare, and draw the figure into ``outdir``.
 
     Args:
@@ -354,18 +367,48 @@ def run(outdir: Path | str, epochs: int, seed: int, progress_bar: bool = True) -
         epochs: epochs for each of the three fits.
         seed: seeds every random draw (initialisations, shuffling, new rows); the same seed
             gives the same result.
-        progress_bar: show Lightning's progress bar during the fits.
+        progress_bar: show Lightning's progress bar during the fits. Default: when standard
+            output is a terminal.
+        announce: called with one line per finished fit (``print``, say). Default: silent.
 
     Returns:
         The summary of the run.
     """
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
+    summary = expand_once(outdir, epochs, seed, progress_bar, announce)
+    _draw(summary, summary.classifier)
+    return summary
+
+
+def sweep(
+    outdir: Path | str,
+    epochs: int,
+    seeds: Sequence[int],
+    announce: Callable[[str], None] | None = None,
+) -> list[Summary]:
+    """Run the expansion (no figure) once per seed; see `sweep_report`."""
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    return [expand_once(outdir, epochs, seed, False, announce) for seed in seeds]
+
+
+def expand_once(
+    outdir: Path,
+    epochs: int,
+    seed: int,
+    progress_bar: bool | None = None,
+    announce: Callable[[str], None] | None = None,
+) -> Summary:
+    """Train the original, retrain from scratch, expand with the constraint; compare."""
+    show_bar = sys.stdout.isatty() if progress_bar is None else progress_bar
     # Every random draw comes from a generator of its own, so the run does not depend on (or
     # change) the global random state.
     generator = torch.Generator().manual_seed(seed)
 
-    def fit(model: TripleModel, data: Tensor, callbacks: Sequence[pl.Callback] = ()) -> None:
+    def fit(
+        label: str, model: TripleModel, data: Tensor, callbacks: Sequence[pl.Callback] = ()
+    ) -> None:
         trainer = pl.Trainer(
             max_epochs=epochs,
             accelerator="cpu",
@@ -374,26 +417,31 @@ def run(outdir: Path | str, epochs: int, seed: int, progress_bar: bool = True) -
             logger=False,
             enable_checkpointing=False,
             enable_model_summary=False,
-            enable_progress_bar=progress_bar,
+            enable_progress_bar=show_bar,
             default_root_dir=outdir,
             callbacks=list(callbacks),
         )
         shuffle = _child(generator)
+        start = time.perf_counter()
         trainer.fit(
             model, DataLoader(TensorDataset(data), BATCH_SIZE, shuffle=True, generator=shuffle)
         )
+        if announce is not None:
+            rows = model.embedding.num_embeddings
+            seconds = time.perf_counter() - start
+            announce(f"seed {seed}: {label} ({rows} items, {epochs} epochs) in {seconds:.1f} s")
 
     data_1 = triples(OLD_ITEMS, [FRUITS, VEGETABLES])
     data_2 = triples(NEW_ITEMS, [FRUITS + NEW_FRUITS, VEGETABLES + NEW_VEGETABLES])
 
     model = TripleModel(_fresh_embedding(len(OLD_ITEMS), _child(generator)))
-    fit(model, data_1)
+    fit("trained the original", model, data_1)
     original = _coordinates(model.embedding, OLD_ITEMS)
     classifier = KindClassifier.fit(_stack(original, OLD_ITEMS), [KIND[i] for i in OLD_ITEMS])
     original_accuracy = classifier.accuracy(original, OLD_ITEMS)
 
     retrained_model = TripleModel(_fresh_embedding(len(NEW_ITEMS), _child(generator)))
-    fit(retrained_model, data_2)
+    fit("retrained from scratch", retrained_model, data_2)
     retrained = _coordinates(retrained_model.embedding, NEW_ITEMS)
 
     embedding_2 = expand(
@@ -403,10 +451,10 @@ def run(outdir: Path | str, epochs: int, seed: int, progress_bar: bool = True) -
     constraint = EmbeddingConstraint.from_vocabularies(
         model_2.embedding, model.embedding, OLD_ITEMS, NEW_ITEMS
     )
-    fit(model_2, data_2, callbacks=[constraint])
+    fit("expanded with the constraint", model_2, data_2, callbacks=[constraint])
     constrained = _coordinates(model_2.embedding, NEW_ITEMS)
 
-    summary = Summary(
+    return Summary(
         figure=outdir / FIGURE_NAME,
         seed=seed,
         epochs=epochs,
@@ -417,9 +465,35 @@ def run(outdir: Path | str, epochs: int, seed: int, progress_bar: bool = True) -
         constrained=_compare(
             "constrained", constrained, original, _centroids(original), classifier
         ),
+        classifier=classifier,
     )
-    _draw(summary, classifier)
-    return summary
+
+
+def sweep_report(summaries: Sequence[Summary]) -> str:
+    """What the expansions over several seeds did, as a few lines of text."""
+    count = len(summaries)
+    seeds = [s.seed for s in summaries]
+    moved = [s.retrained.max_old_change for s in summaries]
+    retrained_acc = [s.retrained.old_accuracy for s in summaries]
+    kept = sum(s.retrained.old_accuracy == s.original_accuracy for s in summaries)
+    unchanged = sum(s.constrained.old_unchanged for s in summaries)
+    constrained_kept = sum(s.constrained.old_accuracy == s.original_accuracy for s in summaries)
+    placed = sum(not s.constrained.misplaced for s in summaries)
+    header = (
+        f"Over {count} seeds ({min(seeds)} to {max(seeds)}), {summaries[0].epochs} epochs per fit:"
+    )
+    retrained = (
+        f"  retrained:   old items moved by {min(moved):.2f} to {max(moved):.2f} (largest "
+        "coordinate change per seed); the classifier fitted to the original kept every old "
+        f"item in {kept} of {count} seeds (old-item accuracy {min(retrained_acc):.0%} to "
+        f"{max(retrained_acc):.0%})"
+    )
+    constrained = (
+        f"  constrained: old items bit for bit unchanged in {unchanged} of {count} seeds; the "
+        f"classifier kept every old item in {constrained_kept} of {count}; the new items "
+        f"settled with their kind in {placed} of {count}"
+    )
+    return f"{header}\n{retrained}\n{constrained}"
 
 
 def _limits(points: Sequence[Tensor]) -> Limits:
@@ -581,37 +655,58 @@ def _draw(summary: Summary, classifier: KindClassifier) -> None:
     from matplotlib.patches import Patch
 
     retrained, constrained = summary.retrained, summary.constrained
-    shared = _limits([*summary.original.values(), *constrained.coordinates.values()])
-    retrained_limits = _limits(list(retrained.coordinates.values()))
-    old_labels = _label_directions(summary.original, shared)
-    figure = Figure(figsize=(16, 5.8), layout="constrained")
+    # One scale for all three panels, so distances compare across them.
+    limits = _limits(
+        [
+            *summary.original.values(),
+            *retrained.coordinates.values(),
+            *constrained.coordinates.values(),
+        ]
+    )
+    old_labels = _label_directions(summary.original, limits)
+    figure = Figure(figsize=(13, 5.8), layout="constrained")
     left, middle, right = figure.subplots(1, 3)
     _panel(
         left,
         f"original: 12 items\nclassifier accuracy {summary.original_accuracy:.0%}",
         summary.original,
         classifier,
-        shared,
+        limits,
         old_labels,
     )
+    # Where each old item was: a faint marker and an arrow to where retraining put it.
+    for item in OLD_ITEMS:
+        (x0, y0), (x1, y1) = summary.original[item].tolist(), retrained.coordinates[item].tolist()
+        middle.scatter([x0], [y0], s=60, color=COLOURS[KIND[item]], alpha=0.25, zorder=2)
+        middle.annotate(
+            "",
+            (x1, y1),
+            xytext=(x0, y0),
+            arrowprops={"arrowstyle": "->", "color": "grey", "alpha": 0.6, "linewidth": 0.8},
+            zorder=2,
+        )
     _panel(
         middle,
         f"retrained from scratch: 16 items\nold items moved up to {retrained.max_old_change:.3g}; "
         f"classifier: old {retrained.old_accuracy:.0%}, new {retrained.new_accuracy:.0%}",
         retrained.coordinates,
         classifier,
-        retrained_limits,
-        _label_directions(retrained.coordinates, retrained_limits),
+        limits,
+        _label_directions(retrained.coordinates, limits),
     )
     _panel(
         right,
-        f"constrained (EmbeddingConstraint): 16 items\nold items moved {constrained.max_old_change!r}; "
-        f"classifier: old {constrained.old_accuracy:.0%}, new {constrained.new_accuracy:.0%}",
+        f"constrained (EmbeddingConstraint): 16 items\nold items moved "
+        f"{constrained.max_old_change!r}; classifier: old {constrained.old_accuracy:.0%}, "
+        f"new {constrained.new_accuracy:.0%}",
         constrained.coordinates,
         classifier,
-        shared,
-        _label_directions(constrained.coordinates, shared, fixed=old_labels),
+        limits,
+        _label_directions(constrained.coordinates, limits, fixed=old_labels),
     )
+    for axes in (left, middle, right):
+        axes.set_xlabel("dimension 1", fontsize=9)
+    left.set_ylabel("dimension 2", fontsize=9)
     handles = [
         Line2D([], [], marker="o", linestyle="", color=COLOURS["fruit"], label="fruit"),
         Line2D([], [], marker="o", linestyle="", color=COLOURS["vegetable"], label="vegetable"),
@@ -625,14 +720,35 @@ def _draw(summary: Summary, classifier: KindClassifier) -> None:
             markeredgecolor="black",
             label="new item",
         ),
+        Line2D(
+            [], [], marker="o", linestyle="", color="grey", alpha=0.3, label="original position"
+        ),
         Patch(facecolor=COLOURS["fruit"], alpha=0.25, label="classifier (fit to original): fruit"),
-        Patch(facecolor=COLOURS["vegetable"], alpha=0.25, label="... vegetable"),
+        Patch(
+            facecolor=COLOURS["vegetable"],
+            alpha=0.25,
+            label="classifier (fit to original): vegetable",
+        ),
     ]
-    figure.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=9)
+    figure.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=9)
     figure.suptitle(
-        f"Expanding a 2-D produce embedding (seed {summary.seed}, {summary.epochs} epochs per fit)"
+        f"Expanding a 2-D produce embedding (seed {summary.seed}, {summary.epochs} epochs per fit)",
+        fontsize=12,
     )
     figure.savefig(summary.figure, dpi=110)
+
+
+def _quiet_lightning() -> None:
+    """Keep Lightning's notices (devices, tips, small-dataset warnings) off the console."""
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning.fabric", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for message in (
+        ".*isinstance\\(treespec, LeafSpec\\)",  # Lightning's call of a deprecated torch API
+        ".*does not have many workers",
+        ".*available but not used",
+        "The number of training batches .* is smaller than the logging interval",
+    ):
+        warnings.filterwarnings("ignore", message=message)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -644,23 +760,43 @@ def main(argv: list[str] | None = None) -> int:
         "--outdir", type=Path, default=Path("demo-output"), help="default: ./demo-output"
     )
     parser.add_argument("--epochs", type=_positive, default=60, help="epochs per fit; default: 60")
-    parser.add_argument("--seed", type=int, default=0, help="default: 0")
+    parser.add_argument("--seed", type=int, default=0, help="the pictured run's seed; default: 0")
+    parser.add_argument(
+        "--seeds",
+        type=_count,
+        default=8,
+        help="seeds the expansion runs over for the summary, from --seed on (0: none); default: 8",
+    )
     args = parser.parse_args(argv)
+    _quiet_lightning()
 
-    summary = run(args.outdir, args.epochs, args.seed)
+    summary = run(args.outdir, args.epochs, args.seed, announce=print)
     print()
     print(summary.table())
     print()
-    problems = summary.problems
+    more = [args.seed + k for k in range(1, args.seeds)]
+    summaries = [summary, *sweep(args.outdir, args.epochs, more, announce=print)]
+    if args.seeds > 1:
+        print()
+        print(sweep_report(summaries))
+        print()
+    problems = [f"seed {s.seed}: {problem}" for s in summaries for problem in s.problems]
     for problem in problems:
         print(f"produce demo FAILED: {problem}", file=sys.stderr)
     if not problems:
         print(
             "The constrained expansion kept every old item bit for bit and placed every new "
-            "item with its kind."
+            "item with its kind" + (f", in all {len(summaries)} seeds." if args.seeds > 1 else ".")
         )
     print(f"Figure: {summary.figure.absolute()}")
     return 1 if problems else 0
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a count of seeds, 0 or more, got {value}")
+    return value
 
 
 def _positive(text: str) -> int:

@@ -140,18 +140,24 @@ def test_the_same_seed_gives_the_same_embeddings(demo: ModuleType, tmp_path: Pat
 @pytest.mark.slow
 def test_main_exits_0_and_prints_the_figure_path(tmp_path: Path) -> None:
     outdir = tmp_path / "out"
+    command = [sys.executable, str(EXAMPLE), "--outdir", str(outdir), "--epochs", str(EPOCHS)]
     result = subprocess.run(
-        [sys.executable, str(EXAMPLE), "--outdir", str(outdir), "--epochs", str(EPOCHS)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+        [*command, "--seeds", "2"], capture_output=True, text=True, timeout=300, check=False
     )
     assert result.returncode == 0, result.stderr[-3000:]
     figure = outdir / "produce_demo.png"
     assert result.stdout.rstrip().splitlines()[-1] == f"Figure: {figure.absolute()}"
     assert figure.read_bytes()[:8] == PNG_SIGNATURE
     assert "classifier accuracy, old items" in result.stdout
+    assert "Over 2 seeds (0 to 1)" in result.stdout
+    # Quiet when not on a terminal: one line per fit (3 fits a seed), no progress bars, no
+    # Lightning notices, nothing on stderr.
+    fits = [line for line in result.stdout.splitlines() if line.startswith("seed ")]
+    assert len(fits) == 6
+    assert "Epoch" not in result.stdout
+    assert "GPU available" not in result.stdout + result.stderr
+    assert result.stderr == ""
+    assert len(result.stdout.encode()) < 20_000
 
 
 @pytest.mark.slow
@@ -171,9 +177,9 @@ def test_main_exits_1_when_the_constraint_did_not_hold(
         ),
     )
     monkeypatch.setattr(demo, "run", lambda *args, **kwargs: broken)
-    assert demo.main(["--outdir", "unused", "--epochs", "1"]) == 1
+    assert demo.main(["--outdir", "unused", "--epochs", "1", "--seeds", "1"]) == 1
     captured = capsys.readouterr()
-    assert "the constraint did not hold" in captured.err
+    assert "seed 0: the constraint did not hold" in captured.err
     assert "kiwi (fruit) settled nearest the vegetable centroid" in captured.err
     assert f"Figure: {summary.figure.absolute()}" in captured.out
 
@@ -185,3 +191,32 @@ def test_main_rejects_a_non_positive_epoch_count(
         demo.main(["--epochs", "0"])
     assert exit_info.value.code == 2
     assert "expected a positive number of epochs" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_sweep_report_counts_the_seeds(demo: ModuleType, summary: Any) -> None:
+    lost = dataclasses.replace(
+        summary,
+        seed=1,
+        retrained=dataclasses.replace(summary.retrained, max_old_change=9.5, old_accuracy=0.5),
+    )
+    kept = dataclasses.replace(
+        summary,
+        seed=2,
+        retrained=dataclasses.replace(summary.retrained, max_old_change=0.25, old_accuracy=1.0),
+    )
+    report = demo.sweep_report([lost, kept])
+    assert report.splitlines()[0] == f"Over 2 seeds (1 to 2), {EPOCHS} epochs per fit:"
+    assert "old items moved by 0.25 to 9.50" in report
+    assert "kept every old item in 1 of 2 seeds (old-item accuracy 50% to 100%)" in report
+    assert "bit for bit unchanged in 2 of 2 seeds" in report
+    assert "settled with their kind in 2 of 2" in report
+
+
+def test_main_rejects_a_negative_seed_count(
+    demo: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--seeds", "-1"])
+    assert exit_info.value.code == 2
+    assert "expected a count of seeds" in capsys.readouterr().err
