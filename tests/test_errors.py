@@ -208,7 +208,7 @@ def test_raw_registration_with_bad_rows_leaves_the_module_unchanged() -> None:
     _assert_unchanged(emb, before)
 
 
-@pytest.mark.parametrize("bad", [None, "weights", 3])
+@pytest.mark.parametrize("bad", ["", "weights", 3])  # (None is the default: "weight")
 def test_fix_rows_rejects_a_bad_name(bad: Any) -> None:
     emb = nn.Embedding(6, 3)
     before = _snapshot(emb)
@@ -225,6 +225,8 @@ def test_fix_rows_rejects_a_non_module() -> None:
 def test_bake_on_an_unconstrained_module_is_rejected() -> None:
     emb = nn.Embedding(6, 3)
     before = _snapshot(emb)
-    with pytest.raises(ValueError, match=r"Expected 'weight' to be constrained by fix_rows"):
+    with pytest.raises(ValueError, match=r"Expected a tensor constrained by fix_rows under"):
         bake(emb)
+    with pytest.raises(ValueError, match=r"Expected 'weight' to be constrained by fix_rows"):
+        bake(emb, name="weight")
     _assert_unchanged(emb, before)

@@ -9,8 +9,9 @@ import pytest
 import torch
 from support import constraint_of, stored
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
-from embedding_constraint import FixedRows, bake, fix_rows, is_fixed
+from embedding_constraint import FixedRows, bake, fix_rows, is_fixed, vocab
 
 
 def _train(module: nn.Module, steps: int = 3) -> None:
@@ -238,3 +239,75 @@ def test_tied_model_state_dict_loads_into_a_plain_tied_model() -> None:
     assert torch.equal(plain.wte.weight, model.wte.weight)
     model.load_state_dict(plain.state_dict())
     assert torch.equal(model.head.weight, plain.head.weight)
+
+
+def test_a_reference_module_constrains_a_heads_weight_and_bias_in_one_call() -> None:
+    torch.manual_seed(0)
+    old_head = nn.Linear(4, 3)
+    head = vocab.append(old_head, 2, generator=torch.Generator().manual_seed(0))
+    fix_rows(head, old_head)
+    assert is_fixed(head, "weight")
+    assert is_fixed(head, "bias")
+    assert list(head.state_dict()) == ["weight", "bias"]
+    optimizer = torch.optim.AdamW(head.parameters(), lr=0.1, weight_decay=0.1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        head(torch.randn(5, 4)).pow(2).sum().backward()
+        optimizer.step()
+    assert torch.equal(head.weight[:3], old_head.weight)
+    assert torch.equal(head.bias[:3], old_head.bias)
+    bake(head)  # every constrained tensor: weight and bias
+    assert type(head) is nn.Linear
+    assert type(head.weight) is nn.Parameter
+    assert type(head.bias) is nn.Parameter
+    assert torch.equal(head.bias[:3], old_head.bias)
+
+
+def test_a_reference_module_with_rows_holds_those_rows_of_each_tensor() -> None:
+    old_head = nn.Linear(4, 2)
+    head = nn.Linear(4, 5)
+    fix_rows(head, old_head, rows=[4, 1])
+    assert torch.equal(head.weight[[4, 1]], old_head.weight)
+    assert torch.equal(head.bias[[4, 1]], old_head.bias)
+
+
+@pytest.mark.parametrize("bad", ["no-bias", "other-class", "with-name", "nan-bias"])
+def test_a_bad_reference_module_changes_nothing(bad: str) -> None:
+    head = nn.Linear(4, 5)
+    before = [(n, p, p.detach().clone()) for n, p in head.named_parameters()]
+    linear = nn.Linear(4, 2, bias=bad != "no-bias")
+    if bad == "nan-bias":  # the weight would fit: the bias fails, and neither is constrained
+        with torch.no_grad():
+            linear.bias[1] = float("nan")
+    reference: nn.Module = nn.Embedding(2, 4) if bad == "other-class" else linear
+    name = "weight" if bad == "with-name" else None
+    with pytest.raises((TypeError, ValueError), match="Expected"):
+        fix_rows(head, reference, name=name)
+    assert type(head) is nn.Linear
+    assert [(n, p) for n, p, _ in before] == list(head.named_parameters())
+    assert all(torch.equal(p, value) for _, p, value in before)
+
+
+def test_bake_without_a_name_bakes_every_constrained_tensor_under_a_root() -> None:
+    model = nn.ModuleDict({"emb": nn.Embedding(6, 2), "head": nn.Linear(2, 6)})
+    model["head"].weight = model["emb"].weight
+    fix_rows(model, torch.zeros(2, 2), name="emb.weight")
+    fix_rows(model, torch.zeros(2), name="head.bias")
+    bake(model)
+    assert not parametrize.is_parametrized(model["emb"])
+    assert not parametrize.is_parametrized(model["head"])
+    assert model["head"].weight is model["emb"].weight
+    assert model["emb"].weight.shape == (6, 2)
+    assert model["head"].bias.shape == (6,)
+
+
+def test_vocab_append_grows_after_the_old_rows() -> None:
+    old = nn.Embedding(5, 3)
+    new = vocab.append(old, 2, init="zeros")
+    assert new.weight.shape == (7, 3)
+    assert torch.equal(new.weight[:5], old.weight)
+    assert torch.equal(new.weight[5:], torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"Expected `count` to be 0 or more\. Got -1"):
+        vocab.append(old, -1)
+    with pytest.raises(TypeError, match=r"Expected `count` to be an int\. Got float"):
+        vocab.append(old, 2.0)  # type: ignore[arg-type]

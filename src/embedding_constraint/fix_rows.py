@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.parametrize import ParametrizationList
 
 from embedding_constraint.fixed_rows import FixedRows, parametrization_list
 from embedding_constraint.reads import FAST_FORWARDS
@@ -207,12 +209,16 @@ def is_fixed(module: nn.Module, name: str = "weight") -> bool:
 
 def fix_rows(
     module: nn.Module,
-    reference: Tensor,
+    reference: Tensor | nn.Module,
     *,
-    name: str = "weight",
+    name: str | None = None,
     rows: Tensor | Sequence[int] | None = None,
 ) -> nn.Module:
     r"""Hold rows of ``module.<name>`` at ``reference`` while the other rows train.
+
+    ``reference`` is a tensor, or a module of ``module``'s class (the trained ``nn.Linear``
+    head, say): then each of its parameters that ``module`` has too (``weight`` and ``bias``)
+    holds the same rows of ``module``'s, in one call, all validated before any is changed.
 
     Registers `FixedRows` on the parameter and keeps ``module.state_dict()`` plain:
     the same keys and shapes as the unconstrained module. Loading a plain state dict loads
@@ -228,8 +234,10 @@ def fix_rows(
 
     Args:
         module (nn.Module): the module, or a root module above it.
-        reference (Tensor): the fixed rows' values, shape ``(k, *trailing)``.
-        name (str, optional): the parameter, dotted under ``module``. Default: ``"weight"``.
+        reference (Tensor or nn.Module): the fixed rows' values, shape ``(k, *trailing)``, or
+            a module of ``module``'s class whose parameters hold them.
+        name (str, optional): the parameter, dotted under ``module``. Default: ``"weight"``
+            for a tensor reference; left out for a module reference.
         rows (Tensor or sequence of int, optional): positions of the fixed rows, one per
             reference row. Default: ``None``, the first ``k`` rows.
 
@@ -237,12 +245,14 @@ def fix_rows(
         nn.Module: ``module``, constrained in place.
 
     Raises:
-        TypeError: ``module`` is not an ``nn.Module``, or see `FixedRows`.
+        TypeError: ``module`` is not an ``nn.Module``; a reference module is of another class
+            or comes with ``name``; or see `FixedRows`.
         ValueError: there is no such parameter, it is already parametrized, a module
             outside ``module`` holds it too (a tied head: pass the root and ``name=``), an
             optimizer already holds state of its full shape, it is
-            an ``nn.Embedding``/``nn.EmbeddingBag`` with ``sparse=True`` or ``max_norm``, or
-            the reference does not fit it (see `FixedRows`). The module is left unchanged.
+            an ``nn.Embedding``/``nn.EmbeddingBag`` with ``sparse=True`` or ``max_norm``, a
+            reference module has a bias where ``module`` has none (or the reverse), or the
+            reference does not fit it (see `FixedRows`). The module is left unchanged.
 
     Examples:
 
@@ -259,9 +269,56 @@ def fix_rows(
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"Expected `module` to be a torch.nn.Module. Got {type(module).__name__}.")
-    given: object = name  # checked at run time: callers may not be typed
-    if not isinstance(given, str) or not given:
-        raise TypeError(f"Expected `name` to be a non-empty str. Got {given!r}.")
+    if isinstance(reference, nn.Module):
+        if name is not None:
+            raise TypeError(
+                "Expected `name` to be left out with a reference module: its parameters name "
+                f"the tensors to constrain. Got name={name!r}."
+            )
+        references = _references_of(module, reference)
+    else:
+        references = {"weight" if name is None else name: reference}
+    plans = [_plan(module, value, key, rows) for key, value in references.items()]
+    # Nothing below can fail on user input: the module changes only from here on.
+    for plan in plans:
+        _register(plan)
+    return module
+
+
+def _references_of(module: nn.Module, reference: nn.Module) -> dict[str, Tensor]:
+    """The parameters of ``reference`` that ``module`` has too, by name."""
+    if type(reference) is not type(module):
+        raise TypeError(
+            f"Expected a reference module of `module`'s class, {type(module).__name__}. "
+            f"Got {type(reference).__name__}."
+        )
+    found = {n: p for n, p in reference._parameters.items() if p is not None}
+    mine = {n for n, p in module._parameters.items() if p is not None}
+    if set(found) != mine:
+        raise ValueError(
+            f"Expected the reference module to have the parameters of `module`, {sorted(mine)}. "
+            f"Got {sorted(found)}."
+        )
+    return {n: p.detach() for n, p in found.items()}
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A checked registration of `FixedRows` on ``owner.<attr>``, not yet applied."""
+
+    owner: nn.Module
+    attr: str
+    constraint: FixedRows
+    holders: list[tuple[nn.Module, str]]
+    orders: list[tuple[str, ...]]
+
+
+def _plan(
+    module: nn.Module, reference: Tensor, name: object, rows: Tensor | Sequence[int] | None
+) -> _Plan:
+    """Check everything `fix_rows` checks for one tensor, changing nothing."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"Expected `name` to be a non-empty str. Got {name!r}.")
     owner, attr = _owner(module, name)
     if parametrize.is_parametrized(owner, attr):
         raise ValueError(
@@ -293,21 +350,28 @@ def fix_rows(
     holders = _holders(module, param)
     for holder, _ in holders:
         _check_lookup_options(holder)
-    constraint = FixedRows._borrowing(reference, rows=rows)  # registered below, at once
+    constraint = FixedRows._borrowing(reference, rows=rows)  # registered by `_register`, at once
     constraint.check_compatible(param)
     orders = [plain_parameter_order(holder) for holder, _ in holders]
-    # Nothing below can fail on user input: the module changes only from here on.
-    parametrize.register_parametrization(owner, attr, constraint)
-    for (holder, holder_attr), order in zip(holders, orders, strict=True):
+    return _Plan(owner, attr, constraint, holders, orders)
+
+
+def _register(plan: _Plan) -> None:
+    """Apply a `_Plan`: register the constraint, share it with the other holders."""
+    owner, attr = plan.owner, plan.attr
+    parametrize.register_parametrization(owner, attr, plan.constraint)
+    for (holder, holder_attr), order in zip(plan.holders, plan.orders, strict=True):
         if holder is not owner or holder_attr != attr:
             _share_parametrization(owner, attr, holder, holder_attr)
         register_plain_hooks(holder, holder_attr, order)
         _set_up_class(holder, holder_attr)
-    return module
 
 
-def bake(module: nn.Module, *, name: str = "weight") -> nn.Module:
+def bake(module: nn.Module, *, name: str | None = None) -> nn.Module:
     r"""Replace a constrained ``module.<name>`` by a plain Parameter holding its current value.
+
+    Without ``name``, every tensor under ``module`` that `fix_rows` constrained (a head's
+    weight and bias, every constrained module under a root), all checked before any changes.
 
     The inverse of `fix_rows` (and of registering `FixedRows` by hand): the
     Parameter object is the one that was constrained, now of the full shape, with the fixed
@@ -315,18 +379,61 @@ def bake(module: nn.Module, *, name: str = "weight") -> nn.Module:
 
     Args:
         module (nn.Module): the module, or a root module above it.
-        name (str, optional): the parameter, dotted under ``module``. Default: ``"weight"``.
+        name (str, optional): the parameter, dotted under ``module``. Default: ``None``, every
+            constrained tensor under ``module``.
 
     Returns:
         nn.Module: ``module``, with a plain parameter in place.
 
     Raises:
-        ValueError: ``module.<name>`` is not constrained by `FixedRows` alone, or a module
+        ValueError: nothing under ``module`` is constrained, ``module.<name>`` is not
+            constrained by `FixedRows` alone, or a module
             outside ``module`` reads it too (a tied head: bake from the root, with ``name=``).
             The module is left unchanged.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"Expected `module` to be a torch.nn.Module. Got {type(module).__name__}.")
+    names = [name] if name is not None else _fixed_names(module)
+    if not names:
+        raise ValueError(
+            "Expected a tensor constrained by fix_rows under `module`. Got none: its "
+            "parametrized tensors are "
+            f"{[n for n, m in module.named_modules() if parametrize.is_parametrized(m)]}."
+        )
+    checked = [_bake_check(module, n) for n in names]
+    for owner, attr, plist in checked:
+        if not parametrize.is_parametrized(owner, attr):
+            continue  # baked already, as a sharer of a tensor before it (tied weights)
+        # Modules that share the parametrization (tied weights) get the stored Parameter back
+        # first; baking the owner last then sets that same Parameter to the full value.
+        sharers = [
+            (holder, holder_attr)
+            for holder in module.modules()
+            if holder is not owner and parametrize.is_parametrized(holder)
+            for holder_attr in list(holder.parametrizations)  # type: ignore[arg-type]
+            if parametrization_list(holder, holder_attr) is plist
+        ]
+        for holder, holder_attr in sharers:
+            parametrize.remove_parametrizations(holder, holder_attr, leave_parametrized=False)
+            remove_plain_hooks(holder, holder_attr)
+        parametrize.remove_parametrizations(owner, attr, leave_parametrized=True)
+        remove_plain_hooks(owner, attr)
+    return module
+
+
+def _fixed_names(module: nn.Module) -> list[str]:
+    """The dotted names of every tensor under ``module`` that `FixedRows` constrains."""
+    return [
+        f"{prefix}.{attr}" if prefix else attr
+        for prefix, holder in module.named_modules()
+        if parametrize.is_parametrized(holder)
+        for attr in list(holder.parametrizations)
+        if isinstance(parametrization_list(holder, attr)[0], FixedRows)
+    ]
+
+
+def _bake_check(module: nn.Module, name: str) -> tuple[nn.Module, str, ParametrizationList]:
+    """Check everything `bake` checks for one tensor, changing nothing."""
     owner, attr = _owner(module, name)
     if not parametrize.is_parametrized(owner, attr):
         raise ValueError(f"Expected {name!r} to be constrained by fix_rows. Got a plain tensor.")
@@ -334,15 +441,6 @@ def bake(module: nn.Module, *, name: str = "weight") -> nn.Module:
     if len(plist) != 1 or not isinstance(plist[0], FixedRows):
         kinds = [type(p).__name__ for p in plist]
         raise ValueError(f"Expected {name!r} to be constrained by FixedRows alone. Got {kinds}.")
-    # Modules that share the parametrization (tied weights) get the stored Parameter back first;
-    # baking the owner last then sets that same Parameter to the full value.
-    sharers = [
-        (holder, holder_attr)
-        for holder in module.modules()
-        if holder is not owner and parametrize.is_parametrized(holder)
-        for holder_attr in list(holder.parametrizations)  # type: ignore[arg-type]
-        if parametrization_list(holder, holder_attr) is plist
-    ]
     if _held_outside(module, plist, "_modules"):
         raise ValueError(
             f"Expected {name!r} to be read only by modules under `module`. Got a constrained "
@@ -351,9 +449,4 @@ def bake(module: nn.Module, *, name: str = "weight") -> nn.Module:
             "root module that holds both, with the dotted name: "
             "bake(model, name='embedding.weight')."
         )
-    for holder, holder_attr in sharers:
-        parametrize.remove_parametrizations(holder, holder_attr, leave_parametrized=False)
-        remove_plain_hooks(holder, holder_attr)
-    parametrize.remove_parametrizations(owner, attr, leave_parametrized=True)
-    remove_plain_hooks(owner, attr)
-    return module
+    return owner, attr, plist

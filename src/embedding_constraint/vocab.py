@@ -2,7 +2,8 @@
 
 `align` pairs the rows of the tokens two vocabularies share and lists the tokens added and
 removed. `expand` builds a new ``nn.Embedding``, ``nn.EmbeddingBag`` or ``nn.Linear`` head
-with one row per new token: shared rows copied exactly, added rows initialised.
+with one row per new token: shared rows copied exactly, added rows initialised; `append` does
+it for tokens added at the end, given their count.
 `reference_for` gives the shared rows and their new positions, ready for
 `fix_rows`.
 """
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-__all__ = ["Alignment", "align", "expand", "reference_for"]
+__all__ = ["Alignment", "align", "append", "expand", "reference_for"]
 
 # How `expand` fills added rows: a named strategy, or a callable given a zero tensor of shape
 # (num_added, *trailing) that fills it in place (returning None) or returns the new rows.
@@ -431,6 +432,54 @@ def expand(
             new.bias = nn.Parameter(new_bias, requires_grad=module.bias.requires_grad)
     new.train(module.training)
     return cast(_M, new)
+
+
+def append(
+    old_module: _M,
+    count: int,
+    *,
+    init: Init = "mean",
+    generator: torch.Generator | None = None,
+) -> _M:
+    r"""Return a new module with ``count`` rows added after the old ones; old rows copied exactly.
+
+    `expand` for the common case of tokens appended at the end of a vocabulary: no token lists
+    needed. The old rows keep their positions, so they are a prefix of the new module's rows:
+    constrain them with ``fix_rows(new, old.weight)`` (or ``fix_rows(new, old)`` for a head's
+    weight and bias) or ``EmbeddingConstraint(new, old)``. ``init`` and ``generator`` are those
+    of `expand`.
+
+    Args:
+        old_module (nn.Module): an ``nn.Embedding``, ``nn.EmbeddingBag`` or ``nn.Linear``.
+        count (int): how many rows to add, 0 or more.
+        init (str or callable, optional): how to fill the added rows; see `expand`.
+            Default: ``"mean"``.
+        generator (torch.Generator, optional): the random source of ``init``; see `expand`.
+
+    Returns:
+        nn.Module: a new module of ``old_module``'s class with ``count`` more rows.
+
+    Raises:
+        TypeError: ``count`` is not an int; or see `expand`.
+        ValueError: ``count`` is negative; or see `expand`.
+
+    Examples:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from embedding_constraint.vocab import append
+        >>> old = nn.Embedding(1000, 8)
+        >>> new = append(old, 50, generator=torch.Generator().manual_seed(0))
+        >>> new.weight.shape, torch.equal(new.weight[:1000], old.weight)
+        (torch.Size([1050, 8]), True)
+    """
+    given: object = count  # checked at run time: callers may not be typed
+    if not isinstance(given, int) or isinstance(given, bool):
+        raise TypeError(f"Expected `count` to be an int. Got {type(given).__name__}.")
+    if count < 0:
+        raise ValueError(f"Expected `count` to be 0 or more. Got {count}.")
+    rows = _check_module(old_module).weight.shape[0]
+    return expand(old_module, range(rows), range(rows + count), init=init, generator=generator)
 
 
 def reference_for(old_weight: Tensor, alignment: Alignment) -> tuple[Tensor, Tensor]:
