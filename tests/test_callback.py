@@ -399,3 +399,18 @@ def test_from_vocabularies_for_a_linear_head_fixes_weight_and_bias(pl_flavour: F
     pl_flavour.trainer(callbacks=[callback], max_epochs=1).fit(model, loader())
     assert torch.equal(model.head.weight[[2, 4, 0]], old_head.weight)
     assert torch.equal(model.head.bias[[2, 4, 0]], old_head.bias)
+
+
+@pytest.mark.parametrize(
+    ("trainer_of", "callback_of"),
+    [("lightning.pytorch", "pytorch_lightning"), ("pytorch_lightning", "lightning.pytorch")],
+)
+def test_a_trainer_runs_the_other_packages_callback_too(trainer_of: str, callback_of: str) -> None:
+    # What docs/lightning.md states for the Lightning version under test.
+    torch.manual_seed(0)
+    old = nn.Embedding(6, 4)
+    model = FLAVOURS[trainer_of].model(vocab=10, dim=4)
+    callback = FLAVOURS[callback_of].callback(model.embedding, old)
+    FLAVOURS[trainer_of].trainer(callbacks=[callback], max_epochs=1).fit(model, loader())
+    assert type(model.embedding.weight) is nn.Parameter
+    assert torch.equal(model.embedding.weight[:6], old.weight)

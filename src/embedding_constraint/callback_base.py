@@ -1,8 +1,8 @@
 """The Lightning-flavour-independent body of `EmbeddingConstraint`.
 
-`pytorch_lightning` and `lightning.pytorch` each have their own `Callback` class, and a
-Trainer accepts only its own. Both flavours of `EmbeddingConstraint` are this mixin put in
-front of their `Callback`, so the hooks and their logic exist once.
+`pytorch_lightning` and `lightning.pytorch` each have their own `Callback` class, and each
+package documents its own for its Trainer. Both flavours of `EmbeddingConstraint` are this
+mixin put in front of their `Callback`, so the hooks and their logic exist once.
 
 Hooks used, in the order Lightning calls them during ``fit``:
 
