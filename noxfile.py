@@ -4,8 +4,10 @@
 environment per torch requirement (``.nox/shared-<torch>``), made on first use: torch, both
 Lightning packages, every extra and the pinned checkers. So torch is installed once, not once a
 session; the environment is made again when the torch requirement, ``pyproject.toml`` or the
-pinned checkers change. `nox -s bench` runs the benchmark (not part of the everyday set: it
-measures, it does not check).
+pinned checkers change. pip installs torch (so your pip configuration, a CPU-only index say,
+decides which build); uv, where it is on the PATH, installs the rest, else pip. The tests run
+on every core (pytest-xdist). `nox -s bench` runs the benchmark (not part of the everyday set:
+it measures, it does not check).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -42,15 +45,22 @@ def _python(session: nox.Session) -> str:
     done = env / "installed.sha256"
     if done.exists() and done.read_text() == stamp and python.exists():
         return str(python)
+    uv = shutil.which("uv")
     session.log(
-        f"Making {env.relative_to(ROOT)} once for every session: {TORCH} first (so nothing "
-        "pulls an unpinned one), then both Lightning packages, this project with its test, "
-        "demo and docs extras, ruff and mypy."
+        f"Making {env.relative_to(ROOT)} once for every session: {TORCH} first, with pip (so "
+        "nothing pulls an unpinned one), then with " + ("uv" if uv else "pip") + " both "
+        "Lightning packages, this project with its test, demo and docs extras, ruff and mypy."
     )
     session.run(sys.executable, "-m", "venv", "--clear", str(env), external=True)
-    pip = [str(python), "-m", "pip", "install", "--progress-bar", "off"]
+    # Bytecode is compiled on first import instead: compiling every installed file up front
+    # takes longer than the whole test run imports.
+    pip = [str(python), "-m", "pip", "install", "--progress-bar", "off", "--no-compile"]
     session.run(*pip, TORCH, external=True)
-    session.run(*pip, "-e", f"{ROOT}[test,demo,docs]", *LIGHTNING, RUFF, MYPY, "nox", external=True)
+    rest = ["-e", f"{ROOT}[test,demo,docs]", *LIGHTNING, RUFF, MYPY, "nox"]
+    if uv:
+        session.run(uv, "pip", "install", "--python", str(python), *rest, external=True)
+    else:
+        session.run(*pip, *rest, external=True)
     done.write_text(stamp)
     return str(python)
 
@@ -58,7 +68,8 @@ def _python(session: nox.Session) -> str:
 @nox.session(venv_backend="none")
 def tests(session: nox.Session) -> None:
     """Run the test suite, doctests and executed examples, under both Lightning flavours."""
-    session.run(_python(session), "-m", "pytest", *session.posargs, external=True)
+    python = _python(session)
+    session.run(python, "-m", "pytest", "--numprocesses", "auto", *session.posargs, external=True)
 
 
 @nox.session(venv_backend="none")
