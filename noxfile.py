@@ -52,13 +52,14 @@ def _python(session: nox.Session) -> str:
         "Lightning packages, this project with its test, demo and docs extras, ruff and mypy."
     )
     session.run(sys.executable, "-m", "venv", "--clear", str(env), external=True)
-    # Bytecode is compiled on first import instead: compiling every installed file up front
-    # takes longer than the whole test run imports.
-    pip = [str(python), "-m", "pip", "install", "--progress-bar", "off", "--no-compile"]
+    pip = [str(python), "-m", "pip", "install", "--progress-bar", "off"]
     session.run(*pip, TORCH, external=True)
     rest = ["-e", f"{ROOT}[test,demo,docs]", *LIGHTNING, RUFF, MYPY, "nox"]
     if uv:
-        session.run(uv, "pip", "install", "--python", str(python), *rest, external=True)
+        # Compiled now, as pip does: else every test process (the parallel workers, the DDP
+        # ranks) would compile what it imports on its own.
+        uv_pip = [uv, "pip", "install", "--compile-bytecode", "--python", str(python)]
+        session.run(*uv_pip, *rest, external=True)
     else:
         session.run(*pip, *rest, external=True)
     done.write_text(stamp)
