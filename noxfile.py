@@ -5,9 +5,8 @@ environment per torch requirement (``.nox/shared-<torch>``), made on first use: 
 Lightning packages, every extra and the pinned checkers. So torch is installed once, not once a
 session; the environment is made again when the torch requirement, ``pyproject.toml`` or the
 pinned checkers change. pip installs torch (so your pip configuration, a CPU-only index say,
-decides which build); uv, where it is on the PATH, installs the rest, else pip. The tests run
-on every core (pytest-xdist). `nox -s bench` runs the benchmark (not part of the everyday set:
-it measures, it does not check).
+decides which build); uv, where it is on the PATH, installs the rest, else pip. `nox -s bench`
+runs the benchmark (not part of the everyday set: it measures, it does not check).
 """
 
 from __future__ import annotations
@@ -69,8 +68,7 @@ def _python(session: nox.Session) -> str:
 @nox.session(venv_backend="none")
 def tests(session: nox.Session) -> None:
     """Run the test suite, doctests and executed examples, under both Lightning flavours."""
-    python = _python(session)
-    session.run(python, "-m", "pytest", "--numprocesses", "auto", *session.posargs, external=True)
+    session.run(_python(session), "-m", "pytest", *session.posargs, external=True)
 
 
 @nox.session(venv_backend="none")
