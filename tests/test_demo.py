@@ -184,13 +184,20 @@ def test_main_exits_1_when_the_constraint_did_not_hold(
     assert f"Figure: {summary.figure.absolute()}" in captured.out
 
 
-def test_main_rejects_a_non_positive_epoch_count(
-    demo: ModuleType, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--epochs", "0"], "expected a positive number of epochs"),
+        (["--seeds", "-1"], "expected a count of seeds"),
+    ],
+)
+def test_main_rejects_bad_counts(
+    demo: ModuleType, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
 ) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        demo.main(["--epochs", "0"])
+        demo.main(argv)
     assert exit_info.value.code == 2
-    assert "expected a positive number of epochs" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -211,12 +218,3 @@ def test_the_sweep_report_counts_the_seeds(demo: ModuleType, summary: Any) -> No
     assert "kept every old item in 1 of 2 seeds (old-item accuracy 50% to 100%)" in report
     assert "bit for bit unchanged in 2 of 2 seeds" in report
     assert "settled with their kind in 2 of 2" in report
-
-
-def test_main_rejects_a_negative_seed_count(
-    demo: ModuleType, capsys: pytest.CaptureFixture[str]
-) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        demo.main(["--seeds", "-1"])
-    assert exit_info.value.code == 2
-    assert "expected a count of seeds" in capsys.readouterr().err
