@@ -24,6 +24,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from support import stored
 from torch import Tensor, nn
 from torch.autograd import forward_ad
@@ -374,3 +376,48 @@ def test_bad_ids_fail_as_in_the_plain_module(path: str, layout: str, bad: str) -
             case.fast(*bad_inputs)
     after = case.fast.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data())
+def test_random_layouts_and_ids_match_the_plain_read(data: st.DataObject) -> None:
+    # The tables above, drawn at random: vocabulary size, fixed rows in any order (a prefix
+    # sometimes), ids in and out of range, for the lookup, a sum bag and the head.
+    vocab = data.draw(st.integers(2, 12), label="vocab")
+    fixed = data.draw(st.integers(1, vocab), label="fixed")
+    order = data.draw(st.permutations(range(vocab)), label="order")
+    rows = None if data.draw(st.booleans(), label="prefix") else list(order[:fixed])
+    path = data.draw(st.sampled_from(["lookup", "bag", "head"]), label="path")
+    torch.manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    plain: nn.Module
+    if path == "lookup":
+        plain = nn.Embedding(vocab, 3, dtype=torch.float64)
+    elif path == "bag":
+        plain = nn.EmbeddingBag(vocab, 3, mode="sum", dtype=torch.float64)
+    else:
+        plain = nn.Linear(3, vocab, dtype=torch.float64)
+    fast = copy.deepcopy(plain)
+    reference = torch.randn(fixed, 3, dtype=torch.float64)
+    fix_rows(fast, reference, rows=rows)
+    free = stored(fast).detach().clone().requires_grad_()
+    if path == "head":
+        inputs: tuple[Tensor, ...] = (torch.randn(4, 3, dtype=torch.float64),)
+    else:
+        ids = data.draw(st.lists(st.integers(-2, vocab + 1), min_size=2, max_size=8), label="ids")
+        shape = (1, len(ids)) if path == "bag" else (len(ids),)
+        inputs = (torch.tensor(ids).reshape(shape),)
+
+    def plain_read_of(f: Tensor) -> Tensor:
+        out: Tensor = functional_call(plain, {"weight": plain_read(reference, f, rows)}, inputs)
+        return out
+
+    plain_error = _error_of(lambda: plain_read_of(free))
+    if plain_error is not None:
+        with pytest.raises(plain_error):
+            fast(*inputs)
+        return
+    out_fast, out_plain = fast(*inputs), plain_read_of(free)
+    torch.testing.assert_close(out_fast, out_plain)
+    (grad_fast,) = torch.autograd.grad(_loss(out_fast), [stored(fast)])
+    (grad_plain,) = torch.autograd.grad(_loss(out_plain), [free])
+    torch.testing.assert_close(grad_fast, grad_plain)
