@@ -246,7 +246,9 @@ def test_an_optimizer_with_state_for_the_full_weight_is_refused(
     emb = nn.Embedding(6, 2)
     optimizer = make(emb)
     before = _snapshot(emb)
-    with pytest.raises(ValueError, match=r"optimizer that holds state of its full shape \(6, 2\)"):
+    with pytest.raises(
+        ValueError, match=r"still alive, that holds state of its full shape \(6, 2\)"
+    ):
         fix_rows(emb, torch.zeros(2, 2))
     _assert_unchanged(emb, before)
     assert optimizer.state[emb.weight]  # untouched too
@@ -260,6 +262,22 @@ def test_an_optimizer_made_before_that_has_not_stepped_trains_the_free_rows() ->
     optimizer.step()
     assert optimizer.state[stored(emb)]["exp_avg"].shape == (4, 2)
     assert torch.equal(emb.weight[:2], torch.zeros(2, 2))
+
+
+def test_the_callback_ignores_the_optimizer_of_an_earlier_fit() -> None:
+    # A plain fit first, its Trainer (and AdamW, with full-size state) still alive: the
+    # constrained fit makes its own optimizer after setup, so the old one is no reason to refuse.
+    flavour = FLAVOURS["pytorch_lightning"]
+    torch.manual_seed(0)
+    model = flavour.model(vocab=10, dim=4)
+    first = flavour.trainer(max_epochs=1)
+    first.fit(model, loader())
+    (optimizer,) = first.optimizers
+    assert optimizer.state[model.embedding.weight]["exp_avg"].shape == (10, 4)
+    reference = model.embedding.weight[:6].detach().clone()
+    callback = flavour.callback(model.embedding, reference)
+    flavour.trainer(callbacks=[callback], max_epochs=1).fit(model, loader())
+    assert torch.equal(model.embedding.weight[:6], reference)
 
 
 def _fit_plain_and_save(flavour: Flavour, path: Path) -> Any:

@@ -26,7 +26,13 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 from typing_extensions import Self
 
-from embedding_constraint.fix_rows import _check_lookup_options, _owner, bake, fix_rows, is_fixed
+from embedding_constraint.fix_rows import (
+    _check_lookup_options,
+    _owner,
+    bake,
+    fix_rows_before_optimizers,
+    is_fixed,
+)
 from embedding_constraint.fixed_rows import FixedRows, parametrization_list
 
 __all__ = ["EmbeddingConstraintHooks"]
@@ -195,7 +201,7 @@ class EmbeddingConstraintHooks:
         self._name = prefix
         for attr, reference in self.references.items():
             name = f"{prefix}.{attr}" if prefix else attr
-            fix_rows(pl_module, reference, name=name, rows=self.rows)
+            fix_rows_before_optimizers(pl_module, reference, name=name, rows=self.rows)
             self._fixed.append((pl_module, name))
             total = getattr(self.target, attr).shape[0]
             type(self)._info(

@@ -314,9 +314,18 @@ class _Plan:
 
 
 def _plan(
-    module: nn.Module, reference: Tensor, name: object, rows: Tensor | Sequence[int] | None
+    module: nn.Module,
+    reference: Tensor,
+    name: object,
+    rows: Tensor | Sequence[int] | None,
+    *,
+    optimizers_follow: bool = False,
 ) -> _Plan:
-    """Check everything `fix_rows` checks for one tensor, changing nothing."""
+    """Check everything `fix_rows` checks for one tensor, changing nothing.
+
+    ``optimizers_follow``: the caller creates the optimizers afterwards (the Lightning callback),
+    so state that an optimizer already holds belongs to one that will not train this fit.
+    """
     if not isinstance(name, str) or not name:
         raise TypeError(f"Expected `name` to be a non-empty str. Got {name!r}.")
     owner, attr = _owner(module, name)
@@ -340,12 +349,13 @@ def _plan(
             "root module that holds both, with the dotted name: "
             "fix_rows(model, reference, name='embedding.weight')."
         )
-    if _has_optimizer_state(param):
+    if not optimizers_follow and _has_optimizer_state(param):
         raise ValueError(
-            f"Expected no optimizer state for {name!r} yet. Got an optimizer that holds state of "
-            f"its full shape {tuple(param.shape)} (it has stepped, or it makes its state when "
-            "it is created, as Adagrad does): after fix_rows the parameter holds only the free "
-            "rows, and its next step would fail. Create the optimizer after fix_rows."
+            f"Expected no optimizer state for {name!r} yet. Got an optimizer, still alive, that "
+            f"holds state of its full shape {tuple(param.shape)} (it has stepped, or it makes "
+            "its state when it is created, as Adagrad does): after fix_rows the parameter holds "
+            "only the free rows, and its next step would fail. Create the optimizer after "
+            "fix_rows (and let go of the old one)."
         )
     holders = _holders(module, param)
     for holder, _ in holders:
@@ -354,6 +364,17 @@ def _plan(
     constraint.check_compatible(param)
     orders = [plain_parameter_order(holder) for holder, _ in holders]
     return _Plan(owner, attr, constraint, holders, orders)
+
+
+def fix_rows_before_optimizers(
+    module: nn.Module, reference: Tensor, *, name: str, rows: Tensor | Sequence[int] | None
+) -> None:
+    """`fix_rows` for a caller that creates the optimizers afterwards (the callback's ``setup``).
+
+    An optimizer alive from an earlier fit may still hold state of the full weight; it does
+    not train this one, so it is no reason to refuse.
+    """
+    _register(_plan(module, reference, name, rows, optimizers_follow=True))
 
 
 def _register(plan: _Plan) -> None:
