@@ -48,12 +48,12 @@ def _python(session: nox.Session) -> str:
     session.log(
         f"Making {env.relative_to(ROOT)} once for every session: {TORCH} first, with pip (so "
         "nothing pulls an unpinned one), then with " + ("uv" if uv else "pip") + " both "
-        "Lightning packages, this project with its test, demo and docs extras, ruff and mypy."
+        "Lightning packages, this project with its test, demo, docs and peft (with transformers) extras, ruff and mypy."
     )
     session.run(sys.executable, "-m", "venv", "--clear", str(env), external=True)
     pip = [str(python), "-m", "pip", "install", "--progress-bar", "off"]
     session.run(*pip, TORCH, external=True)
-    rest = ["-e", f"{ROOT}[test,demo,docs]", *LIGHTNING, RUFF, MYPY, "nox"]
+    rest = ["-e", f"{ROOT}[test,demo,docs,peft]", *LIGHTNING, RUFF, MYPY, "nox"]
     if uv:
         # Compiled now, as pip does: else every test process (the parallel workers, the DDP
         # ranks) would compile what it imports on its own.
