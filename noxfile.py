@@ -48,7 +48,8 @@ def _python(session: nox.Session) -> str:
     session.log(
         f"Making {env.relative_to(ROOT)} once for every session: {TORCH} first, with pip (so "
         "nothing pulls an unpinned one), then with " + ("uv" if uv else "pip") + " both "
-        "Lightning packages, this project with its test, demo, docs and peft (with transformers) extras, ruff and mypy."
+        "Lightning packages, this project with its test, demo, docs and peft extras (peft "
+        "brings transformers), ruff and mypy."
     )
     session.run(sys.executable, "-m", "venv", "--clear", str(env), external=True)
     pip = [str(python), "-m", "pip", "install", "--progress-bar", "off"]
