@@ -241,6 +241,30 @@ def test_tied_model_state_dict_loads_into_a_plain_tied_model() -> None:
     assert torch.equal(model.head.weight, plain.head.weight)
 
 
+def test_tied_holders_share_one_tensor_in_a_state_dict_as_a_plain_tied_model_does() -> None:
+    # Savers that write shared tensors once (safetensors through transformers' save_pretrained)
+    # then write the constrained matrix once too.
+    def storage(tensor: Tensor) -> int:
+        return tensor.untyped_storage().data_ptr()
+
+    plain_state = _TiedLM().state_dict()
+    assert storage(plain_state["wte.weight"]) == storage(plain_state["head.weight"])
+    model = _TiedLM()
+    fix_rows(model, torch.randn(2, 3), name="wte.weight", rows=[4, 1])
+    state = model.state_dict()
+    assert state["wte.weight"] is state["head.weight"]
+    assert torch.equal(state["wte.weight"], model.wte.weight)
+    # A later call builds anew: it sees the values as they are now, not a shared stale tensor.
+    with torch.no_grad():
+        model.wte.parametrizations.weight.original.add_(1.0)
+    again = model.state_dict(destination=state)  # the same dict, written again: no reuse
+    assert torch.equal(again["wte.weight"], model.wte.weight)
+    assert torch.equal(again["head.weight"], model.wte.weight)
+    fresh = model.state_dict()
+    assert fresh["wte.weight"] is not state["wte.weight"]
+    assert torch.equal(fresh["head.weight"], model.head.weight)
+
+
 def test_a_reference_module_constrains_a_heads_weight_and_bias_in_one_call() -> None:
     torch.manual_seed(0)
     old_head = nn.Linear(4, 3)

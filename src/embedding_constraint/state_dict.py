@@ -8,16 +8,45 @@ free rows to the stored parameter and checks the fixed rows against the referenc
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.parametrize import ParametrizationList
 
 from embedding_constraint.fixed_rows import FixedRows, parametrization_list
 
 __all__ = ["plain_parameter_order", "register_plain_hooks", "remove_plain_hooks"]
+
+# The full tensor last built for a parametrization, with the ``id`` of the state dict it went
+# into. Tied holders share one parametrization; within one ``state_dict()`` call they get one
+# tensor, as an unconstrained tied module's state dict holds its one Parameter twice, so savers
+# that write shared tensors once (transformers' ``save_pretrained``) write it once. Weak on both
+# sides: the entry keeps neither the parametrization nor the (possibly large) tensor alive.
+_BUILT: weakref.WeakKeyDictionary[ParametrizationList, tuple[int, weakref.ref[Tensor]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _full_tensor(plist: ParametrizationList, state_dict: dict[str, Any], key: str) -> Tensor:
+    """The full tensor of ``plist`` for ``state_dict[key]``: built, or shared within one call.
+
+    A tensor built for another holder is shared only while it is a value of this very state
+    dict and ``key`` is not in it yet, so a state dict made before (or a second call with the
+    same ``destination``, which finds its keys already written) never gets stale values.
+    """
+    last = _BUILT.get(plist)
+    if last is not None and last[0] == id(state_dict) and key not in state_dict:
+        built = last[1]()
+        if built is not None and any(value is built for value in state_dict.values()):
+            return built
+    with torch.no_grad():
+        full = plist().detach()
+    _BUILT[plist] = (id(state_dict), weakref.ref(full))
+    return full
 
 
 class _PlainStateDict:
@@ -52,9 +81,10 @@ class _PlainStateDict:
             return
         inner = f"{prefix}parametrizations.{self.name}."
         # This module's entries are the last ones written: take them out, put them back in order.
+        plist = parametrization_list(module, self.name)
+        full = _full_tensor(plist, state_dict, prefix + self.name)
         mine = {k: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(prefix)]}
-        with torch.no_grad():
-            mine[prefix + self.name] = parametrization_list(module, self.name)().detach()
+        mine[prefix + self.name] = full
         for key in [prefix + p for p in self.parameter_order if prefix + p in mine]:
             state_dict[key] = mine.pop(key)
         state_dict.update((k, v) for k, v in mine.items() if not k.startswith(inner))
