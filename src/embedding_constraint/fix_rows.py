@@ -453,6 +453,20 @@ def _fixed_names(module: nn.Module) -> list[str]:
     ]
 
 
+def fixed_tensors(module: nn.Module) -> list[tuple[str, FixedRows]]:
+    """Each tensor under ``module`` that `FixedRows` constrains, once (tied holders: the first
+    name), with its constraint."""
+    seen: set[int] = set()
+    found = []
+    for name in _fixed_names(module):
+        owner, attr = _owner(module, name)
+        plist = parametrization_list(owner, attr)
+        if id(plist) not in seen:
+            seen.add(id(plist))
+            found.append((name, cast(FixedRows, plist[0])))
+    return found
+
+
 def _bake_check(module: nn.Module, name: str) -> tuple[nn.Module, str, ParametrizationList]:
     """Check everything `bake` checks for one tensor, changing nothing."""
     owner, attr = _owner(module, name)
