@@ -306,7 +306,7 @@ def expand_vocabulary(
     # Nothing below can fail on user input: the model changes only from here on.
     names = []
     for old, new, reference in new_tensors:
-        replacement = nn.Parameter(new, requires_grad=old.requires_grad)
+        replacement = nn.Parameter(new)  # trains, also where the old one was frozen (PEFT)
         holders = _holders(model, old)
         for holder, attr in holders:
             setattr(holder, attr, replacement)

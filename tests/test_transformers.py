@@ -1,0 +1,451 @@
+"""`embedding_constraint.transformers`: Hugging Face models grown with `expand_vocabulary`.
+
+Models are built from configs (GPT-2, Llama, Phi for a head with a bias), tokenizers from a
+made-up corpus with the ``tokenizers`` package: nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+transformers = pytest.importorskip("transformers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PhiConfig,
+    PhiForCausalLM,
+)
+
+from embedding_constraint import bake, is_fixed
+from embedding_constraint.transformers import expand_vocabulary
+
+OLD = 24
+OLD_VOCAB = [f"t{i}" for i in range(OLD)]
+# Re-sorted, tokens 3 and 4 removed, three added in between: the fixed rows are scattered.
+NEW_VOCAB = [*OLD_VOCAB[:3], "new0", *reversed(OLD_VOCAB[5:]), "new1", "new2"]
+KEPT = [0, 1, 2, *range(5, OLD)]  # old ids of the shared tokens
+KEPT_AT = [NEW_VOCAB.index(OLD_VOCAB[i]) for i in KEPT]  # their new ids
+ADDED_AT = [NEW_VOCAB.index(t) for t in ("new0", "new1", "new2")]
+
+
+@pytest.fixture(autouse=True)
+def _quiet_transformers() -> Iterator[None]:
+    logging = transformers.utils.logging  # untyped in transformers
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    yield
+    logging.set_verbosity(level)
+    logging.enable_progress_bar()
+
+
+def _model(kind: str, tied: bool, vocab: int = OLD) -> Any:  # transformers is partly typed
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        return GPT2LMHeadModel(
+            GPT2Config(vocab_size=vocab, n_embd=16, n_layer=1, n_head=2, tie_word_embeddings=tied)
+        )
+    if kind == "phi":  # an output head with a bias
+        return PhiForCausalLM(
+            PhiConfig(
+                vocab_size=vocab,
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                tie_word_embeddings=tied,
+            )
+        )
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            tie_word_embeddings=tied,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    )
+
+
+def _vocab_tensors(model: Any) -> dict[str, Tensor]:
+    head = model.get_output_embeddings()
+    tensors = {"input": model.get_input_embeddings().weight.detach().clone()}
+    if head is not None:
+        tensors["head"] = head.weight.detach().clone()
+        if head.bias is not None:
+            tensors["bias"] = head.bias.detach().clone()
+    return tensors
+
+
+def _train(model: nn.Module, steps: int = 3, vocab: int = len(NEW_VOCAB)) -> list[float]:
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (2, 8), generator=generator)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=0.05, weight_decay=0.1
+    )
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _assert_old_rows_kept(model: Any, old: dict[str, Tensor]) -> None:
+    now = _vocab_tensors(model)
+    for key, before in old.items():
+        assert torch.equal(now[key][KEPT_AT], before[KEPT]), key
+
+
+CASES = [("llama", True), ("llama", False), ("gpt2", True), ("gpt2", False), ("phi", False)]
+
+
+@pytest.mark.parametrize(("kind", "tied"), CASES)
+def test_expanded_model_trains_its_new_rows_with_the_old_rows_exact(kind: str, tied: bool) -> None:
+    model = _model(kind, tied)
+    old = _vocab_tensors(model)
+    expand_vocabulary(model, OLD_VOCAB, NEW_VOCAB, generator=torch.Generator().manual_seed(0))
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert model.config.vocab_size == len(NEW_VOCAB)
+    assert embedding.num_embeddings == head.out_features == len(NEW_VOCAB)
+    assert (embedding.parametrizations.weight is head.parametrizations.weight) == tied
+    assert is_fixed(head, "weight")
+    assert is_fixed(head, "bias") == ("bias" in old)
+    _assert_old_rows_kept(model, old)
+    added_before = _vocab_tensors(model)["input"][ADDED_AT]
+    losses = _train(model)
+    assert losses[-1] < losses[0]
+    _assert_old_rows_kept(model, old)
+    assert not torch.equal(_vocab_tensors(model)["input"][ADDED_AT], added_before)
+    bake(model)
+    assert type(model.get_input_embeddings()) is nn.Embedding
+    assert (model.get_input_embeddings().weight is model.get_output_embeddings().weight) == tied
+    _assert_old_rows_kept(model, old)
+
+
+def test_vocabularies_may_be_tokenizers_mappings_or_sequences() -> None:
+    corpus = ["apples and pears", "pears and plums", "plums and apples and figs"]
+    bpe = Tokenizer(models.BPE(unk_token="[UNK]"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(special_tokens=["[PAD]", "[UNK]"]))
+    old_tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="[UNK]")
+    new_tokenizer = copy.deepcopy(old_tokenizer)
+    assert new_tokenizer.add_tokens(["kiwi", "mango"]) == 2
+    size = len(old_tokenizer)
+    by_tokenizer = expand_vocabulary(
+        _model("llama", True, size), old_tokenizer, new_tokenizer, init="zeros"
+    )
+    old_map = old_tokenizer.get_vocab()
+    by_mapping = expand_vocabulary(
+        _model("llama", True, size), old_map, new_tokenizer.get_vocab(), init="zeros"
+    )
+    in_order = sorted(old_map, key=old_map.__getitem__)
+    by_sequence = expand_vocabulary(
+        _model("llama", True, size), in_order, [*in_order, "kiwi", "mango"], init="zeros"
+    )
+    weights = [m.get_input_embeddings().weight for m in (by_tokenizer, by_mapping, by_sequence)]
+    assert weights[0].shape[0] == size + 2
+    assert torch.equal(weights[0], weights[1])
+    assert torch.equal(weights[0], weights[2])
+    assert torch.equal(weights[0][size:], torch.zeros(2, 16))
+
+
+def test_config_token_ids_follow_their_tokens() -> None:
+    model = _model("llama", False)
+    model.config.pad_token_id = 7
+    model.generation_config.eos_token_id = [2, 9]
+    expand_vocabulary(model, OLD_VOCAB, NEW_VOCAB)
+    assert model.config.bos_token_id == NEW_VOCAB.index("t1")
+    assert model.config.pad_token_id == NEW_VOCAB.index("t7")
+    assert model.generation_config.eos_token_id == [NEW_VOCAB.index("t2"), NEW_VOCAB.index("t9")]
+
+
+def test_a_padding_row_moves_with_its_token_and_stays_out_of_the_statistics() -> None:
+    model = _model("llama", True)
+    embedding = model.get_input_embeddings()
+    embedding.padding_idx = 6
+    with torch.no_grad():
+        embedding.weight[6] = 1e6  # would dominate a mean it took part in
+    expand_vocabulary(model, OLD_VOCAB, NEW_VOCAB, init="normal")
+    assert embedding.padding_idx == NEW_VOCAB.index("t6")
+    assert embedding.weight[ADDED_AT].abs().max().item() < 100
+
+
+def test_num_parameters_counts_the_stored_rows_once() -> None:
+    for tied in (True, False):
+        plain = _model("llama", tied, len(NEW_VOCAB))
+        model = expand_vocabulary(_model("llama", tied), OLD_VOCAB, NEW_VOCAB)
+        fixed = len(KEPT) * 16 * (1 if tied else 2)
+        assert model.num_parameters() == plain.num_parameters() - fixed
+        assert model.num_parameters(only_trainable=True) == model.num_parameters()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_tie_weights_keeps_the_constraint_and_the_parameters(tied: bool) -> None:
+    model = _model("llama", tied)
+    old = _vocab_tensors(model)
+    expand_vocabulary(model, OLD_VOCAB, NEW_VOCAB)
+    params = list(model.parameters())
+    _train(model)
+    model.tie_weights()
+    assert list(model.parameters()) == params  # the same objects: an optimizer keeps them
+    assert is_fixed(model.get_output_embeddings(), "weight")
+    _assert_old_rows_kept(model, old)
+    _train(model, steps=1)
+    _assert_old_rows_kept(model, old)
+
+
+def test_tying_an_untied_model_later_keeps_the_embeddings_rows() -> None:
+    model = _model("llama", False)
+    old = _vocab_tensors(model)
+    expand_vocabulary(model, OLD_VOCAB, NEW_VOCAB)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert embedding.parametrizations.weight is head.parametrizations.weight
+    assert torch.equal(head.weight[KEPT_AT], old["input"][KEPT])
+
+
+@pytest.mark.parametrize(("kind", "tied"), CASES)
+def test_resize_token_embeddings_grows_free_rows_and_keeps_the_constraint(
+    kind: str, tied: bool
+) -> None:
+    model = _model(kind, tied)
+    old = _vocab_tensors(model)
+    expand_vocabulary(model, OLD_VOCAB, NEW_VOCAB)
+    model.resize_token_embeddings(30, pad_to_multiple_of=8)
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert model.config.vocab_size == embedding.weight.shape[0] == head.weight.shape[0] == 32
+    assert (embedding.parametrizations.weight is head.parametrizations.weight) == tied
+    assert is_fixed(head, "weight")
+    _assert_old_rows_kept(model, old)
+    _train(model, vocab=32)
+    _assert_old_rows_kept(model, old)
+
+
+def test_resizing_below_a_fixed_row_is_refused_and_changes_nothing() -> None:
+    model = expand_vocabulary(_model("llama", False), OLD_VOCAB, NEW_VOCAB)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    last = max(KEPT_AT)
+    with pytest.raises(ValueError, match=rf"at least {last + 1}: .* holds row {last} fixed"):
+        model.resize_token_embeddings(last)
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert model.config.vocab_size == len(NEW_VOCAB)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_save_pretrained_writes_a_plain_checkpoint_with_a_tied_matrix_once(
+    tied: bool, tmp_path: Path
+) -> None:
+    model = expand_vocabulary(_model("gpt2", tied), OLD_VOCAB, NEW_VOCAB)
+    _train(model)
+    model.save_pretrained(tmp_path / "constrained")
+    saved = safetensors_torch.load_file(tmp_path / "constrained" / "model.safetensors")
+    plain = _model("gpt2", tied, len(NEW_VOCAB))
+    plain.save_pretrained(tmp_path / "plain")
+    assert sorted(saved) == sorted(
+        safetensors_torch.load_file(tmp_path / "plain" / "model.safetensors")
+    )
+    assert ("lm_head.weight" in saved) != tied  # a tied matrix is written once
+    loaded: Any = GPT2LMHeadModel.from_pretrained(tmp_path / "constrained")
+    assert torch.equal(loaded.get_output_embeddings().weight, model.get_output_embeddings().weight)
+    assert torch.equal(loaded.get_input_embeddings().weight, model.get_input_embeddings().weight)
+    assert (loaded.get_input_embeddings().weight is loaded.get_output_embeddings().weight) == tied
+    bake(model)
+    model.save_pretrained(tmp_path / "baked")
+    baked = safetensors_torch.load_file(tmp_path / "baked" / "model.safetensors")
+    assert sorted(baked) == sorted(saved)
+    assert all(torch.equal(baked[k], saved[k]) for k in saved)
+    config = json.loads((tmp_path / "baked" / "config.json").read_text())
+    assert config["vocab_size"] == len(NEW_VOCAB)
+
+
+def test_generate_matches_the_baked_model() -> None:
+    model = expand_vocabulary(_model("llama", True), OLD_VOCAB, NEW_VOCAB)
+    _train(model)
+    model.eval()
+    prompt = torch.tensor([[1, 5, 9]])
+    out = model.generate(prompt, max_new_tokens=5, do_sample=False)
+    baked: Any = bake(copy.deepcopy(model))
+    assert torch.equal(baked.generate(prompt, max_new_tokens=5, do_sample=False), out)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    grads = []
+    for checkpointing in (False, True):
+        model = expand_vocabulary(_model("llama", False), OLD_VOCAB, NEW_VOCAB)
+        model.train()
+        if checkpointing:  # named activation checkpointing from transformers 5 on
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            (enable or model.gradient_checkpointing_enable)()
+        ids = torch.arange(8).reshape(1, 8)
+        model(input_ids=ids, labels=ids).loss.backward()
+        free = model.get_input_embeddings().parametrizations.weight.original
+        assert free.grad is not None
+        grads.append(free.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
+def _model_unchanged(model: Any, before: dict[str, Tensor], size: int) -> None:
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert not is_fixed(model, "model.embed_tokens.weight")
+    assert model.config.vocab_size == size
+
+
+@pytest.mark.parametrize(
+    ("old_vocab", "new_vocab", "error", "match"),
+    [
+        (
+            {"a": 0, "b": 2},
+            NEW_VOCAB,
+            ValueError,
+            r"`old_vocab` to give the 2 tokens the ids 0 to 1",
+        ),
+        ({"a": 0, "b": True}, NEW_VOCAB, TypeError, r"`old_vocab` to map tokens to int ids"),
+        ([*OLD_VOCAB, "extra"], NEW_VOCAB, ValueError, r"at most 24 tokens.* Got 25"),
+        (OLD_VOCAB, ["t0", "t2", "x"], ValueError, r"keep the token 't1' \(id 1, the model's bos"),
+        (OLD_VOCAB, "t0 t1", TypeError, r"`new_vocab` to be a sequence of tokens"),
+        (OLD_VOCAB, [*OLD_VOCAB, "t0"], ValueError, r"`new_vocab` to hold distinct tokens"),
+    ],
+)
+def test_bad_vocabularies_are_refused_and_change_nothing(
+    old_vocab: Any, new_vocab: Any, error: type[Exception], match: str
+) -> None:
+    model = _model("llama", True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error, match=match):
+        expand_vocabulary(model, old_vocab, new_vocab)
+    _model_unchanged(model, before, OLD)
+
+
+def test_bad_models_are_refused_and_change_nothing() -> None:
+    with pytest.raises(TypeError, match="Expected `model` to be a transformers PreTrainedModel"):
+        expand_vocabulary(nn.Linear(2, 2), OLD_VOCAB, NEW_VOCAB)  # type: ignore[type-var]
+    model = expand_vocabulary(_model("llama", True), OLD_VOCAB, NEW_VOCAB)
+    with pytest.raises(ValueError, match=r"input embedding is not constrained yet.* bake"):
+        expand_vocabulary(model, NEW_VOCAB, [*NEW_VOCAB, "more"])
+    padded = _model("llama", True)
+    padded.get_input_embeddings().padding_idx = 3  # token t3, which NEW_VOCAB drops
+    before = {k: v.clone() for k, v in padded.state_dict().items()}
+    with pytest.raises(ValueError, match=r"keep the padding token 't3' \(row 3"):
+        expand_vocabulary(padded, OLD_VOCAB, NEW_VOCAB)
+    _model_unchanged(padded, before, OLD)
+    with pytest.raises(ValueError, match="Expected `init` to be one of"):
+        expand_vocabulary(padded, OLD_VOCAB, NEW_VOCAB, init="ones")  # type: ignore[arg-type]
+    with torch.device("meta"):
+        meta = _model("llama", True)
+    with pytest.raises(ValueError, match=r"weight to hold values\. Got one on the meta device"):
+        expand_vocabulary(meta, OLD_VOCAB, NEW_VOCAB)
+
+
+def test_a_deep_copy_is_its_own_model() -> None:
+    # EMA snapshots: baking or resizing a copy leaves the original as it was.
+    model = expand_vocabulary(_model("llama", True), OLD_VOCAB, NEW_VOCAB)
+    snapshot = copy.deepcopy(model)
+    snapshot.resize_token_embeddings(40)
+    assert model.get_input_embeddings().weight.shape[0] == len(NEW_VOCAB)
+    assert snapshot.get_input_embeddings().weight.shape[0] == 40
+    bake(snapshot)
+    assert is_fixed(model, "model.embed_tokens.weight")
+    assert is_fixed(model, "lm_head.weight")
+
+
+def _dataset(count: int = 8) -> list[dict[str, Tensor]]:
+    generator = torch.Generator().manual_seed(2)
+    return [
+        {"input_ids": ids, "labels": ids}
+        for ids in torch.randint(0, len(NEW_VOCAB), (count, 8), generator=generator)
+    ]
+
+
+def _trainer(model: nn.Module, out: Path, steps: int) -> Any:
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=steps,
+        per_device_train_batch_size=2,
+        learning_rate=0.05,
+        lr_scheduler_type="constant",  # the first steps are the same whatever max_steps is
+        weight_decay=0.1,
+        save_steps=3,
+        logging_steps=100,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    return Trainer(model=model, args=args, train_dataset=_dataset())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tied", [True, False])
+def test_transformers_trainer_end_to_end_with_checkpoints_and_resume(
+    tied: bool, tmp_path: Path
+) -> None:
+    model = _model("llama", tied)
+    old = _vocab_tensors(model)
+    expand_vocabulary(model, OLD_VOCAB, NEW_VOCAB)
+    _trainer(model, tmp_path, steps=3).train()
+    _assert_old_rows_kept(model, old)
+    checkpoint = tmp_path / "checkpoint-3"
+    plain: Any = LlamaForCausalLM.from_pretrained(checkpoint)
+    assert not is_fixed(plain, "model.embed_tokens.weight")
+    _assert_old_rows_kept(plain, old)
+    assert torch.equal(plain.get_input_embeddings().weight, model.get_input_embeddings().weight)
+    # Resume in a fresh process's way: a freshly expanded model, the checkpoint's state.
+    resumed = expand_vocabulary(_model("llama", tied), OLD_VOCAB, NEW_VOCAB)
+    _trainer(resumed, tmp_path, steps=5).train(resume_from_checkpoint=str(checkpoint))
+    _assert_old_rows_kept(resumed, old)
+    model_5 = _model("llama", tied)
+    expand_vocabulary(model_5, OLD_VOCAB, NEW_VOCAB)
+    _trainer(model_5, tmp_path / "straight", steps=5).train()
+    torch.testing.assert_close(
+        resumed.get_input_embeddings().weight, model_5.get_input_embeddings().weight
+    )
+
+
+# PEFT's get_peft_model asks transformers' deprecated `is_gradient_checkpointing`: not ours.
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_lora_on_the_body_and_expand_vocabulary_on_the_embeddings() -> None:
+    peft = pytest.importorskip("peft")
+    model = _model("llama", False)
+    old = _vocab_tensors(model)
+    q_before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    expand_vocabulary(lora, OLD_VOCAB, NEW_VOCAB)  # after get_peft_model, which freezes weights
+    trainable = {
+        n.removeprefix("base_model.model.") for n, p in lora.named_parameters() if p.requires_grad
+    }
+    assert "model.embed_tokens.parametrizations.weight.original" in trainable
+    assert "lm_head.parametrizations.weight.original" in trainable
+    assert all("lora_" in n for n in trainable if "parametrizations" not in n)
+    _train(lora)
+    merged: Any = bake(lora.merge_and_unload())
+    assert type(merged.model.layers[0].self_attn.q_proj) is nn.Linear
+    assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, q_before)
+    _assert_old_rows_kept(merged, old)
