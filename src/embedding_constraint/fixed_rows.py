@@ -24,10 +24,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.autograd import forward_ad
+from torch.distributed.tensor import DTensor, Replicate
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrize import ParametrizationList
 
-__all__ = ["FixedRows", "composable_only", "constrained", "parametrization_list"]
+__all__ = ["FixedRows", "composable_only", "constrained", "parametrization_list", "sharded"]
 
 
 def parametrization_list(module: nn.Module, attr: str) -> ParametrizationList:
@@ -79,6 +80,18 @@ def composable_only(*tensors: Tensor | None) -> bool:
         t is not None and forward_ad.unpack_dual(t).tangent is not None  # type: ignore[no-untyped-call]
         for t in tensors
     )
+
+
+def sharded(*tensors: Tensor | None) -> bool:
+    """Whether a tensor is a ``DTensor``: a parameter at rest under FSDP2 (``fully_shard``).
+
+    FSDP2 gives a module plain, gathered parameters during its forward and sharded
+    ``DTensor`` ones outside it (``state_dict()``, a read of ``module.weight`` between steps,
+    a parent module reading a child's weight). The fast reads work on gathered rows only; on a
+    ``DTensor`` they step aside for the plain read, which `FixedRows.forward` answers with a
+    ``DTensor`` laid out as the unconstrained weight would be.
+    """
+    return any(isinstance(t, DTensor) for t in tensors)
 
 
 class _ScatterRows(torch.autograd.Function):
@@ -314,13 +327,22 @@ class FixedRows(nn.Module):
         """Raise if ``tensor`` cannot be constrained by these rows; change nothing.
 
         Raises:
-            TypeError: ``tensor`` is not floating-point.
+            TypeError: ``tensor`` is not floating-point, or is a sharded ``DTensor`` (FSDP2
+                ran first).
             ValueError: ``tensor`` is on the meta device, the trailing shape differs,
                 ``tensor`` has fewer rows than the reference, a fixed row lies past its last
                 row, or a reference value overflows ``tensor``'s dtype.
         """
         if tensor.dim() == 0:
             raise ValueError("Expected a tensor with a row dimension. Got a 0-d tensor.")
+        if isinstance(tensor, DTensor):
+            raise TypeError(
+                "Expected a tensor that is not sharded. Got a DTensor (placements "
+                f"{tuple(tensor.placements)}): fully_shard (FSDP2) or tensor parallelism ran "
+                "before the constraint, so this rank holds a shard, not the rows to fix. Fix "
+                "the rows first, then shard: fix_rows(...) before fully_shard(...) (in "
+                "Lightning, EmbeddingConstraint registers in setup, before configure_model)."
+            )
         if not tensor.is_floating_point():
             raise TypeError(
                 "Expected a floating-point tensor to constrain. Got a tensor of dtype "
@@ -352,7 +374,14 @@ class FixedRows(nn.Module):
         _check_finite(self.reference, self._extremes, tensor.dtype)
 
     def forward(self, free: Tensor) -> Tensor:
-        """Return the full tensor: reference rows at their positions, ``free`` elsewhere."""
+        """Return the full tensor: reference rows at their positions, ``free`` elsewhere.
+
+        For a ``DTensor`` of free rows (FSDP2 outside the module's forward), a ``DTensor`` of
+        the full tensor with ``free``'s mesh and placements: what the unconstrained parameter
+        would be.
+        """
+        if isinstance(free, DTensor):
+            return self._forward_sharded(free)
         if self.rows is None:
             return torch.cat((self.reference, free))
         if self.free_rows is None or self.slot is None:
@@ -364,6 +393,20 @@ class FixedRows(nn.Module):
         out: Tensor = _ScatterRows.apply(  # type: ignore[no-untyped-call]
             free, self.reference, self.rows, self.free_rows
         )
+        return out
+
+    def _forward_sharded(self, free: DTensor) -> Tensor:
+        """`forward` for free rows sharded by FSDP2: gather them, read, shard the result.
+
+        A read outside the forward (a state dict, an evaluation between steps) pays one
+        all-gather of the free rows, as reading an unconstrained sharded weight whole does. The
+        steps are differentiable: a gradient reaches the free rows' shards.
+        """
+        self._release_if_left(free)
+        mesh = free.device_mesh
+        weight = self.forward(free.full_tensor())
+        replicated = DTensor.from_local(weight, mesh, [Replicate()] * mesh.ndim, run_check=False)
+        out: Tensor = replicated.redistribute(mesh, free.placements)
         return out
 
     @torch.no_grad()
@@ -411,9 +454,9 @@ class FixedRows(nn.Module):
         when the fixed rows are scattered. No copy is made. Under torch.compile, which cannot
         see storage pointers, this is always None.
         """
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or isinstance(free, DTensor):
             return None
-        self._release_if_left()
+        self._release_if_left(free)
         buffer = self._joined_buffer
         if buffer is None:
             return None
@@ -430,13 +473,26 @@ class FixedRows(nn.Module):
             return None
         return buffer
 
-    def _release_if_left(self) -> None:
-        """Let the joined buffer go if the reference no longer lies in it."""
+    def _release_if_left(self, free: Tensor | None = None) -> None:
+        """Let the joined buffer go if the reference, or ``free``, no longer lies in it.
+
+        When the free rows have left it (FSDP2 keeps them in storage of its own, as does an
+        assignment of ``.data``), the buffer would hold the whole weight's memory for the
+        reference alone: the reference gets a compact copy, and the buffer goes.
+        """
         buffer = self._joined_buffer
-        if buffer is not None and (
+        if buffer is None:
+            return
+        if (
             self.reference.data_ptr() != buffer.data_ptr()
             or self.reference.shape[1:] != buffer.shape[1:]
         ):
+            self._joined_buffer = None
+        elif free is not None and (
+            isinstance(free, DTensor)
+            or free.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr()
+        ):
+            self.reference = self.reference.clone(memory_format=torch.contiguous_format)
             self._joined_buffer = None
 
     def _apply(self, fn: Any, recurse: bool = True) -> FixedRows:
@@ -464,7 +520,8 @@ class FixedRows(nn.Module):
         no rows, or if they live on different devices or in different dtypes.
         """
         if (
-            self._joined(free) is None
+            not isinstance(free, DTensor)  # FSDP2's: it keeps its shards where it wants them
+            and self._joined(free) is None
             and self.num_fixed
             and free.shape[0]
             and free.device == self.reference.device

@@ -4,7 +4,9 @@ One room per read path: `lookup` (``nn.Embedding``), `bag` (``nn.EmbeddingBag``)
 (``nn.Linear``). Each holds its read, its autograd function and the module forward that
 `fix_rows` installs. Every read equals the plain read (the module's own forward over
 `FixedRows.forward`) in values, gradients and double gradients; it steps aside for that
-plain read under torch.func transforms and forward-mode AD, and the differential tests
+plain read under torch.func transforms and forward-mode AD and on FSDP2's sharded ``DTensor``
+rows (inside an FSDP2 forward the rows are gathered, plain tensors, and the fast reads run), and
+the differential tests
 (``tests/test_harness.py``) compare the two for each path.
 """
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from embedding_constraint.fixed_rows import FixedRows, composable_only, constrained
+from embedding_constraint.fixed_rows import FixedRows, composable_only, constrained, sharded
 
 __all__ = ["bag", "embedding_bag_forward"]
 
@@ -215,7 +215,11 @@ def embedding_bag_forward(
 ) -> Tensor:
     """``nn.EmbeddingBag.forward`` for a constrained weight: reduce without building it."""
     found = constrained(self)
-    if found is None or composable_only(found[1], found[0].reference, per_sample_weights):
+    if (
+        found is None
+        or composable_only(found[1], found[0].reference, per_sample_weights)
+        or sharded(found[1])
+    ):
         return nn.EmbeddingBag.forward(self, input, offsets, per_sample_weights)
     constraint, free = found
     return bag(

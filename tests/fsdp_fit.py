@@ -1,0 +1,162 @@
+"""Train a constrained model under FSDP2 (``fully_shard``, 2 gloo processes) or in one process.
+
+Run by tests/test_fsdp.py as a script (``--world 2`` spawns the ranks itself): each rank, or the
+one process, saves what the test compares under ``--out``. The model holds every constrained
+kind at once: an ``nn.Embedding`` tied to an ``nn.Linear`` head, an ``nn.EmbeddingBag`` and an
+``nn.Linear`` with a bias whose weight and bias rows are fixed together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    set_model_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from torch.multiprocessing.spawn import spawn
+
+from embedding_constraint import fix_rows
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from support import stored
+
+VOCAB, DIM, CLASSES = 10, 4, 6
+WORLD, BATCH, STEPS = 2, 4, 4  # BATCH per rank; one process takes WORLD * BATCH
+
+
+class Net(nn.Module):
+    """A tied embedding and head, a bag and a classifier with a bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(VOCAB, DIM)
+        self.bag = nn.EmbeddingBag(VOCAB, DIM, mode="sum")
+        self.head = nn.Linear(DIM, VOCAB)
+        self.head.weight = self.embedding.weight
+        self.classifier = nn.Linear(DIM, CLASSES)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        hidden = torch.tanh(self.embedding(tokens).mean(1) + self.bag(tokens))
+        target = tokens[:, 0]
+        loss = nn.functional.cross_entropy(self.head(hidden), target)
+        return loss + nn.functional.cross_entropy(self.classifier(hidden), target % CLASSES)
+
+
+def references() -> dict[str, Any]:
+    """The fixed rows' values: one generator, so every process draws the same."""
+    generator = torch.Generator().manual_seed(7)
+    old_classifier = nn.Linear(DIM, 3)
+    with torch.no_grad():
+        for p in old_classifier.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator))
+    return {
+        "embedding": torch.randn(6, DIM, generator=generator),
+        "bag": torch.randn(6, DIM, generator=generator),
+        "classifier": old_classifier,
+    }
+
+
+def build(rows: list[int] | None) -> tuple[Net, dict[str, Any]]:
+    torch.manual_seed(0)
+    net = Net()
+    refs = references()
+    fix_rows(net, refs["embedding"], name="embedding.weight", rows=rows)  # the head reads it too
+    fix_rows(net.bag, refs["bag"], rows=rows)
+    fix_rows(net.classifier, refs["classifier"], rows=None if rows is None else [5, 0, 2])
+    return net, refs
+
+
+def batches() -> Tensor:
+    """STEPS global batches of WORLD * BATCH samples, 3 tokens each."""
+    generator = torch.Generator().manual_seed(3)
+    return torch.randint(0, VOCAB, (STEPS, WORLD * BATCH, 3), generator=generator)
+
+
+def train(net: nn.Module, rank: int, world: int) -> torch.optim.Optimizer:
+    optimizer = torch.optim.AdamW(net.parameters(), lr=0.05, weight_decay=0.1)
+    for batch in batches():
+        local = batch[rank * BATCH : (rank + 1) * BATCH] if world > 1 else batch
+        optimizer.zero_grad()
+        net(local).backward()  # the mean over each rank's part; FSDP2 averages the ranks
+        optimizer.step()
+    return optimizer
+
+
+def run_rank(rank: int, world: int, out: Path, rows: list[int] | None) -> None:
+    dist.init_process_group(
+        "gloo", init_method=f"file://{out / 'group'}", rank=rank, world_size=world
+    )
+    try:
+        net, _ = build(rows)
+        fully_shard(net.bag)
+        fully_shard(net.classifier)
+        fully_shard(net)  # the tied embedding and head share one group: the root's
+        optimizer = train(net, rank, world)
+        free = stored(net.embedding)
+        result: dict[str, Any] = {
+            "free_type": type(free).__name__,
+            "free_local_rows": free.to_local().shape[0] if isinstance(free, DTensor) else -1,
+            "state_types": sorted(
+                {type(v).__name__ for s in optimizer.state.values() for v in s.values() if v.dim()}
+            ),
+            "state_dict": {k: _full(v) for k, v in net.state_dict().items()},
+            "full": get_model_state_dict(net, options=StateDictOptions(full_state_dict=True)),
+            "sharded_keys": sorted(get_model_state_dict(net)),
+            # Each rank's own read of the weight, gathered: exact on every rank.
+            "weight": _full(net.embedding.weight.detach()),
+        }
+        dcp.save(  # type: ignore[attr-defined]
+            get_model_state_dict(net), checkpoint_id=str(out / "dcp")
+        )
+        result["reloaded"] = _reload(net, out)
+        torch.save(result, out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _reload(net: nn.Module, out: Path) -> str:
+    """Load the model's own state dicts back (full and sharded): "ok", or what failed."""
+    try:
+        full = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True))
+        set_model_state_dict(net, full, options=StateDictOptions(full_state_dict=True))
+        set_model_state_dict(net, get_model_state_dict(net))
+    except RuntimeError as error:
+        return str(error).splitlines()[-1]
+    return "ok"
+
+
+def _full(value: Tensor) -> Tensor:
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--world", type=int, choices=[1, WORLD], required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--rows", type=int, nargs="*", help="fixed rows (default: a prefix)")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.world == 1:  # the reference run: no process group, no sharding
+        net, _ = build(args.rows)
+        train(net, 0, 1)
+        torch.save({"state_dict": net.state_dict()}, args.out / "rank0.pt")
+        return
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    spawn(run_rank, args=(WORLD, args.out, args.rows), nprocs=WORLD)  # type: ignore[no-untyped-call]
+
+
+if __name__ == "__main__":
+    main()
