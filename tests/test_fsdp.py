@@ -238,3 +238,53 @@ def test_sharded_reads_equal_the_unsharded_module(kind: str) -> None:
     assert isinstance(unsharded.weight, torch.Tensor)
     assert unsharded.weight.grad is not None
     torch.testing.assert_close(grad.full_tensor(), unsharded.weight.grad[[0, 2, 4, 5, 7]])
+
+
+# -- Lightning: ModelParallelStrategy (FSDP2 in configure_model) ------------------------------
+
+LIGHTNING_SCRIPT = Path(__file__).with_name("fsdp_lightning_fit.py")
+
+
+def _lightning_fit(
+    flavour: str, devices: int, out: Path, rows: list[int] | None, tie: bool
+) -> list[dict[str, Any]]:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, str(LIGHTNING_SCRIPT), "--flavour", flavour]
+    command += ["--devices", str(devices), "--out", str(out), *(["--tie"] if tie else [])]
+    command += ["--rows", *map(str, rows)] if rows else []
+    subprocess.run(command, check=True, env=env, timeout=300, capture_output=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(devices)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("flavour", "rows", "tie"),
+    [("pytorch_lightning", None, False), ("lightning.pytorch", SCATTERED, True)],
+    ids=["pytorch_lightning-prefix", "lightning.pytorch-scattered-tied"],
+)
+def test_model_parallel_strategy_matches_one_process(
+    flavour: str, rows: list[int] | None, tie: bool, tmp_path: Path
+) -> None:
+    ranks = _lightning_fit(flavour, 2, tmp_path / "fsdp", rows, tie)
+    (single,) = _lightning_fit(flavour, 1, tmp_path / "single", rows, tie)
+    reference, fixed_at = single["reference"], single["rows"]
+    keys = ["embedding.weight", "head.weight", "head.bias"]
+    for rank in ranks:
+        assert rank["plain"]  # a plain Parameter again after the fit...
+        assert rank["dtensor"]  # ...and the DTensor that FSDP2 keeps
+        assert sorted(rank["state_dict"]) == sorted(keys)
+        assert torch.equal(rank["state_dict"]["embedding.weight"][fixed_at], reference)
+        for key, value in rank["state_dict"].items():
+            torch.testing.assert_close(value, single["state_dict"][key], rtol=1e-5, atol=1e-5)
+    # Lightning's distributed checkpoint, saved while the constraint was on, holds plain keys
+    # and loads into the unconstrained model.
+    dcp_to_torch_save(tmp_path / "fsdp" / "ckpt" / "last.ckpt", tmp_path / "last.pt")
+    saved = torch.load(tmp_path / "last.pt", weights_only=True)["state_dict"]
+    sys.path.insert(0, str(SCRIPT.parent))
+    from lightning_models import FLAVOURS
+
+    plain = FLAVOURS[flavour].model(vocab=10, dim=4, tie=tie)
+    plain.load_state_dict(saved)
+    assert torch.equal(plain.embedding.weight[fixed_at], reference)
+    for key in keys:  # the last checkpoint is the end of the fit
+        assert torch.equal(plain.state_dict()[key], ranks[0]["state_dict"][key]), key

@@ -31,7 +31,9 @@ class EmbeddingConstraint(EmbeddingConstraintHooks, Callback):
             nor a module of ``target``'s class.
         ValueError: the reference does not fit ``target`` (shape, rows, NaN/Inf), ``target``
             uses ``sparse=True`` or ``max_norm``, or only one of them has a bias.
-        RuntimeError: at ``setup``, when the strategy shards parameters (FSDP, DeepSpeed).
+        RuntimeError: at ``setup``, when the strategy flattens parameters into shards of
+            its own (``FSDPStrategy``, DeepSpeed, XLA's FSDP); ``ModelParallelStrategy``
+            (FSDP2) is supported.
 
     Examples:
 

@@ -6,8 +6,9 @@ mixin put in front of their `Callback`, so the hooks and their logic exist once.
 
 Hooks used, in the order Lightning calls them during ``fit``:
 
-- ``setup(stage="fit")``: register the constraint. This runs before ``configure_optimizers``
-  and before the strategy wraps the model (DDP), so both see only the free rows. The hook
+- ``setup(stage="fit")``: register the constraint. This runs before ``configure_optimizers``,
+  before ``configure_model`` (where a ModelParallelStrategy user calls ``fully_shard``) and
+  before the strategy wraps the model (DDP), so all of them see only the free rows. The hook
   ``on_fit_start`` would be too late: by then DDP has recorded the full-size parameter and
   shrinking it makes DDP fail ("parameters that were not used in producing the loss").
 - ``on_load_checkpoint`` (resuming): refuse optimizer state saved for the full weight.
@@ -38,11 +39,26 @@ from embedding_constraint.fixed_rows import FixedRows, parametrization_list
 __all__ = ["EmbeddingConstraintHooks"]
 
 _TARGETS = (nn.Embedding, nn.EmbeddingBag, nn.Linear)
-# Strategies that shard parameters: each rank holds a flat slice, not the tensor the
-# parametrization reads, so the constraint cannot be applied there.
-_SHARDED_STRATEGIES = frozenset(
-    {"FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy"}
-)
+# Strategies refused, and why. Each flattens the module's parameters into flat shards of its
+# own, so the stored free rows would no longer be the tensor the parametrization reads.
+# ModelParallelStrategy (FSDP2, `fully_shard` in configure_model) keeps each parameter a
+# DTensor of its own shape, and is supported.
+_REFUSED_STRATEGIES = {
+    "FSDPStrategy": (
+        "FSDP1 flattens parameters into FlatParameters (with use_orig_params=True too: its "
+        "views are rebuilt from the flat shard), which the constraint cannot read. Use "
+        "ModelParallelStrategy (FSDP2) and call torch.distributed.fsdp.fully_shard in the "
+        "LightningModule's configure_model: EmbeddingConstraint supports it."
+    ),
+    "DeepSpeedStrategy": (
+        "DeepSpeed partitions parameters into flat buffers of its own, which the constraint "
+        "cannot read. Use ModelParallelStrategy (FSDP2) or DDP."
+    ),
+    "XLAFSDPStrategy": (
+        "XLA's FSDP flattens parameters into flat shards, which the constraint cannot read. "
+        "Use ModelParallelStrategy (FSDP2) or DDP."
+    ),
+}
 
 
 def _rows_of(target: nn.Module) -> int:
@@ -190,12 +206,13 @@ class EmbeddingConstraintHooks:
         if stage != "fit" or self._fixed:
             return
         strategy = type(trainer.strategy)
-        if _SHARDED_STRATEGIES & {base.__name__ for base in strategy.__mro__}:
-            raise RuntimeError(
-                f"Expected a strategy that keeps whole parameters on each rank (single device, "
-                f"DDP). Got {strategy.__name__}, which shards them: EmbeddingConstraint does not "
-                "support sharded strategies yet."
-            )
+        for base in strategy.__mro__:
+            if base.__name__ in _REFUSED_STRATEGIES:
+                raise RuntimeError(
+                    "Expected a strategy that keeps each parameter a tensor of its own (single "
+                    f"device, DDP, ModelParallelStrategy). Got {strategy.__name__}, which shards "
+                    "them into flat buffers. " + _REFUSED_STRATEGIES[base.__name__]
+                )
         prefix = self._qualified_name(pl_module)
         self._check_other_callbacks(trainer)
         self._name = prefix

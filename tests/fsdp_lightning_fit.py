@@ -1,0 +1,96 @@
+"""Fit the test model with EmbeddingConstraint under ModelParallelStrategy (FSDP2) or one process.
+
+Run by tests/test_fsdp.py as a script: Lightning's launcher starts the other rank by running
+this same command again. The model shards itself in ``configure_model`` (``fully_shard``), after
+the callback's ``setup`` has constrained it. A ModelCheckpoint saves Lightning's distributed
+checkpoint at the end of each epoch, while the constraint is on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from lightning_models import FLAVOURS, tokens
+
+RANKS = 2
+BATCH = 4
+
+
+def sharded_model(flavour: Any) -> Any:
+    """The flavour's test model, sharding the embedding and the head (or both, tied) itself."""
+
+    class Sharded(flavour.model):  # type: ignore[misc]
+        def configure_model(self) -> None:
+            if not self.hparams.tie:  # tied modules share one FSDP2 group: the root's
+                fully_shard(self.head)
+            fully_shard(self)
+
+    return Sharded
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--flavour", choices=list(FLAVOURS), default="lightning.pytorch")
+    parser.add_argument("--devices", type=int, choices=[1, RANKS], required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--rows", type=int, nargs="*", help="fixed rows (default: a prefix)")
+    parser.add_argument("--tie", action="store_true", help="tie the head to the embedding")
+    args = parser.parse_args()
+    flavour = FLAVOURS[args.flavour]
+
+    data = tokens(vocab=10, size=64, seed=3)
+    checkpoint: list[Any] = []
+    if args.devices == 1:
+        # One process sees each global batch whole: rank 0's part, then rank 1's.
+        per_rank = data.reshape(-1, RANKS).t().reshape(RANKS, -1, BATCH)
+        data = per_rank.transpose(0, 1).reshape(-1)
+        batch_size, strategy, model_class = BATCH * RANKS, "auto", flavour.model
+    else:
+        batch_size = BATCH
+        strategy = flavour.package.strategies.ModelParallelStrategy()
+        model_class = sharded_model(flavour)
+        checkpoint = [
+            flavour.package.callbacks.ModelCheckpoint(dirpath=args.out / "ckpt", save_last=True)
+        ]
+
+    torch.manual_seed(0)
+    reference = torch.randn(6, 4)
+    model = model_class(vocab=10, dim=4, tie=args.tie)
+    trainer = flavour.trainer(
+        callbacks=[flavour.callback(model.embedding, reference, rows=args.rows), *checkpoint],
+        devices=args.devices,
+        strategy=strategy,
+        max_epochs=2,
+        enable_checkpointing=bool(checkpoint),
+        use_distributed_sampler=False,  # each rank takes its own shard, as in ddp_fit.py
+    )
+    if args.devices == RANKS:
+        data = data[trainer.global_rank :: RANKS]
+    trainer.fit(model, DataLoader(TensorDataset(data), batch_size=batch_size))
+    weight = model.embedding.weight
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    result = {
+        "reference": reference,
+        "rows": args.rows or list(range(reference.shape[0])),
+        "plain": isinstance(weight, torch.nn.Parameter)
+        and not hasattr(model.embedding, "parametrizations"),
+        "dtensor": isinstance(weight, DTensor),
+        "state_dict": {k: cast(torch.Tensor, v).detach().clone() for k, v in full.items()},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.save(result, args.out / f"rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    main()
