@@ -429,11 +429,10 @@ def test_transformers_trainer_end_to_end_with_checkpoints_and_resume(
     )
 
 
-# PEFT's get_peft_model asks transformers' deprecated `is_gradient_checkpointing`: not ours.
-@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
-def test_lora_on_the_body_and_expand_vocabulary_on_the_embeddings() -> None:
+@pytest.mark.parametrize("tied", [True, False])
+def test_lora_on_the_body_and_expand_vocabulary_on_the_embeddings(tied: bool) -> None:
     peft = pytest.importorskip("peft")
-    model = _model("llama", False)
+    model = _model("llama", tied)
     old = _vocab_tensors(model)
     q_before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
     lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
@@ -442,10 +441,13 @@ def test_lora_on_the_body_and_expand_vocabulary_on_the_embeddings() -> None:
         n.removeprefix("base_model.model.") for n, p in lora.named_parameters() if p.requires_grad
     }
     assert "model.embed_tokens.parametrizations.weight.original" in trainable
-    assert "lm_head.parametrizations.weight.original" in trainable
+    assert ("lm_head.parametrizations.weight.original" in trainable) != tied
     assert all("lora_" in n for n in trainable if "parametrizations" not in n)
     _train(lora)
-    merged: Any = bake(lora.merge_and_unload())
+    # Bake first: merge_and_unload compares the embedding's and the head's storage to see a tie.
+    merged: Any = bake(lora).merge_and_unload()
+    assert merged.config.tie_word_embeddings == tied
+    assert (merged.get_input_embeddings().weight is merged.get_output_embeddings().weight) == tied
     assert type(merged.model.layers[0].self_attn.q_proj) is nn.Linear
     assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, q_before)
     _assert_old_rows_kept(merged, old)
