@@ -25,11 +25,20 @@ def test_the_install_block_names_extras_that_exist() -> None:
     pyproject = (ROOT / "pyproject.toml").read_text()
     table = pyproject[pyproject.index("[project.optional-dependencies]") :].split("\n[")[0]
     extras = set(re.findall(r"^([a-z][a-z0-9-]*) = ", table, re.MULTILINE))
-    assert {"pytorch-lightning", "lightning", "test", "demo", "docs"} <= extras
+    assert {
+        "pytorch-lightning",
+        "lightning",
+        "transformers",
+        "peft",
+        "test",
+        "demo",
+        "docs",
+    } <= extras
     commands = _install_commands()
     assert commands == [
         'pip install ".[pytorch-lightning]"',
         'pip install ".[lightning]"',
+        'pip install ".[transformers]"',
         "pip install .",
     ]
     for command in commands:
