@@ -437,6 +437,10 @@ def test_lora_on_the_body_and_expand_vocabulary_on_the_embeddings(tied: bool) ->
     q_before = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
     lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     expand_vocabulary(lora, OLD_VOCAB, NEW_VOCAB)  # after get_peft_model, which freezes weights
+    inner = lora.get_base_model()
+    assert inner.vocab_size == inner.config.vocab_size == len(NEW_VOCAB)
+    inner.tie_weights()  # the wrapped model's own methods keep the constraint
+    assert is_fixed(inner, "lm_head.weight")
     trainable = {
         n.removeprefix("base_model.model.") for n, p in lora.named_parameters() if p.requires_grad
     }

@@ -313,7 +313,7 @@ def expand_vocabulary(
             _set_rows(holder, alignment.new_size)
         names.append((f"{_name_of(model, holders[0][0])}.{holders[0][1]}", reference))
     embedding.padding_idx = new_padding
-    _set_vocab_size(model, alignment.new_size)
+    _set_vocab_size(model, rows, alignment.new_size)
     for config, field, value in id_changes:
         setattr(config, field, value)
     for name, reference in names:
@@ -322,15 +322,17 @@ def expand_vocabulary(
     return model
 
 
-def _set_vocab_size(model: nn.Module, size: int) -> None:
-    """Set the vocabulary size where transformers' own resizing sets it."""
+def _set_vocab_size(model: nn.Module, old: int, size: int) -> None:
+    """Set the vocabulary size in the config, and on the models that keep it as an attribute."""
     config = getattr(model, "config", None)
     text = getattr(config, "get_text_config", None)
     for target in (config, text() if callable(text) else None):
         if target is not None and hasattr(target, "vocab_size"):
             target.vocab_size = size
-    if isinstance(getattr(model, "vocab_size", None), int):
-        setattr(model, "vocab_size", size)  # noqa: B010 - a plain attribute of some models
+    # Own attributes only (`__dict__`): a wrapper (PEFT's) forwards attribute reads to its model.
+    for module in model.modules():
+        if module.__dict__.get("vocab_size") == old:
+            module.__dict__["vocab_size"] = size
 
 
 @contextmanager
@@ -408,13 +410,18 @@ def _resize_token_embeddings(model: nn.Module, *args: Any, **kwargs: Any) -> Any
 
 
 def _keep_constraints_through_hf_methods(model: nn.Module) -> None:
-    """Give ``model`` its own ``tie_weights`` and ``resize_token_embeddings`` (module docstring).
+    """Give the model its own ``tie_weights`` and ``resize_token_embeddings`` (module docstring).
 
-    Set on the instance, never the class: other models of the class are not touched, and a
-    deep copy gets methods bound to itself (``functools.partial`` copies its arguments).
+    The outermost modules under ``model`` (``model`` itself, or the model inside a wrapper
+    such as PEFT's) whose class has both get them: an inner one (``LlamaModel`` inside
+    ``LlamaForCausalLM``) does not hold the tied head, so it could not bake the tie. Set on the
+    instance, never the class: other models of the class are not touched, and a deep copy gets
+    methods bound to itself (``functools.partial`` copies its arguments).
     """
-    for name, method in (
-        ("tie_weights", _tie_weights),
-        ("resize_token_embeddings", _resize_token_embeddings),
-    ):
-        object.__setattr__(model, name, functools.partial(method, model))
+    methods = {"tie_weights": _tie_weights, "resize_token_embeddings": _resize_token_embeddings}
+    if all(callable(getattr(type(model), name, None)) for name in methods):
+        for name, method in methods.items():
+            object.__setattr__(model, name, functools.partial(method, model))
+        return
+    for child in model.children():
+        _keep_constraints_through_hf_methods(child)
