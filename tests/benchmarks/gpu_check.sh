@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: the CUDA tests and the differential harness on the GPU, then the GPU-size
-# benchmark (all variants, both AdamWs, torch.compile, peak memory). Run from the repository root on a CUDA machine whose python3
+# benchmark (all variants, both AdamWs, torch.compile, peak memory) and the language-model
+# benchmark. Run from the repository root on a CUDA machine whose python3
 # has torch, pytest and Lightning; results go to OUTDIR (default: the current directory).
 #
 #   bash tests/benchmarks/gpu_check.sh OUTDIR
@@ -21,4 +22,8 @@ python3 tests/benchmarks/bench_step.py --gpu-size --memory-jobs 4 \
     --json "$out/gpu.json" 2>"$out/bench-stderr.txt" | tee "$out/gpu.md"
 python3 tests/benchmarks/bench_step.py --gpu-size --fractions 0.9 --compile --no-memory \
     --json "$out/gpu-compile.json" 2>>"$out/bench-stderr.txt" | tee "$out/gpu-compile.md"
+# The language-model benchmark (needs transformers; peft for its column): a Llama-shaped model
+# at the size, every variant, layout, tying, dtype and AdamW, with the profile.
+python3 tests/benchmarks/bench_lm.py --gpu-size --rounds 10 --warmup 2 --profile \
+    --json "$out/gpu-lm.json" 2>>"$out/bench-stderr.txt" | tee "$out/gpu-lm.md"
 tail -5 "$out/bench-stderr.txt"
