@@ -12,7 +12,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -27,7 +27,9 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.multiprocessing.spawn import spawn
 
-from embedding_constraint import fix_rows
+from embedding_constraint import FixedRows, fix_rows
+from embedding_constraint.fixed_rows import parametrization_list
+from embedding_constraint.fsdp import prepare_fully_shard
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -95,12 +97,14 @@ def train(net: nn.Module, rank: int, world: int) -> torch.optim.Optimizer:
     return optimizer
 
 
-def run_rank(rank: int, world: int, out: Path, rows: list[int] | None) -> None:
+def run_rank(rank: int, world: int, out: Path, rows: list[int] | None, reference: str) -> None:
     dist.init_process_group(
         "gloo", init_method=f"file://{out / 'group'}", rank=rank, world_size=world
     )
     try:
         net, _ = build(rows)
+        if reference == "sharded":
+            prepare_fully_shard(net)
         fully_shard(net.bag)
         fully_shard(net.classifier)
         fully_shard(net)  # the tied embedding and head share one group: the root's
@@ -109,6 +113,8 @@ def run_rank(rank: int, world: int, out: Path, rows: list[int] | None) -> None:
         result: dict[str, Any] = {
             "free_type": type(free).__name__,
             "free_local_rows": free.to_local().shape[0] if isinstance(free, DTensor) else -1,
+            "rest": _rows_at_rest(net),
+            "reference": reference,
             "state_types": sorted(
                 {type(v).__name__ for s in optimizer.state.values() for v in s.values() if v.dim()}
             ),
@@ -121,21 +127,56 @@ def run_rank(rank: int, world: int, out: Path, rows: list[int] | None) -> None:
         dcp.save(  # type: ignore[attr-defined]
             get_model_state_dict(net), checkpoint_id=str(out / "dcp")
         )
-        result["reloaded"] = _reload(net, out)
+        fixed_at = rows or list(range(6))
+        free_row = next(r for r in range(VOCAB) if r not in fixed_at)
+        result["reloaded"] = _reload(net, free_row, fixed_at[0])
         torch.save(result, out / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def _reload(net: nn.Module, out: Path) -> str:
-    """Load the model's own state dicts back (full and sharded): "ok", or what failed."""
+def _rows_at_rest(net: nn.Module) -> dict[str, int]:
+    """The rows of each constrained tensor this rank holds between steps, reference and free."""
+    held = {}
+    for name, module in net.named_modules():
+        if name == "head":  # it reads the embedding's (tied)
+            continue
+        for attr in getattr(module, "parametrizations", {}):
+            constraint = parametrization_list(module, attr)[0]
+            assert isinstance(constraint, FixedRows)
+            tensors = (constraint.reference, stored(module, attr))
+            local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+            held[f"{name}.{attr}"] = sum(t.shape[0] for t in local)
+    return held
+
+
+def _reload(net: Net, free_row: int, fixed_row: int) -> str:
+    """Load state dicts into the sharded model with set_model_state_dict: "ok", or what failed.
+
+    A full one with a free row changed (it must land), the sharded one it then gives (it must
+    load as it is), and a full one with a fixed row changed (it must be refused).
+    """
+    full_options = StateDictOptions(full_state_dict=True)
     try:
-        full = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True))
-        set_model_state_dict(net, full, options=StateDictOptions(full_state_dict=True))
+        full = get_model_state_dict(net, options=full_options)
+        changed = cast(Tensor, full["embedding.weight"]).clone()
+        changed[free_row] += 1.0
+        full["embedding.weight"] = full["head.weight"] = changed  # tied: both keys hold it
+        set_model_state_dict(net, full, options=full_options)
+        if not torch.equal(_full(net.embedding.weight.detach()), changed):
+            return "the full state dict did not load"
         set_model_state_dict(net, get_model_state_dict(net))
+        if not torch.equal(_full(net.embedding.weight.detach()), changed):
+            return "the sharded state dict did not load"
+        bad = changed.clone()
+        bad[fixed_row] += 1.0
+        full["embedding.weight"] = full["head.weight"] = bad
+        set_model_state_dict(net, full, options=full_options)
     except RuntimeError as error:
+        if "Expected the fixed rows of 'embedding.weight' to equal the reference" in str(error):
+            return "ok"
         return str(error).splitlines()[-1]
-    return "ok"
+    return "a changed fixed row loaded"
 
 
 def _full(value: Tensor) -> Tensor:
@@ -147,6 +188,7 @@ def main() -> None:
     parser.add_argument("--world", type=int, choices=[1, WORLD], required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rows", type=int, nargs="*", help="fixed rows (default: a prefix)")
+    parser.add_argument("--reference", choices=["sharded", "replicated"], default="sharded")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.world == 1:  # the reference run: no process group, no sharding
@@ -155,7 +197,7 @@ def main() -> None:
         torch.save({"state_dict": net.state_dict()}, args.out / "rank0.pt")
         return
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    spawn(run_rank, args=(WORLD, args.out, args.rows), nprocs=WORLD)  # type: ignore[no-untyped-call]
+    spawn(run_rank, args=(WORLD, args.out, args.rows, args.reference), nprocs=WORLD)  # type: ignore[no-untyped-call]
 
 
 if __name__ == "__main__":

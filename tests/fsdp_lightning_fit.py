@@ -39,6 +39,22 @@ def sharded_model(flavour: Any) -> Any:
     return Sharded
 
 
+def probe(flavour: Any) -> Any:
+    """A callback that records the embedding's rows this rank holds, reference and free, while
+    the constraint is on (at the end of training, before the fit ends and bakes)."""
+
+    class Probe(flavour.package.Callback):  # type: ignore[misc]
+        held: tuple[int, int] = (-1, -1)
+
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            plist = pl_module.embedding.parametrizations.weight
+            tensors = (plist[0].reference, plist.original)
+            local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+            self.held = (local[0].shape[0], local[1].shape[0])
+
+    return Probe()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--flavour", choices=list(FLAVOURS), default="lightning.pytorch")
@@ -67,8 +83,13 @@ def main() -> None:
     torch.manual_seed(0)
     reference = torch.randn(6, 4)
     model = model_class(vocab=10, dim=4, tie=args.tie)
+    held = probe(flavour)
     trainer = flavour.trainer(
-        callbacks=[flavour.callback(model.embedding, reference, rows=args.rows), *checkpoint],
+        callbacks=[
+            flavour.callback(model.embedding, reference, rows=args.rows),
+            held,
+            *checkpoint,
+        ],
         devices=args.devices,
         strategy=strategy,
         max_epochs=2,
@@ -86,6 +107,7 @@ def main() -> None:
         "plain": isinstance(weight, torch.nn.Parameter)
         and not hasattr(model.embedding, "parametrizations"),
         "dtensor": isinstance(weight, DTensor),
+        "held": held.held,
         "state_dict": {k: cast(torch.Tensor, v).detach().clone() for k, v in full.items()},
     }
     args.out.mkdir(parents=True, exist_ok=True)

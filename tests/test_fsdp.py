@@ -28,25 +28,39 @@ from embedding_constraint import fix_rows
 
 SCRIPT = Path(__file__).with_name("fsdp_fit.py")
 SCATTERED = [9, 0, 4, 2, 7, 5]
-LAYOUTS = {"prefix": None, "scattered": SCATTERED}
+# (fixed rows, where the reference lives): `prepare_fully_shard` shards it, else it is whole.
+LAYOUTS = {
+    "prefix": (None, "sharded"),
+    "scattered": (SCATTERED, "sharded"),
+    "scattered-replicated": (SCATTERED, "replicated"),
+}
+Fitted = tuple[list[int] | None, list[dict[str, Any]], dict[str, Any], Path]
 
 
-def _fit(world: int, out: Path, rows: list[int] | None) -> list[dict[str, Any]]:
+def _fit(
+    world: int, out: Path, rows: list[int] | None, reference: str = "sharded"
+) -> list[dict[str, Any]]:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}  # the ranks' own output is not under test
     command = [sys.executable, str(SCRIPT), "--world", str(world), "--out", str(out)]
-    command += ["--rows", *map(str, rows)] if rows else []
-    subprocess.run(command, check=True, env=env, timeout=300, capture_output=True)
+    command += ["--reference", reference, *(["--rows", *map(str, rows)] if rows else [])]
+    _run(command, env)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
+def _run(command: list[str], env: dict[str, str]) -> None:
+    done = subprocess.run(
+        command, check=False, env=env, timeout=300, capture_output=True, text=True
+    )
+    if done.returncode:  # show why, not only that
+        raise AssertionError(f"{command} failed:\n{done.stderr[-3000:]}")
+
+
 @pytest.fixture(scope="module", params=list(LAYOUTS))
-def fitted(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[list[int] | None, list[dict[str, Any]], dict[str, Any], Path]:
+def fitted(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Fitted:
     """Both runs of one layout, once for the tests that read them."""
-    rows = LAYOUTS[request.param]
+    rows, reference = LAYOUTS[request.param]
     out = tmp_path_factory.mktemp(f"fsdp-{request.param}")
-    ranks = _fit(2, out / "sharded", rows)
+    ranks = _fit(2, out / "sharded", rows, reference)
     (single,) = _fit(1, out / "single", rows)
     return rows, ranks, single, out / "sharded"
 
@@ -82,7 +96,7 @@ def _references(rows: list[int] | None) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_two_ranks_match_one_process_and_fixed_rows_are_exact_on_each(
-    fitted: tuple[list[int] | None, list[dict[str, Any]], dict[str, Any], Path],
+    fitted: Fitted,
 ) -> None:
     rows, ranks, single, _ = fitted
     fixed, references = _fixed(rows), _references(rows)
@@ -110,7 +124,7 @@ def test_two_ranks_match_one_process_and_fixed_rows_are_exact_on_each(
 
 @pytest.mark.slow
 def test_free_rows_and_optimizer_state_are_sharded(
-    fitted: tuple[list[int] | None, list[dict[str, Any]], dict[str, Any], Path],
+    fitted: Fitted,
 ) -> None:
     _, ranks, _, _ = fitted
     for rank in ranks:
@@ -121,8 +135,24 @@ def test_free_rows_and_optimizer_state_are_sharded(
 
 
 @pytest.mark.slow
+def test_memory_at_rest_per_rank(fitted: Fitted) -> None:
+    """Rows of each constrained tensor a rank holds between steps, reference and free."""
+    _, ranks, _, _ = fitted
+    # (fixed, free) rows: the embedding and the bag (6, 4), the classifier's weight and bias (3, 3)
+    sizes = {"embedding.weight": (6, 4), "bag.weight": (6, 4)}
+    sizes |= {"classifier.weight": (3, 3), "classifier.bias": (3, 3)}
+    replicated = ranks[0]["reference"] == "replicated"
+    for name, (fixed, free) in sizes.items():
+        held = [rank["rest"][name] for rank in ranks]
+        if replicated:  # the whole reference on each rank, the free rows sharded
+            assert held == [fixed + -(-free // 2), fixed + free // 2], name
+        else:  # as an unconstrained weight: 1 / world_size of each, rounded up
+            assert held == [-(-fixed // 2) + -(-free // 2), fixed // 2 + free // 2], name
+
+
+@pytest.mark.slow
 def test_a_distributed_checkpoint_loads_into_a_plain_module(
-    fitted: tuple[list[int] | None, list[dict[str, Any]], dict[str, Any], Path],
+    fitted: Fitted,
     tmp_path: Path,
 ) -> None:
     rows, ranks, _, out = fitted
@@ -148,7 +178,7 @@ def test_a_distributed_checkpoint_loads_into_a_plain_module(
     strict=True,
 )
 def test_set_model_state_dict_loads_full_and_sharded(
-    fitted: tuple[list[int] | None, list[dict[str, Any]], dict[str, Any], Path],
+    fitted: Fitted,
 ) -> None:
     _, ranks, _, _ = fitted
     assert [rank["reloaded"] for rank in ranks] == ["ok", "ok"]
@@ -252,7 +282,7 @@ def _lightning_fit(
     command = [sys.executable, str(LIGHTNING_SCRIPT), "--flavour", flavour]
     command += ["--devices", str(devices), "--out", str(out), *(["--tie"] if tie else [])]
     command += ["--rows", *map(str, rows)] if rows else []
-    subprocess.run(command, check=True, env=env, timeout=300, capture_output=True)
+    _run(command, env)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(devices)]
 
 
@@ -272,6 +302,8 @@ def test_model_parallel_strategy_matches_one_process(
     for rank in ranks:
         assert rank["plain"]  # a plain Parameter again after the fit...
         assert rank["dtensor"]  # ...and the DTensor that FSDP2 keeps
+        # During the fit: half of the 6 reference rows and half of the 4 free rows per rank.
+        assert rank["held"] == (3, 2)
         assert sorted(rank["state_dict"]) == sorted(keys)
         assert torch.equal(rank["state_dict"]["embedding.weight"][fixed_at], reference)
         for key, value in rank["state_dict"].items():

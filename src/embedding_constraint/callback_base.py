@@ -61,6 +61,11 @@ _REFUSED_STRATEGIES = {
 }
 
 
+def _shards_in_configure_model(strategy: type) -> bool:
+    """Whether the strategy is Lightning's FSDP2 one, whose user calls ``fully_shard``."""
+    return any(base.__name__ == "ModelParallelStrategy" for base in strategy.__mro__)
+
+
 def _rows_of(target: nn.Module) -> int:
     weight = target.weight
     assert isinstance(weight, Tensor)
@@ -219,6 +224,11 @@ class EmbeddingConstraintHooks:
         for attr, reference in self.references.items():
             name = f"{prefix}.{attr}" if prefix else attr
             fix_rows_before_optimizers(pl_module, reference, name=name, rows=self.rows)
+            if _shards_in_configure_model(strategy):
+                # FSDP2 in configure_model, next: shard the reference with the free rows.
+                constraint = parametrization_list(*_owner(pl_module, name))[0]
+                assert isinstance(constraint, FixedRows)
+                constraint.hold_reference_as_parameter()
             self._fixed.append((pl_module, name))
             total = getattr(self.target, attr).shape[0]
             type(self)._info(

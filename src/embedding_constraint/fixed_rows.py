@@ -28,7 +28,15 @@ from torch.distributed.tensor import DTensor, Replicate
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrize import ParametrizationList
 
-__all__ = ["FixedRows", "composable_only", "constrained", "parametrization_list", "sharded"]
+__all__ = [
+    "FixedRows",
+    "composable_only",
+    "constrained",
+    "gathered",
+    "parametrization_list",
+    "shard_like",
+    "sharded",
+]
 
 
 def parametrization_list(module: nn.Module, attr: str) -> ParametrizationList:
@@ -92,6 +100,22 @@ def sharded(*tensors: Tensor | None) -> bool:
     ``DTensor`` laid out as the unconstrained weight would be.
     """
     return any(isinstance(t, DTensor) for t in tensors)
+
+
+def gathered(tensor: Tensor) -> Tensor:
+    """``tensor`` whole: a ``DTensor``'s full tensor (a collective: every rank must call it)."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def shard_like(tensor: Tensor, like: Tensor) -> Tensor:
+    """``tensor`` (whole, the same on every rank) laid out as ``like``: sharded if it is a
+    ``DTensor`` (each rank keeps its part, nothing is sent), else as it is."""
+    if not isinstance(like, DTensor):
+        return tensor
+    mesh = like.device_mesh
+    whole = DTensor.from_local(tensor, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    out: Tensor = whole.redistribute(mesh, like.placements)
+    return out
 
 
 class _ScatterRows(torch.autograd.Function):
@@ -313,6 +337,31 @@ class FixedRows(nn.Module):
         self._joined_buffer: Tensor | None = None
 
     @property
+    def reference_is_parameter(self) -> bool:
+        """Whether the reference is held as a frozen parameter (see `hold_reference_as_parameter`)."""
+        return "reference" in self._parameters
+
+    @torch.no_grad()
+    def hold_reference_as_parameter(self) -> None:
+        """Hold the reference as a frozen parameter (``requires_grad=False``), for FSDP2.
+
+        ``fully_shard`` shards the parameters it finds, so a reference held this way is
+        sharded with the free rows: each rank keeps ``1 / world_size`` of it at rest, and
+        FSDP2 gathers it with them for the forward (its all-gather carries the fixed rows, as it
+        would an unconstrained weight's; its reduce-scatter carries the free rows' gradients
+        only). It gets no gradient, so no optimizer changes it. The reference leaves the
+        block ``[reference; free]`` (FSDP2 keeps the two in storage of its own anyway). Call it
+        after registration and before ``fully_shard``; once is enough, a second call does
+        nothing.
+        """
+        if self.reference_is_parameter:
+            return
+        reference = self.reference.clone(memory_format=torch.contiguous_format)
+        self._joined_buffer = None
+        del self.reference
+        self.register_parameter("reference", nn.Parameter(reference, requires_grad=False))
+
+    @property
     def num_fixed(self) -> int:
         """Number of fixed rows."""
         return self.reference.shape[0]
@@ -382,16 +431,22 @@ class FixedRows(nn.Module):
         """
         if isinstance(free, DTensor):
             return self._forward_sharded(free)
+        return self._read(free, self.reference)
+
+    def _read(self, free: Tensor, reference: Tensor) -> Tensor:
+        """The plain read of unsharded ``free`` and ``reference`` rows."""
+        if isinstance(reference, DTensor):  # sharded alone (free rows in another FSDP2 group)
+            reference = reference.full_tensor()
         if self.rows is None:
-            return torch.cat((self.reference, free))
+            return torch.cat((reference, free))
         if self.free_rows is None or self.slot is None:
             raise RuntimeError(
                 "FixedRows has not been registered: its free rows are not known yet."
             )
         if composable_only(free):
-            return torch.cat((self.reference, free)).index_select(0, self.slot)
+            return torch.cat((reference, free)).index_select(0, self.slot)
         out: Tensor = _ScatterRows.apply(  # type: ignore[no-untyped-call]
-            free, self.reference, self.rows, self.free_rows
+            free, reference, self.rows, self.free_rows
         )
         return out
 
@@ -403,11 +458,7 @@ class FixedRows(nn.Module):
         steps are differentiable: a gradient reaches the free rows' shards.
         """
         self._release_if_left(free)
-        mesh = free.device_mesh
-        weight = self.forward(free.full_tensor())
-        replicated = DTensor.from_local(weight, mesh, [Replicate()] * mesh.ndim, run_check=False)
-        out: Tensor = replicated.redistribute(mesh, free.placements)
-        return out
+        return shard_like(self._read(free.full_tensor(), self.reference), free)
 
     @torch.no_grad()
     def right_inverse(self, tensor: Tensor) -> Tensor:
@@ -436,6 +487,8 @@ class FixedRows(nn.Module):
         makes the stored parameter that view (torch's ``set_``), which keeps the Parameter
         object.
         """
+        if self.reference_is_parameter:  # FSDP2 shards it on its own: no shared buffer
+            return free.clone() if rows is None else free.index_select(0, rows)
         count = free.shape[0] if rows is None else rows.numel()
         buffer = free.new_empty((self.num_fixed + count, *free.shape[1:]))
         buffer[: self.num_fixed] = self.reference
@@ -498,8 +551,10 @@ class FixedRows(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> FixedRows:
         super()._apply(fn, recurse)  # type: ignore[no-untyped-call]  # untyped in torch
         # As `nn.Module._apply` converts buffers: `fn` changes the dtype of floating-point
-        # tensors only, so the index tables just move.
-        self.reference = fn(self.reference)
+        # tensors only, so the index tables just move. (A reference held as a parameter was
+        # converted with the parameters.)
+        if not self.reference_is_parameter:
+            self.reference = fn(self.reference)
         for name in ("rows", "free_rows", "slot"):
             table = getattr(self, name)
             if table is not None:
@@ -521,6 +576,7 @@ class FixedRows(nn.Module):
         """
         if (
             not isinstance(free, DTensor)  # FSDP2's: it keeps its shards where it wants them
+            and not self.reference_is_parameter
             and self._joined(free) is None
             and self.num_fixed
             and free.shape[0]

@@ -218,7 +218,7 @@ def embedding_bag_forward(
     if (
         found is None
         or composable_only(found[1], found[0].reference, per_sample_weights)
-        or sharded(found[1])
+        or sharded(found[1], found[0].reference)
     ):
         return nn.EmbeddingBag.forward(self, input, offsets, per_sample_weights)
     constraint, free = found

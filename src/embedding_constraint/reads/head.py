@@ -142,7 +142,7 @@ def linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
     if (
         found is None
         or composable_only(found[1], found[0].reference, input, self.bias)
-        or sharded(found[1])
+        or sharded(found[1], found[0].reference)
     ):
         return nn.Linear.forward(self, input)
     constraint, free = found

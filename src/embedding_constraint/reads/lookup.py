@@ -159,7 +159,11 @@ def lookup(
 def embedding_forward(self: nn.Embedding, input: Tensor) -> Tensor:
     """``nn.Embedding.forward`` for a constrained weight: look up without building the weight."""
     found = constrained(self)
-    if found is None or composable_only(found[1], found[0].reference) or sharded(found[1]):
+    if (
+        found is None
+        or composable_only(found[1], found[0].reference)
+        or sharded(found[1], found[0].reference)
+    ):
         return nn.Embedding.forward(self, input)
     constraint, free = found
     return lookup(constraint, input, free, self.padding_idx, self.scale_grad_by_freq)
