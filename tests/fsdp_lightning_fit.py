@@ -15,7 +15,7 @@ from typing import Any, cast
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -32,6 +32,8 @@ def sharded_model(flavour: Any) -> Any:
 
     class Sharded(flavour.model):  # type: ignore[misc]
         def configure_model(self) -> None:
+            if isinstance(self, FSDPModule):  # sharded by an earlier stage (the fit)
+                return
             if not self.hparams.tie:  # tied modules share one FSDP2 group: the root's
                 fully_shard(self.head)
             fully_shard(self)
@@ -110,6 +112,10 @@ def main() -> None:
         "held": held.held,
         "state_dict": {k: cast(torch.Tensor, v).detach().clone() for k, v in full.items()},
     }
+    # The model after the fit is a plain sharded one: Lightning evaluates it (configure_model
+    # leaves it as it is), with the baked weight gathered by FSDP2 like any other.
+    loss = trainer.validate(model, DataLoader(TensorDataset(data), batch_size=batch_size))
+    result["val_loss"] = loss[0]["val_loss"]
     args.out.mkdir(parents=True, exist_ok=True)
     torch.save(result, args.out / f"rank{trainer.global_rank}.pt")
 

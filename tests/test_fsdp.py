@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -24,7 +25,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
-from embedding_constraint import fix_rows
+from embedding_constraint import FixedRows, fix_rows
+from embedding_constraint.fixed_rows import parametrization_list
+from embedding_constraint.fsdp import bake_fully_sharded, prepare_fully_shard
 
 SCRIPT = Path(__file__).with_name("fsdp_fit.py")
 SCATTERED = [9, 0, 4, 2, 7, 5]
@@ -52,7 +55,8 @@ def _run(command: list[str], env: dict[str, str]) -> None:
         command, check=False, env=env, timeout=300, capture_output=True, text=True
     )
     if done.returncode:  # show why, not only that
-        raise AssertionError(f"{command} failed:\n{done.stderr[-3000:]}")
+        output = f"{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+        raise AssertionError(f"{command} failed ({done.returncode}):\n{output}")
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))
@@ -308,6 +312,10 @@ def test_model_parallel_strategy_matches_one_process(
         assert torch.equal(rank["state_dict"]["embedding.weight"][fixed_at], reference)
         for key, value in rank["state_dict"].items():
             torch.testing.assert_close(value, single["state_dict"][key], rtol=1e-5, atol=1e-5)
+    # Validation after the fit, of the baked model: each rank logs the mean over its own
+    # batches, and their mean is one process's (equal batches).
+    mean = sum(rank["val_loss"] for rank in ranks) / len(ranks)
+    torch.testing.assert_close(mean, single["val_loss"], rtol=1e-4, atol=1e-5)
     # Lightning's distributed checkpoint, saved while the constraint was on, holds plain keys
     # and loads into the unconstrained model.
     dcp_to_torch_save(tmp_path / "fsdp" / "ckpt" / "last.ckpt", tmp_path / "last.pt")
@@ -320,3 +328,110 @@ def test_model_parallel_strategy_matches_one_process(
     assert torch.equal(plain.embedding.weight[fixed_at], reference)
     for key in keys:  # the last checkpoint is the end of the fit
         assert torch.equal(plain.state_dict()[key], ranks[0]["state_dict"][key]), key
+
+
+@pytest.mark.usefixtures("group")
+@pytest.mark.parametrize("reference", ["sharded", "whole"])
+def test_bake_fully_sharded_leaves_a_plain_weight_that_fsdp2_trains(reference: str) -> None:
+    torch.manual_seed(0)
+    emb, head = nn.Embedding(8, 3), nn.Linear(3, 8)
+    head.weight = emb.weight  # tied
+    model = nn.Sequential(emb, head)
+    old = torch.randn(3, 3)
+    fix_rows(model, old, name="0.weight", rows=[6, 1, 3])
+    if reference == "sharded":
+        prepare_fully_shard(model)
+    fully_shard(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    tokens = torch.arange(8)
+    model(tokens).pow(2).sum().backward()
+    optimizer.step()
+    trained = cast(DTensor, emb.weight).full_tensor().detach()
+    bake_fully_sharded(model)
+    weight = emb.weight
+    assert isinstance(weight, nn.Parameter)
+    assert isinstance(weight, DTensor)
+    assert head.weight is weight  # still tied
+    assert not hasattr(emb, "parametrizations")
+    assert [name for name, _ in model.named_parameters()] == ["0.weight", "1.bias"]
+    assert torch.equal(weight.full_tensor(), trained)
+    assert torch.equal(weight.full_tensor()[[6, 1, 3]], old)
+    # FSDP2 now manages the plain weight: it gathers it for the forward, and every row trains.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(tokens).pow(2).sum().backward()
+    optimizer.step()
+    assert isinstance(weight.grad, DTensor)
+    assert not torch.equal(weight.full_tensor()[[6, 1, 3]], old)
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    assert sorted(state) == ["0.weight", "1.bias", "1.weight"]
+
+
+@pytest.mark.usefixtures("group")
+def test_prepare_fully_shard_is_refused_without_a_constraint_or_after_fully_shard() -> None:
+    with pytest.raises(ValueError, match="Expected a module constrained with fix_rows"):
+        prepare_fully_shard(nn.Embedding(4, 2))
+    emb = fix_rows(nn.Embedding(4, 2), torch.zeros(1, 2))
+    fully_shard(emb)
+    with pytest.raises(ValueError, match="Expected a module that fully_shard has not sharded"):
+        prepare_fully_shard(emb)
+    assert not cast(FixedRows, parametrization_list(emb, "weight")[0]).reference_is_parameter
+
+
+def test_fixed_rows_held_as_a_parameter_stay_exact_and_get_no_state() -> None:
+    torch.manual_seed(0)
+    emb = nn.Embedding(6, 3)
+    reference = torch.randn(2, 3)
+    fix_rows(emb, reference, rows=[4, 0])
+    prepare_fully_shard(emb)
+    prepare_fully_shard(emb)  # a second call changes nothing
+    held = dict(emb.named_parameters())["parametrizations.weight.0.reference"]
+    assert not held.requires_grad
+    optimizer = torch.optim.AdamW(emb.parameters(), lr=0.1, weight_decay=0.5)
+    for _ in range(3):
+        optimizer.zero_grad()
+        emb(torch.arange(6)).pow(2).sum().backward()
+        optimizer.step()
+    assert held.grad is None
+    assert held not in optimizer.state
+    assert torch.equal(emb.weight[[4, 0]], reference)
+    assert list(emb.state_dict()) == ["weight"]
+
+
+@pytest.mark.parametrize(
+    ("strategy", "advice"),
+    [("FSDPStrategy", "Use ModelParallelStrategy"), ("DeepSpeedStrategy", "ModelParallelStrategy")],
+)
+def test_flat_sharding_strategies_are_refused_pointing_to_model_parallel(
+    strategy: str, advice: str
+) -> None:
+    from lightning.pytorch import strategies
+    from lightning_models import FLAVOURS
+
+    flavour = FLAVOURS["lightning.pytorch"]
+    model = flavour.model()
+    callback = flavour.callback(model.embedding, torch.zeros(2, 4))
+    cls = getattr(strategies, strategy)
+    trainer = SimpleNamespace(strategy=cls.__new__(cls), callbacks=[callback])
+    with pytest.raises(RuntimeError, match=f"Got {strategy}, which shards them.*{advice}"):
+        callback.setup(trainer, model, "fit")
+    assert type(model.embedding.weight) is nn.Parameter
+
+
+def test_model_parallel_strategy_shards_the_reference_with_the_free_rows() -> None:
+    from lightning.pytorch import strategies
+    from lightning_models import FLAVOURS
+
+    flavour = FLAVOURS["lightning.pytorch"]
+    model = flavour.model()
+    callback = flavour.callback(model.embedding, torch.zeros(2, 4))
+    cls = strategies.ModelParallelStrategy
+    trainer = SimpleNamespace(strategy=cls.__new__(cls), callbacks=[callback])
+    callback.setup(trainer, model, "fit")  # before configure_model, where fully_shard runs
+    names = {name: p.requires_grad for name, p in model.embedding.named_parameters()}
+    assert names == {
+        "parametrizations.weight.original": True,
+        "parametrizations.weight.0.reference": False,
+    }
+    callback.teardown(trainer, model, "fit")  # nothing sharded: a plain bake
+    assert type(model.embedding.weight) is nn.Parameter
+    assert torch.equal(model.embedding.weight[:2], torch.zeros(2, 4))

@@ -30,11 +30,11 @@ from typing_extensions import Self
 from embedding_constraint.fix_rows import (
     _check_lookup_options,
     _owner,
-    bake,
     fix_rows_before_optimizers,
     is_fixed,
 )
 from embedding_constraint.fixed_rows import FixedRows, parametrization_list
+from embedding_constraint.fsdp import bake_fully_sharded
 
 __all__ = ["EmbeddingConstraintHooks"]
 
@@ -345,4 +345,6 @@ class EmbeddingConstraintHooks:
         while self._fixed:
             root, name = self._fixed.pop()
             if is_fixed(root, name):
-                bake(root, name=name)
+                # `bake`, and under FSDP2 the baked weight joins the group that trained it,
+                # so the model evaluates and fits again as a plain sharded one.
+                bake_fully_sharded(root, name=name)

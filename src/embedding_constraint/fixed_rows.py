@@ -24,7 +24,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.autograd import forward_ad
-from torch.distributed.tensor import DTensor, Replicate
+
+try:  # public from torch 2.5 on
+    from torch.distributed.tensor import DTensor, Replicate
+except ImportError:  # pragma: no cover - torch 2.4 has it under its private name
+    from torch.distributed._tensor import (  # type: ignore[attr-defined]
+        DTensor,
+        Replicate,
+    )
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrize import ParametrizationList
 

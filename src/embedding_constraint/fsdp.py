@@ -1,4 +1,4 @@
-"""FSDP2 (``torch.distributed.fsdp.fully_shard``): shard the reference with the free rows.
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``): shard the reference, bake a sharded weight.
 
 A constrained module trains under ``fully_shard`` as it is: FSDP2 shards the stored free rows
 like any parameter, gathers them for the module's forward, where the fast reads run, and
@@ -6,17 +6,25 @@ outside it `FixedRows` reads them as a ``DTensor`` of the plain weight. Its refe
 plain tensor, whole on every rank. `prepare_fully_shard` makes it a frozen parameter instead,
 so that ``fully_shard`` shards it too: a rank then holds ``1 / world_size`` of the constrained
 weight at rest, as it would of an unconstrained one.
+
+`bake_fully_sharded` is `bake` for a sharded module: the plain weight it leaves is one that
+FSDP2 goes on sharding, gathering and training, in place of the parameters it managed for the
+constraint.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
+from torch.nn.utils import parametrize
 from torch.nn.utils.parametrize import ParametrizationList
 
-from embedding_constraint.fixed_rows import FixedRows
+from embedding_constraint.fix_rows import bake
+from embedding_constraint.fixed_rows import FixedRows, gathered, parametrization_list
 
-__all__ = ["prepare_fully_shard"]
+__all__ = ["bake_fully_sharded", "prepare_fully_shard"]
 
 
 def prepare_fully_shard(module: nn.Module) -> nn.Module:
@@ -73,3 +81,131 @@ def prepare_fully_shard(module: nn.Module) -> nn.Module:
     for constraint in constraints:  # `modules()` lists a tied constraint once
         constraint.hold_reference_as_parameter()
     return module
+
+
+def bake_fully_sharded(module: nn.Module, *, name: str | None = None) -> nn.Module:
+    r"""`bake` a module that ``fully_shard`` has sharded: FSDP2 goes on managing the weight.
+
+    `bake` alone would leave a plain ``DTensor`` weight that FSDP2 does not know (it manages
+    the constraint's parameters), so the module's next forward would fail. Here the plain weight
+    takes their place in their FSDP2 group: a new parameter, sharded as FSDP2 shards any, that
+    the next forward gathers and the next backward reduce-scatters, so the module trains,
+    evaluates and saves as one that was never constrained. Create a new optimizer afterwards.
+
+    Every rank must call it (the weight is gathered whole once), outside a forward and
+    backward. A tensor whose free rows are not sharded is baked by `bake`.
+
+    Args:
+        module (nn.Module): the module that ``fully_shard`` was called on, or a root above it.
+        name (str, optional): the constrained parameter, dotted under ``module``. Default:
+            ``None``, every constrained tensor under ``module``.
+
+    Returns:
+        nn.Module: ``module``, with plain, sharded parameters in place.
+
+    Raises:
+        ValueError: nothing under ``module`` is constrained, or no FSDP2 group under
+            ``module`` manages a constrained tensor whose free rows are sharded (``module``
+            is below the module that ``fully_shard`` was called on: pass that one).
+    """
+    names = [name] if name is not None else _constrained_names(module)
+    if not names:
+        raise ValueError("Expected a tensor constrained by fix_rows under `module`. Got none.")
+    plans = [_bake_plan(module, n) for n in names]  # every check before any change
+    for plan in plans:
+        if plan is None:
+            continue
+        _replace_in_group(module, *plan)
+    for n in names:  # what is left: not sharded (a sharer of a baked tensor is gone already)
+        owner_name, _, attr = n.rpartition(".")
+        if parametrize.is_parametrized(module.get_submodule(owner_name), attr):
+            bake(module, name=n)
+    return module
+
+
+def _constrained_names(module: nn.Module) -> list[str]:
+    """The dotted names of the tensors under ``module`` that `FixedRows` constrains, each
+    constraint once (a tied head shares the embedding's)."""
+    seen: set[int] = set()
+    names = []
+    for prefix, holder in module.named_modules():
+        for attr in getattr(holder, "parametrizations", {}):
+            plist = parametrization_list(holder, attr)
+            if isinstance(plist[0], FixedRows) and id(plist) not in seen:
+                seen.add(id(plist))
+                names.append(f"{prefix}.{attr}" if prefix else attr)
+    return names
+
+
+# A group, the FSDPParams it keeps for one constraint's stored rows (and reference), the name.
+_Plan = tuple[object, list[object], str]
+
+
+def _bake_plan(module: nn.Module, name: str) -> _Plan | None:
+    """Find the FSDP2 group that manages ``name``'s constraint; None if it is not sharded."""
+    owner_name, _, attr = name.rpartition(".")
+    plist = parametrization_list(module.get_submodule(owner_name), attr)
+    constraint, free = plist[0], plist.original
+    assert isinstance(constraint, FixedRows)
+    if not isinstance(free, DTensor):
+        return None
+    managed = [free, constraint.reference]
+    for fsdp_module in module.modules():
+        if not isinstance(fsdp_module, FSDPModule):
+            continue
+        # Private: FSDP2 keeps one group of parameters per fully_shard call.
+        group = fsdp_module._get_fsdp_state()._fsdp_param_group
+        if group is None:
+            continue
+        found = [p for p in group.fsdp_params if any(p.sharded_param is t for t in managed)]
+        if found:
+            return group, list(found), name
+    raise ValueError(
+        f"Expected an FSDP2 group under `module` that manages {name!r}. Got none: its free rows "
+        "are sharded by a fully_shard call on a module above `module`. Pass that module."
+    )
+
+
+def _replace_in_group(module: nn.Module, group: object, stale: list[object], name: str) -> None:
+    """Bake ``name`` and put its plain weight in the group instead of the ``stale`` params."""
+    # Private FSDP2 internals: a parameter it manages is an FSDPParam of its group, made
+    # from the plain tensor and told where the modules hold it (ParamModuleInfo).
+    from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam, ParamModuleInfo
+
+    owner_name, _, attr = name.rpartition(".")
+    owner = module.get_submodule(owner_name)
+    plist = parametrization_list(owner, attr)
+    requires_grad = plist.original.requires_grad
+    with torch.no_grad():
+        whole = gathered(plist()).clone()
+    bake(module, name=name)  # the tied holders share the baked Parameter
+    baked = owner._parameters[attr]
+    holders = [(m, a) for m in module.modules() for a, p in m._parameters.items() if p is baked]
+    weight = nn.Parameter(whole, requires_grad=requires_grad)
+    for holder, holder_attr in holders:
+        holder._parameters[holder_attr] = weight
+    info = ParamModuleInfo(
+        holders[0][0],
+        holders[0][1],
+        [m for m, _ in holders[1:]],
+        [a for _, a in holders[1:]],
+    )
+    model = stale[0]
+    fresh = FSDPParam(  # shards `weight` and sets the shard on every holder
+        weight,
+        info,
+        model.mesh_info,  # type: ignore[attr-defined]
+        model.post_forward_mesh_info,  # type: ignore[attr-defined]
+        model.device,  # type: ignore[attr-defined]
+        None,
+        model.mp_policy,  # type: ignore[attr-defined]
+        group.offload_policy,  # type: ignore[attr-defined]
+    )
+    fresh._param_fqn = name
+    params = group.fsdp_params  # type: ignore[attr-defined]
+    at = min(params.index(p) for p in stale)
+    for p in stale:
+        p._post_load_hook_handle.remove()  # type: ignore[attr-defined]
+    params[:] = [p for p in params if all(p is not s for s in stale)]
+    params.insert(at, fresh)
+    group._init_mp_dtypes()  # type: ignore[attr-defined]
