@@ -64,6 +64,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rows", type=int, nargs="*", help="fixed rows (default: a prefix)")
     parser.add_argument("--tie", action="store_true", help="tie the head to the embedding")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--resume", type=Path, help="a checkpoint to resume the fit from")
+    parser.add_argument(
+        "--full-checkpoint", action="store_true", help="one file, not a distributed checkpoint"
+    )
     args = parser.parse_args()
     flavour = FLAVOURS[args.flavour]
 
@@ -76,7 +81,9 @@ def main() -> None:
         batch_size, strategy, model_class = BATCH * RANKS, "auto", flavour.model
     else:
         batch_size = BATCH
-        strategy = flavour.package.strategies.ModelParallelStrategy()
+        strategy = flavour.package.strategies.ModelParallelStrategy(
+            save_distributed_checkpoint=not args.full_checkpoint
+        )
         model_class = sharded_model(flavour)
         checkpoint = [
             flavour.package.callbacks.ModelCheckpoint(dirpath=args.out / "ckpt", save_last=True)
@@ -94,13 +101,15 @@ def main() -> None:
         ],
         devices=args.devices,
         strategy=strategy,
-        max_epochs=2,
+        max_epochs=args.epochs,
         enable_checkpointing=bool(checkpoint),
         use_distributed_sampler=False,  # each rank takes its own shard, as in ddp_fit.py
     )
     if args.devices == RANKS:
         data = data[trainer.global_rank :: RANKS]
-    trainer.fit(model, DataLoader(TensorDataset(data), batch_size=batch_size))
+    trainer.fit(
+        model, DataLoader(TensorDataset(data), batch_size=batch_size), ckpt_path=args.resume
+    )
     weight = model.embedding.weight
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     result = {
