@@ -7,6 +7,7 @@ one-rank group check the reads of sharded rows and the refusals.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -384,23 +385,35 @@ def test_prepare_fully_shard_is_refused_without_a_constraint_or_after_fully_shar
     assert not cast(FixedRows, parametrization_list(emb, "weight")[0]).reference_is_parameter
 
 
-def test_fixed_rows_held_as_a_parameter_stay_exact_and_get_no_state() -> None:
+OPTIMIZERS: dict[str, Any] = {
+    "sgd-nesterov": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True),
+    "adam": lambda p: torch.optim.Adam(p, lr=0.1),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=0.1, weight_decay=0.5),
+    "rmsprop": lambda p: torch.optim.RMSprop(p, lr=0.1, weight_decay=0.1),
+}
+
+
+@pytest.mark.usefixtures("group")
+@pytest.mark.parametrize("optimizer_name", list(OPTIMIZERS))
+def test_a_sharded_reference_stays_exact_and_gets_no_state(optimizer_name: str) -> None:
     torch.manual_seed(0)
     emb = nn.Embedding(6, 3)
     reference = torch.randn(2, 3)
     fix_rows(emb, reference, rows=[4, 0])
     prepare_fully_shard(emb)
     prepare_fully_shard(emb)  # a second call changes nothing
+    fully_shard(emb)
     held = dict(emb.named_parameters())["parametrizations.weight.0.reference"]
+    assert isinstance(held, DTensor)
     assert not held.requires_grad
-    optimizer = torch.optim.AdamW(emb.parameters(), lr=0.1, weight_decay=0.5)
+    optimizer = OPTIMIZERS[optimizer_name](emb.parameters())  # every parameter, the frozen too
     for _ in range(3):
         optimizer.zero_grad()
         emb(torch.arange(6)).pow(2).sum().backward()
         optimizer.step()
     assert held.grad is None
     assert held not in optimizer.state
-    assert torch.equal(emb.weight[[4, 0]], reference)
+    assert torch.equal(cast(DTensor, emb.weight).full_tensor()[[4, 0]], reference)
     assert list(emb.state_dict()) == ["weight"]
 
 
@@ -462,3 +475,30 @@ def test_model_parallel_strategy_resumes_from_a_distributed_checkpoint(tmp_path:
         assert torch.equal(rank["state_dict"]["embedding.weight"][rank["rows"]], rank["reference"])
         for key, value in rank["state_dict"].items():
             torch.testing.assert_close(value, other["state_dict"][key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_the_benchmark_counts_no_traffic_for_fixed_gradients(tmp_path: Path) -> None:
+    """Bytes per step and rank, as `bench_distributed.py` counts them (V=2000, d=32, 90% fixed)."""
+    script = SCRIPT.parent / "benchmarks" / "bench_distributed.py"
+    _run(
+        [sys.executable, str(script), "--quick", "--json", str(tmp_path / "out.json")],
+        {**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    results = json.loads((tmp_path / "out.json").read_text())["results"]
+    weight, free = 2000 * 32 * 4, 200 * 32 * 4  # float32 bytes: all rows, the free rows
+    assert results["ddp plain"]["bytes"] == {"all-reduce": weight}
+    assert results["ddp fixed"]["bytes"] == {"all-reduce": free}  # nothing of the fixed rows
+    assert results["fsdp2 plain"]["bytes"] == {"all-gather": weight, "reduce-scatter": weight}
+    # The reference sharded: gathered as an unconstrained weight is; no gradient for it.
+    assert results["fsdp2 fixed"]["bytes"] == {"all-gather": weight, "reduce-scatter": free}
+    # The reference whole on each rank: nothing of it travels.
+    fixed_whole = results["fsdp2 fixed, whole reference"]["bytes"]
+    assert fixed_whole == {"all-gather": free, "reduce-scatter": free}
+    # At rest, per rank: the shards, the reference (whole or a shard) and AdamW's two moments.
+    state = 2 * free // 2
+    assert results["fsdp2 plain"]["at_rest_bytes"] == weight // 2 + 2 * weight // 2
+    assert results["fsdp2 fixed"]["at_rest_bytes"] == weight // 2 + state
+    assert results["fsdp2 fixed, whole reference"]["at_rest_bytes"] == (
+        (weight - free) + free // 2 + state
+    )

@@ -32,13 +32,14 @@ Run from the repository root (2 processes, gloo, on the CPU)::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -180,7 +181,7 @@ def at_rest(variant: Variant) -> int:
     return held
 
 
-def run_rank(rank: int, world: int, config: Config, store: str, out: str) -> None:
+def run_rank(rank: int, world: int, config: Config, store: str, out: str, json_out: str) -> None:
     if config.device == "cuda":
         torch.cuda.set_device(rank)
     backend = "nccl" if config.device == "cuda" else "gloo"
@@ -213,12 +214,12 @@ def run_rank(rank: int, world: int, config: Config, store: str, out: str) -> Non
                 if round_ == 0:
                     variant.traffic = counted
         if rank == 0:
-            report(config, world, variants, out)
+            report(config, world, variants, out, json_out)
     finally:
         dist.destroy_process_group()
 
 
-def report(config: Config, world: int, variants: list[Variant], out: str) -> None:
+def report(config: Config, world: int, variants: list[Variant], out: str, json_out: str) -> None:
     plain = {v.strategy: v for v in variants if v.name.endswith("plain")}
     lines = [
         (
@@ -244,6 +245,16 @@ def report(config: Config, world: int, variants: list[Variant], out: str) -> Non
     print(text)
     if out:
         Path(out).write_text(text + "\n")
+    if json_out:
+        results = {
+            v.name: {
+                "step_s": statistics.median(v.times),
+                "bytes": v.traffic,
+                "at_rest_bytes": at_rest(v),
+            }
+            for v in variants
+        }
+        Path(json_out).write_text(json.dumps({"config": asdict(config), "results": results}))
 
 
 def main() -> None:
@@ -254,6 +265,7 @@ def main() -> None:
     parser.add_argument("--frozen", type=float, default=0.9, help="fraction of rows fixed")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--out", default="", help="also write the table to this file")
+    parser.add_argument("--json", default="", help="also write the numbers to this file")
     args = parser.parse_args()
     if args.quick:
         config = Config(2000, 32, 256, args.frozen, args.rounds or 5, 1, args.device)
@@ -263,7 +275,7 @@ def main() -> None:
         config = Config(20000, 128, 2048, args.frozen, args.rounds or 21, 3, args.device)
     with tempfile.TemporaryDirectory() as tmp:
         store = str(Path(tmp) / "store")
-        spawn(run_rank, args=(args.world, config, store, args.out), nprocs=args.world)  # type: ignore[no-untyped-call]
+        spawn(run_rank, args=(args.world, config, store, args.out, args.json), nprocs=args.world)  # type: ignore[no-untyped-call]
 
 
 if __name__ == "__main__":
