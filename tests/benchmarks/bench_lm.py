@@ -805,13 +805,14 @@ def report(run: Run, cells: Sequence[Cell], profiles: Sequence[Profile], note: s
         ),
         "",
         bench_step.table(
-            [*first, *names, "library/floor", "library/peft"],
+            [*first, *names, "library/floor", "library/peft", "floor/peft"],
             [
                 [
                     *c.setting.label(),
                     *[ms_text(c, v) for v in names],
                     ratio_text(c.ratio("library", "floor")),
                     ratio_text(c.ratio("library", "peft")),
+                    ratio_text(c.ratio("floor", "peft")),
                 ]
                 for c in cells
             ],
