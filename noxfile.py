@@ -6,7 +6,8 @@ Lightning packages, every extra and the pinned checkers. So torch is installed o
 session; the environment is made again when the torch requirement, ``pyproject.toml`` or the
 pinned checkers change. pip installs torch (so your pip configuration, a CPU-only index say,
 decides which build); uv, where it is on the PATH, installs the rest, else pip. `nox -s bench`
-runs the benchmark (not part of the everyday set: it measures, it does not check).
+runs the step benchmark and `nox -s bench_lm` the language-model benchmark (not part of
+the everyday set: they measure, they do not check).
 """
 
 from __future__ import annotations
@@ -114,3 +115,9 @@ def docs(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Time a training step side by side: plain, overwrite, gradmask and this library."""
     session.run(_python(session), "tests/benchmarks/bench_step.py", *session.posargs, external=True)
+
+
+@nox.session(venv_backend="none")
+def bench_lm(session: nox.Session) -> None:
+    """Time a language model's step: plain, overwrite, PEFT, the floor and this library."""
+    session.run(_python(session), "tests/benchmarks/bench_lm.py", *session.posargs, external=True)
