@@ -61,9 +61,7 @@ def _tokenizer(corpus: list[str], size: int) -> Any:
         ),
     )
     fast: Any = PreTrainedTokenizerFast  # untyped in transformers
-    return fast(
-        tokenizer_object=bpe, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]"
-    )
+    return fast(tokenizer_object=bpe, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
 
 
 def _batch(tokenizer: Any, corpus: list[str]) -> dict[str, torch.Tensor]:

@@ -449,7 +449,8 @@ def test_lora_on_the_body_and_expand_vocabulary_on_the_embeddings(tied: bool) ->
     assert all("lora_" in n for n in trainable if "parametrizations" not in n)
     _train(lora)
     # Bake first: merge_and_unload compares the embedding's and the head's storage to see a tie.
-    merged: Any = bake(lora).merge_and_unload()
+    baked: Any = bake(lora)
+    merged = baked.merge_and_unload()
     assert merged.config.tie_word_embeddings == tied
     assert (merged.get_input_embeddings().weight is merged.get_output_embeddings().weight) == tied
     assert type(merged.model.layers[0].self_attn.q_proj) is nn.Linear

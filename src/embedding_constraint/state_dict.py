@@ -44,7 +44,7 @@ def _full_tensor(plist: ParametrizationList, state_dict: dict[str, Any], key: st
         if built is not None and any(value is built for value in state_dict.values()):
             return built
     with torch.no_grad():
-        full = plist().detach()
+        full: Tensor = plist().detach()
     _BUILT[plist] = (id(state_dict), weakref.ref(full))
     return full
 
