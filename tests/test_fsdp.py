@@ -23,7 +23,7 @@ from support import graph_ops, stored
 from torch import nn
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 from embedding_constraint import FixedRows, fix_rows
@@ -502,3 +502,41 @@ def test_the_benchmark_counts_no_traffic_for_fixed_gradients(tmp_path: Path) -> 
     assert results["fsdp2 fixed, whole reference"]["at_rest_bytes"] == (
         (weight - free) + free // 2 + state
     )
+
+
+@pytest.mark.usefixtures("group")
+@pytest.mark.parametrize("reference", ["sharded", "whole"])
+@pytest.mark.parametrize("kind", ["embedding", "bag", "head"])
+@pytest.mark.parametrize("rows", [None, [6, 1, 3]], ids=["prefix", "scattered"])
+def test_mixed_precision_reads_as_an_unconstrained_weight(
+    reference: str, kind: str, rows: list[int] | None
+) -> None:
+    """Under FSDP2's bfloat16 policy every row is read in bfloat16, the reference included."""
+    torch.manual_seed(0)
+    modules: dict[str, nn.Module] = {
+        "embedding": nn.Embedding(8, 3),
+        "bag": nn.EmbeddingBag(8, 3, mode="sum"),
+        "head": nn.Linear(3, 8),
+    }
+    module = modules[kind]
+    old = torch.randn(3, 3)
+    unconstrained = copy.deepcopy(module)
+    fix_rows(module, old, rows=rows)
+    unconstrained.load_state_dict(module.state_dict())
+    if reference == "sharded":
+        prepare_fully_shard(module)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
+    fully_shard(module, mp_policy=policy)
+    fully_shard(unconstrained, mp_policy=policy)
+    inputs = torch.randn(2, 3) if kind == "head" else torch.tensor([[0, 1, 6], [7, 3, 3]])
+    out, expected = module(inputs), unconstrained(inputs)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    # The head splits its product by rows (the reference's and the free ones'): the same
+    # products, maybe summed in another order.
+    exact = 0 if kind != "head" else 1e-2
+    torch.testing.assert_close(out, expected, rtol=exact, atol=exact)
+    out.float().pow(2).sum().backward()
+    stored_rows = cast(DTensor, stored(module).grad)
+    assert stored_rows.dtype == torch.float32  # gradients reach the float32 shards
+    weight = cast(DTensor, module.weight).full_tensor()
+    assert torch.equal(weight[rows or [0, 1, 2]], old)  # reference[i] at rows[i], exact

@@ -438,12 +438,23 @@ class FixedRows(nn.Module):
         """
         if isinstance(free, DTensor):
             return self._forward_sharded(free)
-        return self._read(free, self.reference)
+        return self._read(free)
 
-    def _read(self, free: Tensor, reference: Tensor) -> Tensor:
-        """The plain read of unsharded ``free`` and ``reference`` rows."""
+    def reference_for(self, free: Tensor) -> Tensor:
+        """The reference as a read of ``free`` takes it: whole, in ``free``'s dtype.
+
+        FSDP2 with a mixed-precision policy gathers the free rows in its ``param_dtype``
+        (bfloat16, say), as it would an unconstrained weight; a reference it does not manage
+        (not `hold_reference_as_parameter`) is cast alike for the forward, and stays exact.
+        """
+        reference = self.reference
         if isinstance(reference, DTensor):  # sharded alone (free rows in another FSDP2 group)
             reference = reference.full_tensor()
+        return reference if reference.dtype == free.dtype else reference.to(free.dtype)
+
+    def _read(self, free: Tensor) -> Tensor:
+        """The plain read of unsharded ``free`` rows."""
+        reference = self.reference_for(free)
         if self.rows is None:
             return torch.cat((reference, free))
         if self.free_rows is None or self.slot is None:
@@ -465,7 +476,7 @@ class FixedRows(nn.Module):
         steps are differentiable: a gradient reaches the free rows' shards.
         """
         self._release_if_left(free)
-        return shard_like(self._read(free.full_tensor(), self.reference), free)
+        return shard_like(self._read(free.full_tensor()), free)
 
     @torch.no_grad()
     def right_inverse(self, tensor: Tensor) -> Tensor:

@@ -115,7 +115,7 @@ def linear(
             bias_fixed, bias_free = (None, None) if bias is None else (bias[:fixed], bias[fixed:])
             return torch.cat(
                 (
-                    nn.functional.linear(input, constraint.reference, bias_fixed),
+                    nn.functional.linear(input, constraint.reference_for(free), bias_fixed),
                     nn.functional.linear(input, free, bias_free),
                 ),
                 -1,

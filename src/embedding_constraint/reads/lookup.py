@@ -144,7 +144,7 @@ def lookup(
     slot = constraint.places(indices)
     out: Tensor = _Lookup.apply(  # type: ignore[no-untyped-call]
         free,
-        constraint.reference,
+        constraint.reference_for(free),
         constraint._joined(free),
         indices,
         slot,
