@@ -351,7 +351,7 @@ def test_bad_models_are_refused_and_change_nothing() -> None:
     padded = _model("llama", True)
     padded.get_input_embeddings().padding_idx = 3  # token t3, which NEW_VOCAB drops
     before = {k: v.clone() for k, v in padded.state_dict().items()}
-    with pytest.raises(ValueError, match=r"keep the padding token 't3' \(row 3"):
+    with pytest.raises(ValueError, match=r"keep the token 't3' \(id 3, the model's padding_idx"):
         expand_vocabulary(padded, OLD_VOCAB, NEW_VOCAB)
     _model_unchanged(padded, before, OLD)
     with pytest.raises(ValueError, match="Expected `init` to be one of"):
@@ -456,3 +456,150 @@ def test_lora_on_the_body_and_expand_vocabulary_on_the_embeddings(tied: bool) ->
     assert type(merged.model.layers[0].self_attn.q_proj) is nn.Linear
     assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, q_before)
     _assert_old_rows_kept(merged, old)
+
+
+def _bart(vocab: int = OLD) -> Any:
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = BartConfig(
+        vocab_size=vocab,
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_position_embeddings=32,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        forced_eos_token_id=2,
+        decoder_start_token_id=2,
+    )
+    model = BartForConditionalGeneration(config)
+    with torch.no_grad():
+        model.final_logits_bias.normal_()
+    return model
+
+
+def test_an_encoder_decoder_model_moves_its_logits_bias_padding_and_forced_ids() -> None:
+    # BART: one embedding matrix in four modules (shared, encoder, decoder, head), a
+    # final_logits_bias buffer with one entry per token, a padding row, forced ids.
+    model = _bart()
+    old_bias = model.final_logits_bias.clone()
+    old_weight = model.get_input_embeddings().weight.detach().clone()
+    new_vocab = [OLD_VOCAB[0], "new0", *reversed(OLD_VOCAB[1:]), "new1"]  # pad t1 moves
+    expand_vocabulary(model, OLD_VOCAB, new_vocab)
+    at = torch.tensor([new_vocab.index(t) for t in OLD_VOCAB])
+    assert torch.equal(model.final_logits_bias[0, at], old_bias[0])
+    assert model.final_logits_bias[0, [1, len(new_vocab) - 1]].tolist() == [0.0, 0.0]
+    embeddings = [model.model.shared, model.model.encoder.embed_tokens]
+    embeddings.append(model.model.decoder.embed_tokens)
+    assert [e.padding_idx for e in embeddings] == [new_vocab.index("t1")] * 3
+    assert model.config.forced_eos_token_id == new_vocab.index("t2")
+    assert model.generation_config.decoder_start_token_id == new_vocab.index("t2")
+    ids = torch.tensor([[0, 1, 5, 9, 2]])
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grad = model.model.shared.parametrizations.weight.original.grad
+    assert grad is not None
+    assert bool(grad[0].abs().sum() > 0)  # "new0", at the old padding id, trains
+    _train(model, vocab=len(new_vocab))
+    assert torch.equal(model.get_input_embeddings().weight[at], old_weight)
+    assert torch.equal(model.get_output_embeddings().weight[at], old_weight)
+
+
+def test_moving_a_padding_token_that_positions_count_from_is_refused() -> None:
+    from transformers import RobertaConfig, RobertaModel
+
+    config = RobertaConfig(
+        vocab_size=OLD,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=40,
+        pad_token_id=1,
+    )
+    model = RobertaModel(config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        ValueError, match=r"'t1' at\s+id 1\. Got it at 22: embeddings\.position_embeddings has"
+    ):
+        expand_vocabulary(model, OLD_VOCAB, list(reversed(OLD_VOCAB)))
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    kept_in_place = [*OLD_VOCAB[:2], *reversed(OLD_VOCAB[2:]), "new"]
+    expand_vocabulary(model, OLD_VOCAB, kept_in_place)
+    assert model.embeddings.word_embeddings.padding_idx == model.embeddings.padding_idx == 1
+
+
+def test_an_inner_model_whose_weight_the_head_shares_is_refused() -> None:
+    model = _model("llama", True)
+    with pytest.raises(ValueError, match=r"held only by modules under `model`.* whole model"):
+        expand_vocabulary(model.model, OLD_VOCAB, NEW_VOCAB)
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    assert model.get_input_embeddings().weight.shape[0] == OLD
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"new_num_tokens": 0}, r"`new_num_tokens` to be a positive int or None\. Got 0"),
+        ({"pad_to_multiple_of": "8"}, r"`pad_to_multiple_of` to be a positive int .* Got '8'"),
+    ],
+)
+def test_bad_resize_arguments_are_refused_and_change_nothing(
+    kwargs: dict[str, Any], match: str
+) -> None:
+    model = expand_vocabulary(_model("llama", True), OLD_VOCAB, NEW_VOCAB)
+    with pytest.raises(ValueError, match=match):
+        model.resize_token_embeddings(**kwargs)
+    assert is_fixed(model, "model.embed_tokens.weight")
+    assert model.get_input_embeddings().weight.shape[0] == len(NEW_VOCAB)
+
+
+def test_config_ids_and_padding_in_rows_past_the_old_vocabulary_are_refused() -> None:
+    model = _model("llama", False, vocab=OLD + 4)  # padded: 4 rows that name no token
+    model.config.pad_token_id = OLD + 1
+    with pytest.raises(
+        ValueError, match=rf"pad_token_id to name a token of `old_vocab`\. Got id {OLD + 1}"
+    ):
+        expand_vocabulary(model, OLD_VOCAB, NEW_VOCAB)
+    model.config.pad_token_id = None
+    model.get_input_embeddings().padding_idx = OLD + 2
+    with pytest.raises(ValueError, match=rf"padding_idx to name a token .* Got id {OLD + 2}"):
+        expand_vocabulary(model, OLD_VOCAB, NEW_VOCAB)
+    assert model.get_input_embeddings().weight.shape[0] == OLD + 4
+    model.get_input_embeddings().padding_idx = None
+    expand_vocabulary(model, OLD_VOCAB, NEW_VOCAB)  # the 4 padding rows are dropped
+    assert model.get_input_embeddings().weight.shape[0] == len(NEW_VOCAB)
+
+
+def test_no_shared_token_leaves_nothing_constrained() -> None:
+    model = _model("gpt2", True)
+    expand_vocabulary(model, OLD_VOCAB, ["a", "b", "c"])
+    assert not is_fixed(model, "transformer.wte.weight")
+    _train(model, vocab=3)
+    model.tie_weights()
+    assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+
+
+def test_tie_weights_after_steps_keeps_the_optimizer_training() -> None:
+    model = expand_vocabulary(_model("llama", True), OLD_VOCAB, NEW_VOCAB)
+    free = model.get_input_embeddings().parametrizations.weight.original
+    optimizer = torch.optim.AdamW([free], lr=0.05)
+    ids = torch.arange(8).reshape(1, 8)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+    model.tie_weights()  # the optimizer holds state for `free`: not a reason to refuse
+    assert model.get_input_embeddings().parametrizations.weight.original is free
+    before = free.detach().clone()
+    optimizer.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    assert not torch.equal(free, before)

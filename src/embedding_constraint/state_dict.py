@@ -26,26 +26,29 @@ __all__ = ["plain_parameter_order", "register_plain_hooks", "remove_plain_hooks"
 # tensor, as an unconstrained tied module's state dict holds its one Parameter twice, so savers
 # that write shared tensors once (transformers' ``save_pretrained``) write it once. Weak on both
 # sides: the entry keeps neither the parametrization nor the (possibly large) tensor alive.
-_BUILT: weakref.WeakKeyDictionary[ParametrizationList, tuple[int, weakref.ref[Tensor]]] = (
-    weakref.WeakKeyDictionary()
-)
+_BUILT: weakref.WeakKeyDictionary[
+    ParametrizationList, tuple[tuple[int, ...], weakref.ref[Tensor]]
+] = weakref.WeakKeyDictionary()
 
 
 def _full_tensor(plist: ParametrizationList, state_dict: dict[str, Any], key: str) -> Tensor:
     """The full tensor of ``plist`` for ``state_dict[key]``: built, or shared within one call.
 
     A tensor built for another holder is shared only while it is a value of this very state
-    dict and ``key`` is not in it yet, so a state dict made before (or a second call with the
-    same ``destination``, which finds its keys already written) never gets stale values.
+    dict, ``key`` is not in it yet and neither the stored rows nor the reference changed in
+    place since (their version counters): a state dict made before, or a second call with the
+    same ``destination``, never gets stale values.
     """
+    original, reference = plist.original, plist[0].reference
+    stamp = (id(state_dict), original._version, reference._version)
     last = _BUILT.get(plist)
-    if last is not None and last[0] == id(state_dict) and key not in state_dict:
+    if last is not None and last[0] == stamp and key not in state_dict:
         built = last[1]()
         if built is not None and any(value is built for value in state_dict.values()):
             return built
     with torch.no_grad():
         full: Tensor = plist().detach()
-    _BUILT[plist] = (id(state_dict), weakref.ref(full))
+    _BUILT[plist] = (stamp, weakref.ref(full))
     return full
 
 

@@ -27,8 +27,11 @@ from torch import Tensor, nn
 
 from embedding_constraint.fix_rows import (
     _check_lookup_options,
+    _held_outside,
+    _holders,
     bake,
     fix_rows,
+    fix_rows_before_optimizers,
     fixed_tensors,
     is_fixed,
 )
@@ -49,7 +52,16 @@ __all__ = ["expand_vocabulary"]
 _Model = TypeVar("_Model", bound="PreTrainedModel")
 
 # The config fields that name a token by its id: they follow their token to its new id.
-_TOKEN_ID_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id")
+_TOKEN_ID_FIELDS = (
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "decoder_start_token_id",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+)
 
 
 def _tokens(vocab: object, name: str) -> object:
@@ -83,16 +95,6 @@ def _name_of(model: nn.Module, target: nn.Module) -> str:
     return next(str(name) for name, module in model.named_modules() if module is target)
 
 
-def _holders(model: nn.Module, param: Tensor) -> list[tuple[nn.Module, str]]:
-    """Every (module, attribute) under ``model`` holding ``param`` (tied weights: several)."""
-    return [
-        (module, attr)
-        for module in model.modules()
-        for attr, value in module._parameters.items()
-        if value is param
-    ]
-
-
 def _set_rows(module: nn.Module, rows: int) -> None:
     """Keep a module's size attribute in step with its weight's row count."""
     if isinstance(module, nn.Embedding | nn.EmbeddingBag):
@@ -101,15 +103,40 @@ def _set_rows(module: nn.Module, rows: int) -> None:
         module.out_features = rows
 
 
-def _remapped_ids(
-    model: nn.Module, old_tokens: Sequence[Hashable], new_index: dict[Hashable, int]
-) -> list[tuple[object, str, int | list[int]]]:
-    """The (config, field, new value) of every token id that moves with its token.
-
-    Ids outside the old vocabulary name none of its tokens and are left as they are.
+def _moved_id(
+    i: int, field: str, old_tokens: Sequence[Hashable], rows: int, new_index: dict[Hashable, int]
+) -> int:
+    """The new id of the token ``i`` names; ids that name no row (GPT-2's 50256 in a tiny
+    config, -100) are left as they are.
 
     Raises:
-        ValueError: a token named by an id is not in the new vocabulary.
+        ValueError: ``i`` names a row past the old vocabulary (dropped), or a token that is not
+            in the new vocabulary.
+    """
+    if not 0 <= i < rows:
+        return i
+    if i >= len(old_tokens):
+        raise ValueError(
+            f"Expected the model's {field} to name a token of `old_vocab`. Got id {i}, a row "
+            f"past its {len(old_tokens)} tokens, which expand_vocabulary drops: set {field} "
+            "to a token's id, or pass the whole vocabulary."
+        )
+    token = old_tokens[i]
+    if token not in new_index:
+        raise ValueError(
+            f"Expected `new_vocab` to keep the token {token!r} (id {i}, the model's {field}). "
+            f"Got a vocabulary without it: add it to `new_vocab`, or change {field} first."
+        )
+    return new_index[token]
+
+
+def _remapped_ids(
+    model: nn.Module, old_tokens: Sequence[Hashable], rows: int, new_index: dict[Hashable, int]
+) -> list[tuple[object, str, int | list[int]]]:
+    """The (config, field, new value) of every token id in the config and generation config.
+
+    Raises:
+        ValueError: see `_moved_id`.
     """
     configs = [getattr(model, "config", None), getattr(model, "generation_config", None)]
     text = getattr(configs[0], "get_text_config", None)
@@ -117,25 +144,32 @@ def _remapped_ids(
         configs.append(text())
     changes: list[tuple[object, str, int | list[int]]] = []
     for config in configs:
-        if config is None:
-            continue
         for field in _TOKEN_ID_FIELDS:
             value = getattr(config, field, None)
-            listed = value if isinstance(value, list) else [value]
-            ids = [i for i in listed if isinstance(i, int) and 0 <= i < len(old_tokens)]
-            if len(ids) != len(listed):
-                continue
-            moved = []
-            for i in ids:
-                if old_tokens[i] not in new_index:
-                    raise ValueError(
-                        f"Expected `new_vocab` to keep the token {old_tokens[i]!r} (id {i}, the "
-                        f"model's {field}). Got a vocabulary without it: add it to `new_vocab`, "
-                        f"or set config.{field} first."
-                    )
-                moved.append(new_index[old_tokens[i]])
-            changes.append((config, field, moved if isinstance(value, list) else moved[0]))
+            if isinstance(value, int) and not isinstance(value, bool):
+                changes.append(
+                    (config, field, _moved_id(value, field, old_tokens, rows, new_index))
+                )
+            elif isinstance(value, list) and all(type(i) is int for i in value):
+                moved = [_moved_id(i, field, old_tokens, rows, new_index) for i in value]
+                changes.append((config, field, moved))
     return changes
+
+
+def _position_padding(model: nn.Module, embeddings: list[nn.Module], padding: int) -> str | None:
+    """The name of another embedding whose padding_idx is the padding id too, or None.
+
+    RoBERTa-style models count positions from the padding id: their position embedding has
+    it as its own ``padding_idx``, which a moved padding token would no longer match.
+    """
+    for name, module in model.named_modules():
+        if (
+            isinstance(module, nn.Embedding)
+            and all(module is not e for e in embeddings)
+            and module.padding_idx == padding
+        ):
+            return str(name)
+    return None
 
 
 def expand_vocabulary(
@@ -154,15 +188,17 @@ def expand_vocabulary(
     dropped (so are rows past the end of ``old_vocab``, which name no token); an added
     token's row is initialised by ``init`` and trains. A tied model stays tied (one
     Parameter, constrained once); an untied head is constrained with its own old rows.
-    ``config.vocab_size`` and the token ids in the config and generation config
-    (``pad_token_id``, ``bos_token_id``, ...) follow the new vocabulary.
+    ``config.vocab_size``, the token ids in the config and generation config
+    (``pad_token_id``, ``bos_token_id``, ...), the embedding's ``padding_idx`` and a
+    ``final_logits_bias`` (BART's) follow the new vocabulary.
 
     The modules are resized in place, so their class, hooks and other attributes stay.
     Train with anything (a plain loop, ``transformers.Trainer``, Lightning, accelerate);
     create the optimizer afterwards. ``save_pretrained`` writes a plain checkpoint (a tied
     matrix once) that loads without this library; `bake` turns the model into a plain one.
     ``model.tie_weights()`` and ``model.resize_token_embeddings()`` keep working: the model
-    gets its own two methods that keep the old rows constrained (added rows are free).
+    gets its own two methods that keep the old rows constrained (added rows are free; after a
+    resize, create the optimizer anew, as for a plain model).
 
     Args:
         model (PreTrainedModel): a model with ``get_input_embeddings()`` returning an
@@ -189,8 +225,11 @@ def expand_vocabulary(
             device; ``old_vocab`` has more tokens than the embedding has rows, or gaps in
             its ids; the head has another row count than the embedding; a vocabulary is
             empty or has duplicates; ``new_vocab`` drops the padding token or a token named
-            by a config id; or the embedding is sparse or has ``max_norm``. The model is
-            left unchanged.
+            by a config id; a config id or the padding row lies past the old vocabulary;
+            the padding token moves where a position embedding counts from it (RoBERTa); a
+            module outside ``model`` shares its embedding (an inner model was passed); or
+            the embedding is sparse or has ``max_norm``. The model is left unchanged.
+        TypeError: also when ``final_logits_bias`` is a Parameter rather than a buffer.
 
     Examples:
 
@@ -247,6 +286,17 @@ def expand_vocabulary(
                 f"Expected the {what}'s weight to hold values. Got one on the meta device: "
                 "load the model's weights first (from_pretrained, or to_empty() and load)."
             )
+    for param, what in (
+        (embedding.weight, "input embedding"),
+        (getattr(head, "weight", None), "output head"),
+    ):
+        if param is not None and _held_outside(model, param, "_parameters"):
+            raise ValueError(
+                f"Expected the {what}'s weight to be held only by modules under `model`. Got "
+                "one that a module outside it holds too (a head tied to it, a shared "
+                "embedding): resizing it here would leave that module with the old one. Pass "
+                "the whole model (the one with the head)."
+            )
     _check_lookup_options(embedding)
     _check_options(init, generator)
     old_tokens = _tokens(old_vocab, "old_vocab")
@@ -269,16 +319,19 @@ def expand_vocabulary(
     new_index = {token: i for i, token in enumerate(new_tokens)}
     old_padding = new_padding = embedding.padding_idx
     if old_padding is not None:
-        kept = (alignment.old_rows == old_padding).nonzero().flatten()
-        if kept.numel() == 0:
-            token = old_tokens[old_padding] if old_padding < len(old_tokens) else None
+        new_padding = _moved_id(old_padding, "padding_idx", old_tokens, rows, new_index)
+        user = _position_padding(
+            model, [h for h, _ in _holders(model, embedding.weight)], old_padding
+        )
+        if new_padding != old_padding and user is not None:
             raise ValueError(
-                f"Expected `new_vocab` to keep the padding token {token!r} (row "
-                f"{old_padding}, the input embedding's padding_idx). Got a vocabulary without "
-                "it: add it to `new_vocab`."
+                f"Expected `new_vocab` to keep the padding token {old_tokens[old_padding]!r} at "
+                f"id {old_padding}. Got it at {new_padding}: {user} has that id as its "
+                "padding_idx too (RoBERTa-style position ids count from it), so moving it "
+                "would change every position. Keep the padding token's id."
             )
-        new_padding = int(alignment.new_rows[kept[0]])
-    id_changes = _remapped_ids(model, old_tokens, new_index)
+    id_changes = _remapped_ids(model, old_tokens, rows, new_index)
+    logits_bias = _final_logits_bias(model, rows)
 
     # The new tensors, computed before anything changes.
     keep = torch.ones(alignment.new_size, dtype=torch.bool)
@@ -311,15 +364,45 @@ def expand_vocabulary(
         for holder, attr in holders:
             setattr(holder, attr, replacement)
             _set_rows(holder, alignment.new_size)
+            if isinstance(holder, nn.Embedding) and holder.padding_idx == old_padding:
+                holder.padding_idx = new_padding  # every holder: BART's encoder and decoder
         names.append((f"{_name_of(model, holders[0][0])}.{holders[0][1]}", reference))
-    embedding.padding_idx = new_padding
+    if logits_bias is not None:
+        bias_owner, bias_name, bias_value = logits_bias
+        with torch.no_grad():
+            zeros = bias_value.new_zeros(
+                (*bias_value.shape[:-1], added.numel())
+            )  # as transformers pads
+            by_token = _grow(bias_value.movedim(-1, 0), alignment, added, zeros.movedim(-1, 0))
+        bias_owner.register_buffer(bias_name, by_token.movedim(0, -1).contiguous())
     _set_vocab_size(model, rows, alignment.new_size)
     for config, field, value in id_changes:
         setattr(config, field, value)
-    for name, reference in names:
-        fix_rows(model, reference, name=name, rows=alignment.new_rows)
+    if alignment.old_rows.numel():  # no shared token: nothing to hold
+        for name, reference in names:
+            fix_rows(model, reference, name=name, rows=alignment.new_rows)
     _keep_constraints_through_hf_methods(model)
     return model
+
+
+def _final_logits_bias(model: nn.Module, rows: int) -> tuple[nn.Module, str, Tensor] | None:
+    """BART's (mBART's, Marian's, ...) ``final_logits_bias`` buffer, one entry per token.
+
+    It is re-sorted with the rows, its added entries zero, as transformers' resizing pads it.
+
+    Raises:
+        TypeError: it is a Parameter (trained): expand_vocabulary would have to constrain it.
+    """
+    for name, module in model.named_modules():
+        value = module._buffers.get("final_logits_bias")
+        if value is not None and value.shape[-1] == rows:
+            return module, "final_logits_bias", value.detach()
+        if module._parameters.get("final_logits_bias") is not None:
+            raise TypeError(
+                f"Expected {name}.final_logits_bias to be a buffer, as transformers makes it. "
+                "Got a Parameter: expand_vocabulary does not constrain it."
+            )
+    return None
 
 
 def _set_vocab_size(model: nn.Module, old: int, size: int) -> None:
@@ -339,24 +422,28 @@ def _set_vocab_size(model: nn.Module, old: int, size: int) -> None:
 def _constraints_lifted(model: nn.Module) -> Iterator[None]:
     """Bake every constrained tensor under ``model``; afterwards constrain the same rows again.
 
-    Each tensor is constrained again by its name, with its reference and rows: the same
-    Parameter where it is still there (an optimizer keeps training it), else the one that
-    replaced it (a resized module's). A name whose tensor is constrained by then (tied, since,
-    to one constrained first) is left as it is, as tying leaves a plain model one weight.
+    Each tensor is constrained again by its name, with its reference and rows; the tensors
+    whose Parameter is still the one that was baked come first (after ``tie_weights``, the
+    tied-to weight before the one tied to it), then the ones replaced meanwhile (by a resize).
+    A name whose tensor is constrained by then (tied, since, to one constrained first) is
+    left as it is, as tying leaves a plain model one weight. The Parameters that stay are the
+    ones an optimizer holds, with state of the free rows' shape: that state is no reason to
+    refuse (`fix_rows_before_optimizers`).
     """
-    held = [(name, c.reference, c.rows) for name, c in fixed_tensors(model)]
+    held = {name: (c.reference, c.rows) for name, c in fixed_tensors(model)}
     if not held:
         yield
         return
     bake(model)
-    before = {name: model.get_parameter(name) for name, _, _ in held}
+    before = {name: model.get_parameter(name) for name in held}
     try:
         yield
     finally:
-        same = [h for h in held if _parameter(model, h[0]) is before[h[0]]]
-        for name, reference, rows in same + [h for h in held if h not in same]:
+        kept = [name for name in held if _parameter(model, name) is before[name]]
+        for name in kept + [name for name in held if name not in kept]:
             if _parameter(model, name) is not None and not is_fixed(model, name):
-                fix_rows(model, reference, name=name, rows=rows)
+                reference, rows = held[name]
+                fix_rows_before_optimizers(model, reference, name=name, rows=rows)
 
 
 def _parameter(model: nn.Module, name: str) -> nn.Parameter | None:
@@ -392,9 +479,14 @@ def _resize_token_embeddings(model: nn.Module, *args: Any, **kwargs: Any) -> Any
     """
     bound = _RESIZE.bind(*args, **kwargs).arguments
     embedding = model.get_input_embeddings()  # type: ignore[operator]
-    size = bound.get("new_num_tokens") or embedding.weight.shape[0]
+    for argument in ("new_num_tokens", "pad_to_multiple_of"):
+        value = bound.get(argument)
+        if value is not None and (type(value) is not int or value < 1):
+            raise ValueError(f"Expected `{argument}` to be a positive int or None. Got {value!r}.")
+    size = bound.get("new_num_tokens")
+    size = embedding.weight.shape[0] if size is None else size
     multiple = bound.get("pad_to_multiple_of")
-    if multiple:
+    if multiple is not None:
         size = math.ceil(size / multiple) * multiple
     vocab_modules = {id(embedding), id(model.get_output_embeddings())}  # type: ignore[operator]
     for name, constraint in fixed_tensors(model):
