@@ -437,21 +437,23 @@ def test_flat_sharding_strategies_are_refused_pointing_to_model_parallel(
     assert type(model.embedding.weight) is nn.Parameter
 
 
-def test_model_parallel_strategy_shards_the_reference_with_the_free_rows() -> None:
+@pytest.mark.parametrize("shard_reference", [True, False])
+def test_model_parallel_strategy_shards_the_reference_with_the_free_rows(
+    shard_reference: bool,
+) -> None:
     from lightning.pytorch import strategies
     from lightning_models import FLAVOURS
 
     flavour = FLAVOURS["lightning.pytorch"]
     model = flavour.model()
-    callback = flavour.callback(model.embedding, torch.zeros(2, 4))
+    callback = flavour.callback(model.embedding, torch.zeros(2, 4), shard_reference=shard_reference)
     cls = strategies.ModelParallelStrategy
     trainer = SimpleNamespace(strategy=cls.__new__(cls), callbacks=[callback])
     callback.setup(trainer, model, "fit")  # before configure_model, where fully_shard runs
     names = {name: p.requires_grad for name, p in model.embedding.named_parameters()}
-    assert names == {
-        "parametrizations.weight.original": True,
-        "parametrizations.weight.0.reference": False,
-    }
+    # A frozen parameter, which fully_shard will shard; or no parameter: whole on each rank.
+    held = {"parametrizations.weight.0.reference": False} if shard_reference else {}
+    assert names == {"parametrizations.weight.original": True, **held}
     callback.teardown(trainer, model, "fit")  # nothing sharded: a plain bake
     assert type(model.embedding.weight) is nn.Parameter
     assert torch.equal(model.embedding.weight[:2], torch.zeros(2, 4))
@@ -540,3 +542,16 @@ def test_mixed_precision_reads_as_an_unconstrained_weight(
     assert stored_rows.dtype == torch.float32  # gradients reach the float32 shards
     weight = cast(DTensor, module.weight).full_tensor()
     assert torch.equal(weight[rows or [0, 1, 2]], old)  # reference[i] at rows[i], exact
+
+
+def test_shard_reference_must_be_a_bool() -> None:
+    from lightning_models import FLAVOURS
+
+    flavour = FLAVOURS["pytorch_lightning"]
+    model = flavour.model()
+    with pytest.raises(TypeError, match=r"Expected `shard_reference` to be a bool\. Got str"):
+        flavour.callback(model.embedding, torch.zeros(2, 4), shard_reference="no")
+    with pytest.raises(TypeError, match=r"Expected `shard_reference` to be a bool\. Got int"):
+        flavour.callback.from_vocabularies(
+            model.embedding, torch.zeros(2, 4), ["a", "b"], list("abcdefghij"), shard_reference=0
+        )

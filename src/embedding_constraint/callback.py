@@ -25,10 +25,15 @@ class EmbeddingConstraint(EmbeddingConstraintHooks, Callback):
             memory; `setup` copies it into the module once per fit).
         rows (Tensor or sequence of int, optional): positions of the fixed rows, one per
             reference row. Default: ``None``, the first rows.
+        shard_reference (bool, optional): under ``ModelParallelStrategy`` (FSDP2), shard the
+            reference with the free rows, so a rank holds ``1 / world_size`` of it and FSDP2
+            gathers it each forward (see `embedding_constraint.fsdp.prepare_fully_shard`);
+            ``False`` keeps it whole on every rank, and nothing of it is sent. Ignored by
+            other strategies. Default: ``True``.
 
     Raises:
-        TypeError: ``target`` is not a supported module, or ``constraint`` is neither a tensor
-            nor a module of ``target``'s class.
+        TypeError: ``target`` is not a supported module, ``constraint`` is neither a tensor
+            nor a module of ``target``'s class, or ``shard_reference`` is not a bool.
         ValueError: the reference does not fit ``target`` (shape, rows, NaN/Inf), ``target``
             uses ``sparse=True`` or ``max_norm``, or only one of them has a bias.
         RuntimeError: at ``setup``, when the strategy flattens parameters into shards of

@@ -88,6 +88,7 @@ class EmbeddingConstraintHooks:
         constraint: Tensor | nn.Module,
         *,
         rows: Tensor | Sequence[int] | None = None,
+        shard_reference: bool = True,
     ) -> None:
         references = self._references_from(target, constraint)
         fixed, total = references["weight"].shape[0], _rows_of(target)
@@ -98,14 +99,19 @@ class EmbeddingConstraintHooks:
                 "in `target`: the arguments may be swapped. The call is "
                 "EmbeddingConstraint(new_module, old_module)."
             )
-        self._configure(target, references, rows)
+        self._configure(target, references, rows, shard_reference)
 
     def _configure(
         self,
         target: nn.Module,
         references: dict[str, Tensor],
         rows: Tensor | Sequence[int] | None,
+        shard_reference: bool,
     ) -> None:
+        if not isinstance(shard_reference, bool):
+            raise TypeError(
+                f"Expected `shard_reference` to be a bool. Got {type(shard_reference).__name__}."
+            )
         _check_lookup_options(target)
         for attr, reference in references.items():
             FixedRows._borrowing(reference, rows=rows).check_compatible(getattr(target, attr))
@@ -117,6 +123,9 @@ class EmbeddingConstraintHooks:
         self.rows = (
             None if rows is None else (rows.clone() if isinstance(rows, Tensor) else list(rows))
         )
+        # Under ModelParallelStrategy: FSDP2 shards the reference with the free rows (1 / world
+        # size of it per rank, gathered each forward) rather than every rank keeping it whole.
+        self.shard_reference = shard_reference
         self._fixed: list[tuple[nn.Module, str]] = []
         # The target's dotted name in the LightningModule, once `setup` has found it.
         self._name: str | None = None
@@ -130,6 +139,8 @@ class EmbeddingConstraintHooks:
         old: Tensor | nn.Module,
         old_vocab: Sequence[Hashable],
         new_vocab: Sequence[Hashable],
+        *,
+        shard_reference: bool = True,
     ) -> Self:
         """Hold every token of both vocabularies at its old row, wherever it now sits.
 
@@ -138,6 +149,7 @@ class EmbeddingConstraintHooks:
             old (Tensor or nn.Module): the trained module (or its weight) for ``old_vocab``.
             old_vocab (sequence of hashable): the tokens of ``old``'s rows, in order.
             new_vocab (sequence of hashable): the tokens of ``target``'s rows, in order.
+            shard_reference (bool, optional): as in the constructor. Default: ``True``.
 
         Returns:
             The callback, with ``rows`` set to the shared tokens' new positions.
@@ -158,7 +170,7 @@ class EmbeddingConstraintHooks:
             for attr, value in old_references.items()
         }
         callback = cls.__new__(cls)
-        callback._configure(target, references, alignment.new_rows)
+        callback._configure(target, references, alignment.new_rows, shard_reference)
         return callback
 
     @staticmethod
@@ -224,7 +236,7 @@ class EmbeddingConstraintHooks:
         for attr, reference in self.references.items():
             name = f"{prefix}.{attr}" if prefix else attr
             fix_rows_before_optimizers(pl_module, reference, name=name, rows=self.rows)
-            if _shards_in_configure_model(strategy):
+            if self.shard_reference and _shards_in_configure_model(strategy):
                 # FSDP2 in configure_model, next: shard the reference with the free rows.
                 constraint = parametrization_list(*_owner(pl_module, name))[0]
                 assert isinstance(constraint, FixedRows)
