@@ -177,11 +177,6 @@ def test_a_distributed_checkpoint_loads_into_a_plain_module(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="set_model_state_dict hands the plain key a DTensor (sharded) or the free rows a "
-    "plain tensor (full): state_dict.py's load hook does not gather and shard them yet (#11)",
-    strict=True,
-)
 def test_set_model_state_dict_loads_full_and_sharded(
     fitted: Fitted,
 ) -> None:
@@ -460,11 +455,6 @@ def test_model_parallel_strategy_shards_the_reference_with_the_free_rows(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="resuming loads Lightning's distributed checkpoint with load_state_dict, which hands "
-    "state_dict.py's load hook a DTensor: it does not gather them yet (#11)",
-    strict=True,
-)
 def test_model_parallel_strategy_resumes_from_a_distributed_checkpoint(tmp_path: Path) -> None:
     flavour, rows = "lightning.pytorch", SCATTERED
     _lightning_fit(flavour, 2, tmp_path / "first", rows, False)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrize import ParametrizationList
 
-from embedding_constraint.fixed_rows import FixedRows, parametrization_list
+from embedding_constraint.fixed_rows import FixedRows, gathered, parametrization_list, shard_like
 
 __all__ = ["plain_parameter_order", "register_plain_hooks", "remove_plain_hooks"]
 
@@ -120,7 +120,9 @@ class _PlainStateDict:
                 missing_keys.append(key)
                 self._keep_own(constraint, plist, state_dict, inner)
             return
-        value = state_dict.pop(key)
+        # Under FSDP2 a DTensor of the plain tensor: checked and routed whole (a collective;
+        # every rank loads), then laid out as the stored rows are.
+        value = gathered(state_dict.pop(key))
         problem = self._problem(constraint, plist, key, value)
         if problem is not None:
             error_msgs.append(problem)
@@ -132,7 +134,7 @@ class _PlainStateDict:
                 if constraint.free_rows is None
                 else value.index_select(0, constraint.free_rows.to(value.device))
             )
-        state_dict[inner + "original"] = free
+        state_dict[inner + "original"] = shard_like(free, plist.original)
         self._keep_own(constraint, None, state_dict, inner)
 
     @staticmethod
@@ -144,8 +146,9 @@ class _PlainStateDict:
             return f"size mismatch for {key}: expected a tensor of shape {expected}, got {got}."
         with torch.no_grad():
             fixed_at = constraint.fixed_row_indices().to(value.device)
-            incoming = value.index_select(0, fixed_at).to(constraint.reference)
-            differ = (incoming != constraint.reference).reshape(constraint.num_fixed, -1).any(1)
+            reference = gathered(constraint.reference)
+            incoming = value.index_select(0, fixed_at).to(reference)
+            differ = (incoming != reference).reshape(constraint.num_fixed, -1).any(1)
             if not bool(differ.any()):
                 return None
             rows = fixed_at[differ.to(fixed_at.device)].tolist()
