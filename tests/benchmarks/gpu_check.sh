@@ -26,4 +26,7 @@ python3 tests/benchmarks/bench_step.py --gpu-size --fractions 0.9 --compile --no
 # at the issue's size, every variant, layout, tying, dtype and AdamW, with the profile.
 python3 tests/benchmarks/bench_lm.py --gpu-size --rounds 10 --warmup 2 --profile \
     --json "$out/gpu-lm.json" 2>>"$out/bench-stderr.txt" | tee "$out/gpu-lm.md"
+# FSDP2 on one GPU (issue #11): the constrained step against the plain one under fully_shard.
+python3 tests/benchmarks/bench_distributed.py --device cuda --world 1 \
+    --out "$out/gpu-fsdp2.md" --json "$out/gpu-fsdp2.json" 2>>"$out/bench-stderr.txt"
 tail -5 "$out/bench-stderr.txt"
