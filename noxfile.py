@@ -5,7 +5,8 @@ environment per torch requirement (``.nox/shared-<torch>``), made on first use: 
 Lightning packages, every extra and the pinned checkers. So torch is installed once, not once a
 session; the environment is made again when the torch requirement, ``pyproject.toml`` or the
 pinned checkers change. pip installs torch (so your pip configuration, a CPU-only index say,
-decides which build); uv, where it is on the PATH, installs the rest, else pip. `nox -s bench`
+decides which build); uv, where it is on the PATH, installs the rest, else pip. The tests run
+on every core (pytest-xdist). `nox -s bench`
 runs the step benchmark and `nox -s bench_lm` the language-model benchmark (not part of
 the everyday set: they measure, they do not check).
 """
@@ -70,7 +71,19 @@ def _python(session: nox.Session) -> str:
 @nox.session(venv_backend="none")
 def tests(session: nox.Session) -> None:
     """Run the test suite, doctests and executed examples, under both Lightning flavours."""
-    session.run(_python(session), "-m", "pytest", *session.posargs, external=True)
+    # One pytest worker per core (pytest-xdist; `nox -s tests -- -n 0` runs them in one
+    # process), the long multi-process tests handed out first come first. Inductor compiles in
+    # the worker itself rather than in a pool of its own per worker.
+    workers = ["--numprocesses", "auto", "--dist", "worksteal"]
+    session.run(
+        _python(session),
+        "-m",
+        "pytest",
+        *workers,
+        *session.posargs,
+        env={"TORCHINDUCTOR_COMPILE_THREADS": "1"},
+        external=True,
+    )
 
 
 @nox.session(venv_backend="none")
