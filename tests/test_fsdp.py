@@ -234,16 +234,21 @@ def test_a_read_of_sharded_rows_is_a_dtensor_of_the_plain_weight(rows: list[int]
     assert torch.equal(cast(torch.Tensor, state["weight"]), expected)
 
 
-@pytest.mark.usefixtures("group")
-@pytest.mark.parametrize("kind", ["embedding", "bag", "head"])
-def test_sharded_reads_equal_the_unsharded_module(kind: str) -> None:
-    torch.manual_seed(0)
+def _module(kind: str) -> nn.Module:
+    """A module of each read path: the lookup, a sum bag, the head (8 rows of 3)."""
     modules: dict[str, nn.Module] = {
         "embedding": nn.Embedding(8, 3),
         "bag": nn.EmbeddingBag(8, 3, mode="sum"),
         "head": nn.Linear(3, 8),
     }
-    module = modules[kind]
+    return modules[kind]
+
+
+@pytest.mark.usefixtures("group")
+@pytest.mark.parametrize("kind", ["embedding", "bag", "head"])
+def test_sharded_reads_equal_the_unsharded_module(kind: str) -> None:
+    torch.manual_seed(0)
+    module = _module(kind)
     unsharded = copy.deepcopy(module)
     fix_rows(module, torch.randn(3, 3), rows=[6, 1, 3])
     unsharded.load_state_dict(module.state_dict())
@@ -505,12 +510,7 @@ def test_mixed_precision_reads_as_an_unconstrained_weight(
 ) -> None:
     """Under FSDP2's bfloat16 policy every row is read in bfloat16, the reference included."""
     torch.manual_seed(0)
-    modules: dict[str, nn.Module] = {
-        "embedding": nn.Embedding(8, 3),
-        "bag": nn.EmbeddingBag(8, 3, mode="sum"),
-        "head": nn.Linear(3, 8),
-    }
-    module = modules[kind]
+    module = _module(kind)
     old = torch.randn(3, 3)
     unconstrained = copy.deepcopy(module)
     fix_rows(module, old, rows=rows)
