@@ -172,6 +172,63 @@ def _position_padding(model: nn.Module, embeddings: list[nn.Module], padding: in
     return None
 
 
+def _vocabulary_modules(model: object) -> tuple[nn.Embedding, nn.Linear | None]:
+    """The model's input embedding and output head (None if it has none), checked.
+
+    Raises:
+        TypeError, ValueError: see `expand_vocabulary`.
+    """
+    get_input = getattr(model, "get_input_embeddings", None)
+    if not isinstance(model, nn.Module) or not callable(get_input):
+        raise TypeError(
+            "Expected `model` to be a transformers PreTrainedModel (a torch.nn.Module with "
+            f"get_input_embeddings()). Got {type(model).__name__}."
+        )
+    embedding = get_input()
+    if not isinstance(embedding, nn.Embedding):
+        raise TypeError(
+            "Expected model.get_input_embeddings() to be an nn.Embedding. "
+            f"Got {type(embedding).__name__}."
+        )
+    get_output = getattr(model, "get_output_embeddings", None)
+    head = get_output() if callable(get_output) else None
+    if head is not None and not isinstance(head, nn.Linear):
+        raise TypeError(
+            "Expected model.get_output_embeddings() to be an nn.Linear head or None. "
+            f"Got {type(head).__name__}."
+        )
+    for module, what in ((embedding, "input embedding"), (head, "output head")):
+        if module is None:
+            continue
+        if any(is_fixed(module, n) for n in ("weight", "bias") if hasattr(module, n)):
+            raise ValueError(
+                f"Expected a model whose {what} is not constrained yet. Got one that is "
+                "(expanded or fix_rows'd before): bake(model) first, then expand it again."
+            )
+        weight = module.weight
+        if not weight.is_floating_point():
+            raise TypeError(
+                f"Expected the {what}'s weight to be floating point. Got {weight.dtype}."
+            )
+        if weight.is_meta:
+            raise ValueError(
+                f"Expected the {what}'s weight to hold values. Got one on the meta device: "
+                "load the model's weights first (from_pretrained, or to_empty() and load)."
+            )
+    for param, what in (
+        (embedding.weight, "input embedding"),
+        (getattr(head, "weight", None), "output head"),
+    ):
+        if param is not None and _held_outside(model, param, "_parameters"):
+            raise ValueError(
+                f"Expected the {what}'s weight to be held only by modules under `model`. Got "
+                "one that a module outside it holds too (a head tied to it, a shared "
+                "embedding): resizing it here would leave that module with the old one. Pass "
+                "the whole model (the one with the head)."
+            )
+    return embedding, head
+
+
 def expand_vocabulary(
     model: _Model,
     old_vocab: object,
@@ -248,55 +305,7 @@ def expand_vocabulary(
         >>> torch.equal(model.get_input_embeddings().weight[[5, 2]], old[[2, 5]])
         True
     """
-    given: object = model  # checked at run time: callers may not be typed
-    get_input = getattr(model, "get_input_embeddings", None)
-    if not isinstance(given, nn.Module) or not callable(get_input):
-        raise TypeError(
-            "Expected `model` to be a transformers PreTrainedModel (a torch.nn.Module with "
-            f"get_input_embeddings()). Got {type(model).__name__}."
-        )
-    embedding = get_input()
-    if not isinstance(embedding, nn.Embedding):
-        raise TypeError(
-            "Expected model.get_input_embeddings() to be an nn.Embedding. "
-            f"Got {type(embedding).__name__}."
-        )
-    get_output = getattr(model, "get_output_embeddings", None)
-    head = get_output() if callable(get_output) else None
-    if head is not None and not isinstance(head, nn.Linear):
-        raise TypeError(
-            "Expected model.get_output_embeddings() to be an nn.Linear head or None. "
-            f"Got {type(head).__name__}."
-        )
-    for module, what in ((embedding, "input embedding"), (head, "output head")):
-        if module is None:
-            continue
-        if any(is_fixed(module, n) for n in ("weight", "bias") if hasattr(module, n)):
-            raise ValueError(
-                f"Expected a model whose {what} is not constrained yet. Got one that is "
-                "(expanded or fix_rows'd before): bake(model) first, then expand it again."
-            )
-        weight = module.weight
-        if not weight.is_floating_point():
-            raise TypeError(
-                f"Expected the {what}'s weight to be floating point. Got {weight.dtype}."
-            )
-        if weight.is_meta:
-            raise ValueError(
-                f"Expected the {what}'s weight to hold values. Got one on the meta device: "
-                "load the model's weights first (from_pretrained, or to_empty() and load)."
-            )
-    for param, what in (
-        (embedding.weight, "input embedding"),
-        (getattr(head, "weight", None), "output head"),
-    ):
-        if param is not None and _held_outside(model, param, "_parameters"):
-            raise ValueError(
-                f"Expected the {what}'s weight to be held only by modules under `model`. Got "
-                "one that a module outside it holds too (a head tied to it, a shared "
-                "embedding): resizing it here would leave that module with the old one. Pass "
-                "the whole model (the one with the head)."
-            )
+    embedding, head = _vocabulary_modules(model)
     _check_lookup_options(embedding)
     _check_options(init, generator)
     old_tokens = _tokens(old_vocab, "old_vocab")
