@@ -18,22 +18,18 @@ support).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 from torch import Tensor, nn
 from torch.autograd import forward_ad
-
-try:  # public from torch 2.5 on
-    from torch.distributed.tensor import DTensor, Replicate
-except ImportError:  # pragma: no cover - torch 2.4 has it under its private name
-    from torch.distributed._tensor import (  # type: ignore[attr-defined]
-        DTensor,
-        Replicate,
-    )
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrize import ParametrizationList
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 __all__ = [
     "FixedRows",
@@ -97,6 +93,19 @@ def composable_only(*tensors: Tensor | None) -> bool:
     )
 
 
+def _is_dtensor(tensor: object) -> TypeGuard[DTensor]:
+    """Whether ``tensor`` is a ``DTensor``, without importing ``torch.distributed.tensor``.
+
+    A DTensor exists only once its module is imported, so the class is looked up there:
+    importing it with this package would cost more than half a second of every import.
+    """
+    for name in ("torch.distributed.tensor", "torch.distributed._tensor"):  # torch 2.4: private
+        module = sys.modules.get(name)
+        if module is not None:
+            return isinstance(tensor, module.DTensor)
+    return False
+
+
 def sharded(*tensors: Tensor | None) -> bool:
     """Whether a tensor is a ``DTensor``: a parameter at rest under FSDP2 (``fully_shard``).
 
@@ -106,19 +115,21 @@ def sharded(*tensors: Tensor | None) -> bool:
     ``DTensor`` they step aside for the plain read, which `FixedRows.forward` answers with a
     ``DTensor`` laid out as the unconstrained weight would be.
     """
-    return any(isinstance(t, DTensor) for t in tensors)
+    return any(_is_dtensor(t) for t in tensors)
 
 
 def gathered(tensor: Tensor) -> Tensor:
     """``tensor`` whole: a ``DTensor``'s full tensor (a collective: every rank must call it)."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    return tensor.full_tensor() if _is_dtensor(tensor) else tensor
 
 
 def shard_like(tensor: Tensor, like: Tensor) -> Tensor:
     """``tensor`` (whole, the same on every rank) laid out as ``like``: sharded if it is a
     ``DTensor`` (each rank keeps its part, nothing is sent), else as it is."""
-    if not isinstance(like, DTensor):
+    if not _is_dtensor(like):
         return tensor
+    from torch.distributed.tensor import DTensor, Replicate  # loaded: `like` is one
+
     mesh = like.device_mesh
     whole = DTensor.from_local(tensor, mesh, [Replicate()] * mesh.ndim, run_check=False)
     out: Tensor = whole.redistribute(mesh, like.placements)
@@ -391,7 +402,7 @@ class FixedRows(nn.Module):
         """
         if tensor.dim() == 0:
             raise ValueError("Expected a tensor with a row dimension. Got a 0-d tensor.")
-        if isinstance(tensor, DTensor):
+        if _is_dtensor(tensor):
             raise TypeError(
                 "Expected a tensor that is not sharded. Got a DTensor (placements "
                 f"{tuple(tensor.placements)}): fully_shard (FSDP2) or tensor parallelism ran "
@@ -436,7 +447,7 @@ class FixedRows(nn.Module):
         the full tensor with ``free``'s mesh and placements: what the unconstrained parameter
         would be.
         """
-        if isinstance(free, DTensor):
+        if _is_dtensor(free):
             return self._forward_sharded(free)
         return self._read(free)
 
@@ -448,7 +459,7 @@ class FixedRows(nn.Module):
         (not `hold_reference_as_parameter`) is cast alike for the forward, and stays exact.
         """
         reference = self.reference
-        if isinstance(reference, DTensor):  # sharded alone (free rows in another FSDP2 group)
+        if _is_dtensor(reference):  # sharded alone (free rows in another FSDP2 group)
             reference = reference.full_tensor()
         return reference if reference.dtype == free.dtype else reference.to(free.dtype)
 
@@ -525,7 +536,7 @@ class FixedRows(nn.Module):
         when the fixed rows are scattered. No copy is made. Under torch.compile, which cannot
         see storage pointers, this is always None.
         """
-        if torch.compiler.is_compiling() or isinstance(free, DTensor):
+        if torch.compiler.is_compiling() or _is_dtensor(free):
             return None
         self._release_if_left(free)
         buffer = self._joined_buffer
@@ -560,7 +571,7 @@ class FixedRows(nn.Module):
         ):
             self._joined_buffer = None
         elif free is not None and (
-            isinstance(free, DTensor)
+            _is_dtensor(free)
             or free.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr()
         ):
             self.reference = self.reference.clone(memory_format=torch.contiguous_format)
@@ -593,7 +604,7 @@ class FixedRows(nn.Module):
         no rows, or if they live on different devices or in different dtypes.
         """
         if (
-            not isinstance(free, DTensor)  # FSDP2's: it keeps its shards where it wants them
+            not _is_dtensor(free)  # FSDP2's: it keeps its shards where it wants them
             and not self.reference_is_parameter
             and self._joined(free) is None
             and self.num_fixed
