@@ -276,8 +276,9 @@ def expand_vocabulary(
     Raises:
         TypeError: ``model`` has no ``get_input_embeddings``, its input embedding is not an
             ``nn.Embedding`` or its head not an ``nn.Linear``, a weight is not floating
-            point, a vocabulary is not one of the forms above, or see
-            `embedding_constraint.vocab.expand` for ``init`` and ``generator``.
+            point, a vocabulary is not one of the forms above, ``final_logits_bias`` is a
+            Parameter rather than a buffer, or see `embedding_constraint.vocab.expand` for
+            ``init`` and ``generator``.
         ValueError: the embedding or head is already constrained; a weight is on the meta
             device; ``old_vocab`` has more tokens than the embedding has rows, or gaps in
             its ids; the head has another row count than the embedding; a vocabulary is
@@ -286,7 +287,6 @@ def expand_vocabulary(
             the padding token moves where a position embedding counts from it (RoBERTa); a
             module outside ``model`` shares its embedding (an inner model was passed); or
             the embedding is sparse or has ``max_norm``. The model is left unchanged.
-        TypeError: also when ``final_logits_bias`` is a Parameter rather than a buffer.
 
     Examples:
 
