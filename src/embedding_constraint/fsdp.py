@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrize import ParametrizationList
 
-from embedding_constraint.fix_rows import bake
+from embedding_constraint.fix_rows import _holders, bake, fixed_tensors
 from embedding_constraint.fixed_rows import FixedRows, gathered, parametrization_list
 
 __all__ = ["bake_fully_sharded", "prepare_fully_shard"]
@@ -108,7 +108,7 @@ def bake_fully_sharded(module: nn.Module, *, name: str | None = None) -> nn.Modu
             ``module`` manages a constrained tensor whose free rows are sharded (``module``
             is below the module that ``fully_shard`` was called on: pass that one).
     """
-    names = [name] if name is not None else _constrained_names(module)
+    names = [name] if name is not None else [n for n, _ in fixed_tensors(module)]
     if not names:
         raise ValueError("Expected a tensor constrained by fix_rows under `module`. Got none.")
     plans = [_bake_plan(module, n) for n in names]  # every check before any change
@@ -121,20 +121,6 @@ def bake_fully_sharded(module: nn.Module, *, name: str | None = None) -> nn.Modu
         if parametrize.is_parametrized(module.get_submodule(owner_name), attr):
             bake(module, name=n)
     return module
-
-
-def _constrained_names(module: nn.Module) -> list[str]:
-    """The dotted names of the tensors under ``module`` that `FixedRows` constrains, each
-    constraint once (a tied head shares the embedding's)."""
-    seen: set[int] = set()
-    names = []
-    for prefix, holder in module.named_modules():
-        for attr in getattr(holder, "parametrizations", {}):
-            plist = parametrization_list(holder, attr)
-            if isinstance(plist[0], FixedRows) and id(plist) not in seen:
-                seen.add(id(plist))
-                names.append(f"{prefix}.{attr}" if prefix else attr)
-    return names
 
 
 # A group, the FSDPParams it keeps for one constraint's stored rows (and reference), the name.
@@ -180,7 +166,8 @@ def _replace_in_group(module: nn.Module, group: object, stale: list[object], nam
         whole = gathered(plist()).clone()
     bake(module, name=name)  # the tied holders share the baked Parameter
     baked = owner._parameters[attr]
-    holders = [(m, a) for m in module.modules() for a, p in m._parameters.items() if p is baked]
+    assert baked is not None  # `bake` put the Parameter back
+    holders = _holders(module, baked)
     weight = nn.Parameter(whole, requires_grad=requires_grad)
     for holder, holder_attr in holders:
         holder._parameters[holder_attr] = weight
