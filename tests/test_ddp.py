@@ -6,6 +6,7 @@ constrained model sends per step.
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -84,10 +85,9 @@ def test_fixed_rows_add_no_ddp_traffic(
         traffic.broadcast += sum(t.numel() * t.element_size() for t in tensors)
         return broadcast(group, tensors, *args)
 
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1
-    )
-    try:
+    steps = 3
+
+    def train() -> None:
         torch.manual_seed(0)
         emb = nn.Embedding(vocab, dim)
         rows = None if layout == "prefix" else torch.randperm(vocab)[:fixed].tolist()
@@ -97,12 +97,20 @@ def test_fixed_rows_add_no_ddp_traffic(
         model.register_comm_hook(None, lambda state, bucket: traffic.hook(state, bucket))
         monkeypatch.setattr(dist, "_broadcast_coalesced", counting)
         optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-        steps = 3
         for _ in range(steps):
             optimizer.zero_grad()
             model(torch.randint(0, vocab, (64,))).pow(2).sum().backward()
             optimizer.step()
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1
+    )
+    try:
+        train()
     finally:
+        # DDP's reducer goes before its group: freed after destroy_process_group, the
+        # group's destructor hung once in a pytest-xdist worker (joining gloo's threads).
+        gc.collect()
         dist.destroy_process_group()
     assert traffic.broadcast == 0  # nothing of the fixed rows travels
     free_gradient = (vocab - fixed) * dim * 4  # float32
