@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import (
@@ -33,7 +32,7 @@ from embedding_constraint.fsdp import prepare_fully_shard
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from support import stored
+from support import in_process_group, stored
 
 VOCAB, DIM, CLASSES = 10, 4, 6
 WORLD, BATCH, STEPS = 2, 4, 4  # BATCH per rank; one process takes WORLD * BATCH
@@ -98,41 +97,45 @@ def train(net: nn.Module, rank: int, world: int) -> torch.optim.Optimizer:
 
 
 def run_rank(rank: int, world: int, out: Path, rows: list[int] | None, reference: str) -> None:
-    dist.init_process_group(
-        "gloo", init_method=f"file://{out / 'group'}", rank=rank, world_size=world
+    def body() -> None:
+        torch.save(_train_sharded(rank, world, out, rows, reference), out / f"rank{rank}.pt")
+
+    in_process_group(body, "gloo", str(out / "group"), rank, world)
+
+
+def _train_sharded(
+    rank: int, world: int, out: Path, rows: list[int] | None, reference: str
+) -> dict[str, Any]:
+    """Shard, train and reload the model on this rank: what the test compares."""
+    net, _ = build(rows)
+    if reference == "sharded":
+        prepare_fully_shard(net)
+    fully_shard(net.bag)
+    fully_shard(net.classifier)
+    fully_shard(net)  # the tied embedding and head share one group: the root's
+    optimizer = train(net, rank, world)
+    free = stored(net.embedding)
+    result: dict[str, Any] = {
+        "free_type": type(free).__name__,
+        "free_local_rows": free.to_local().shape[0] if isinstance(free, DTensor) else -1,
+        "rest": _rows_at_rest(net),
+        "reference": reference,
+        "state_types": sorted(
+            {type(v).__name__ for s in optimizer.state.values() for v in s.values() if v.dim()}
+        ),
+        "state_dict": {k: _full(v) for k, v in net.state_dict().items()},
+        "full": get_model_state_dict(net, options=StateDictOptions(full_state_dict=True)),
+        "sharded_keys": sorted(get_model_state_dict(net)),
+        # Each rank's own read of the weight, gathered: exact on every rank.
+        "weight": _full(net.embedding.weight.detach()),
+    }
+    dcp.save(  # type: ignore[attr-defined]
+        get_model_state_dict(net), checkpoint_id=str(out / "dcp")
     )
-    try:
-        net, _ = build(rows)
-        if reference == "sharded":
-            prepare_fully_shard(net)
-        fully_shard(net.bag)
-        fully_shard(net.classifier)
-        fully_shard(net)  # the tied embedding and head share one group: the root's
-        optimizer = train(net, rank, world)
-        free = stored(net.embedding)
-        result: dict[str, Any] = {
-            "free_type": type(free).__name__,
-            "free_local_rows": free.to_local().shape[0] if isinstance(free, DTensor) else -1,
-            "rest": _rows_at_rest(net),
-            "reference": reference,
-            "state_types": sorted(
-                {type(v).__name__ for s in optimizer.state.values() for v in s.values() if v.dim()}
-            ),
-            "state_dict": {k: _full(v) for k, v in net.state_dict().items()},
-            "full": get_model_state_dict(net, options=StateDictOptions(full_state_dict=True)),
-            "sharded_keys": sorted(get_model_state_dict(net)),
-            # Each rank's own read of the weight, gathered: exact on every rank.
-            "weight": _full(net.embedding.weight.detach()),
-        }
-        dcp.save(  # type: ignore[attr-defined]
-            get_model_state_dict(net), checkpoint_id=str(out / "dcp")
-        )
-        fixed_at = rows or list(range(6))
-        free_row = next(r for r in range(VOCAB) if r not in fixed_at)
-        result["reloaded"] = _reload(net, free_row, fixed_at[0])
-        torch.save(result, out / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    fixed_at = rows or list(range(6))
+    free_row = next(r for r in range(VOCAB) if r not in fixed_at)
+    result["reloaded"] = _reload(net, free_row, fixed_at[0])
+    return result
 
 
 def _rows_at_rest(net: nn.Module) -> dict[str, int]:

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from embedding_constraint import FixedRows
 from embedding_constraint.fixed_rows import parametrization_list
+
+T = TypeVar("T")
 
 
 def stored(module: nn.Module, name: str = "weight") -> Tensor:
@@ -33,3 +40,21 @@ def graph_ops(out: Tensor) -> set[str]:
         seen.add(node.name())
         stack.extend(next_fn for next_fn, _ in node.next_functions)
     return seen
+
+
+def in_process_group(body: Callable[[], T], backend: str, store: str, rank: int, world: int) -> T:
+    """Run ``body`` in a process group, then tear the group down cleanly on every rank.
+
+    Everything ``body`` built (DDP reducers, FSDP states, DTensors: all hold the group) is freed
+    before ``destroy_process_group``, and no rank destroys its group while another still talks
+    to it. Freed later, at interpreter exit, gloo's threads aborted a rank once ("terminate
+    called without an active exception"); freed after the destroy, a destructor hung once.
+    """
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        result = body()
+        gc.collect()  # cycles through modules and their hooks hold the group too
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    return result

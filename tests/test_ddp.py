@@ -6,7 +6,6 @@ constrained model sends per step.
 
 from __future__ import annotations
 
-import gc
 import os
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+from support import in_process_group
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
@@ -102,16 +102,7 @@ def test_fixed_rows_add_no_ddp_traffic(
             model(torch.randint(0, vocab, (64,))).pow(2).sum().backward()
             optimizer.step()
 
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1
-    )
-    try:
-        train()
-    finally:
-        # DDP's reducer goes before its group: freed after destroy_process_group, the
-        # group's destructor hung once in a pytest-xdist worker (joining gloo's threads).
-        gc.collect()
-        dist.destroy_process_group()
+    in_process_group(train, "gloo", str(tmp_path / "group"), rank=0, world=1)
     assert traffic.broadcast == 0  # nothing of the fixed rows travels
     free_gradient = (vocab - fixed) * dim * 4  # float32
     assert traffic.allreduce == steps * free_gradient

@@ -52,6 +52,9 @@ from torch.multiprocessing.spawn import spawn
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: support
+
+from support import in_process_group
 
 from embedding_constraint import fix_rows
 from embedding_constraint.fsdp import prepare_fully_shard
@@ -185,38 +188,41 @@ def run_rank(rank: int, world: int, config: Config, store: str, out: str, json_o
     if config.device == "cuda":
         torch.cuda.set_device(rank)
     backend = "nccl" if config.device == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        _count_collectives()
-        variants = build(config, world)
-        generator = torch.Generator().manual_seed(1 + rank)
-        probe = torch.randn(config.dim, generator=generator).to(config.device)
+    in_process_group(
+        lambda: measure(rank, world, config, out, json_out), backend, store, rank, world
+    )
 
-        def batch() -> Tensor:
-            ids = torch.randint(0, config.vocab, (config.tokens,), generator=generator)
-            return ids.to(config.device)
 
+def measure(rank: int, world: int, config: Config, out: str, json_out: str) -> None:
+    """Time every variant on this rank, side by side; rank 0 reports."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    _count_collectives()
+    variants = build(config, world)
+    generator = torch.Generator().manual_seed(1 + rank)
+    probe = torch.randn(config.dim, generator=generator).to(config.device)
+
+    def batch() -> Tensor:
+        ids = torch.randint(0, config.vocab, (config.tokens,), generator=generator)
+        return ids.to(config.device)
+
+    for variant in variants:
+        for _ in range(config.warmup):
+            step(variant, batch(), probe)
+    for round_ in range(config.rounds):
         for variant in variants:
-            for _ in range(config.warmup):
-                step(variant, batch(), probe)
-        for round_ in range(config.rounds):
-            for variant in variants:
-                ids = batch()
-                dist.barrier()
-                TRAFFIC.reset()
-                start = time.perf_counter()
-                step(variant, ids, probe)
-                if config.device == "cuda":
-                    torch.cuda.synchronize()
-                variant.times.append(time.perf_counter() - start)
-                counted = TRAFFIC.reset()
-                if round_ == 0:
-                    variant.traffic = counted
-        if rank == 0:
-            report(config, world, variants, out, json_out)
-    finally:
-        dist.destroy_process_group()
+            ids = batch()
+            dist.barrier()
+            TRAFFIC.reset()
+            start = time.perf_counter()
+            step(variant, ids, probe)
+            if config.device == "cuda":
+                torch.cuda.synchronize()
+            variant.times.append(time.perf_counter() - start)
+            counted = TRAFFIC.reset()
+            if round_ == 0:
+                variant.traffic = counted
+    if rank == 0:
+        report(config, world, variants, out, json_out)
 
 
 def report(config: Config, world: int, variants: list[Variant], out: str, json_out: str) -> None:
