@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument(
         "--full-checkpoint", action="store_true", help="one file, not a distributed checkpoint"
     )
+    parser.add_argument("--lenient", action="store_true", help="strict_loading=False")
     args = parser.parse_args()
     flavour = FLAVOURS[args.flavour]
 
@@ -92,6 +93,7 @@ def main() -> None:
     torch.manual_seed(0)
     reference = torch.randn(6, 4)
     model = model_class(vocab=10, dim=4, tie=args.tie)
+    model.strict_loading = not args.lenient
     held = probe(flavour)
     trainer = flavour.trainer(
         callbacks=[

@@ -477,6 +477,21 @@ def test_model_parallel_strategy_resumes_from_a_distributed_checkpoint(tmp_path:
 
 
 @pytest.mark.slow
+def test_resuming_model_parallel_from_one_file_is_refused_not_skipped(tmp_path: Path) -> None:
+    """Lightning loads a one-file checkpoint under the parameters' own names; with strict
+    loading off it would skip the constrained tensors and resume with fresh free rows."""
+    flavour = "lightning.pytorch"
+    _lightning_fit(flavour, 2, tmp_path / "first", None, False, "--full-checkpoint")
+    last = str(tmp_path / "first" / "ckpt" / "last.ckpt")
+    with pytest.raises(AssertionError) as failed:
+        _lightning_fit(
+            flavour, 2, tmp_path / "resumed", None, False, "--resume", last, "--lenient"
+        )
+    assert "Expected a distributed checkpoint (a directory) to resume" in str(failed.value)
+    assert "last.ckpt" in str(failed.value)
+
+
+@pytest.mark.slow
 def test_the_benchmark_counts_no_traffic_for_fixed_gradients(tmp_path: Path) -> None:
     """Bytes per step and rank, as `bench_distributed.py` counts them (V=2000, d=32, 90% fixed)."""
     script = SCRIPT.parent / "benchmarks" / "bench_distributed.py"

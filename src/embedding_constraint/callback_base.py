@@ -11,7 +11,8 @@ Hooks used, in the order Lightning calls them during ``fit``:
   before the strategy wraps the model (DDP), so all of them see only the free rows. The hook
   ``on_fit_start`` would be too late: by then DDP has recorded the full-size parameter and
   shrinking it makes DDP fail ("parameters that were not used in producing the loss").
-- ``on_load_checkpoint`` (resuming): refuse optimizer state saved for the full weight.
+- ``on_load_checkpoint`` (resuming): refuse optimizer state saved for the full weight, and a
+  ModelParallelStrategy resume from one file, which Lightning loads past the plain keys.
 - ``on_fit_start``: check that the module that trains is the one constrained (a
   ``LightningModule.setup`` or ``configure_model`` that runs after ``setup`` may replace it).
 - ``on_fit_end``, ``on_exception`` and ``teardown``: bake the result into a plain weight, so a
@@ -22,6 +23,8 @@ Hooks used, in the order Lightning calls them during ``fit``:
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
+from os import PathLike
+from pathlib import Path
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
@@ -251,11 +254,33 @@ class EmbeddingConstraintHooks:
     def on_load_checkpoint(
         self, trainer: Any, pl_module: nn.Module, checkpoint: dict[str, Any]
     ) -> None:
-        """Refuse to resume optimizer state that was saved for the full, unconstrained weight.
+        """Refuse to resume optimizer state that was saved for the full, unconstrained weight,
+        and a ModelParallelStrategy fit from a one-file checkpoint.
 
         Most strategies restore the checkpoint before they create the optimizers: the states
         are then checked in ``on_fit_start``, which runs after that and before they are loaded.
+        ModelParallelStrategy loads a one-file checkpoint parameter by parameter under the
+        module's own names (``...parametrizations.weight.original``), past the state-dict
+        hooks that give the plain keys: it stops at the first constrained tensor (``KeyError``)
+        or, with ``strict_loading=False``, skips them, and the fit would go on from the free
+        rows it has. That second case arrives here, after the load: refuse it.
         """
+        path = trainer.ckpt_path
+        if (
+            self._fixed
+            and _shards_in_configure_model(type(trainer.strategy))
+            and isinstance(path, str | PathLike)
+            and Path(path).is_file()
+        ):
+            raise RuntimeError(
+                "Expected a distributed checkpoint (a directory) to resume a "
+                f"ModelParallelStrategy fit with fixed rows. Got the one-file checkpoint {path}: "
+                "Lightning loads it under the parameters' own names, which skips the "
+                "constrained tensors (their keys are the plain ones) when strict loading is off, "
+                "so the free rows would not be resumed. Resume from a distributed checkpoint "
+                "(ModelParallelStrategy(save_distributed_checkpoint=True), the default), or load "
+                "the file's 'state_dict' into the model before fit and start without ckpt_path."
+            )
         self._resumed_optimizer_states = checkpoint.get("optimizer_states") or []
         if trainer.optimizers:
             self._check_optimizer_states(trainer)
