@@ -484,9 +484,7 @@ def test_resuming_model_parallel_from_one_file_is_refused_not_skipped(tmp_path: 
     _lightning_fit(flavour, 2, tmp_path / "first", None, False, "--full-checkpoint")
     last = str(tmp_path / "first" / "ckpt" / "last.ckpt")
     with pytest.raises(AssertionError) as failed:
-        _lightning_fit(
-            flavour, 2, tmp_path / "resumed", None, False, "--resume", last, "--lenient"
-        )
+        _lightning_fit(flavour, 2, tmp_path / "resumed", None, False, "--resume", last, "--lenient")
     assert "Expected a distributed checkpoint (a directory) to resume" in str(failed.value)
     assert "last.ckpt" in str(failed.value)
 

@@ -213,7 +213,7 @@ class _FloorHead(torch.autograd.Function):
         w: FloorWeight = ctx.w
         grad_x = grad @ w.full if ctx.needs_input_grad[0] else None
         flat = grad.reshape(-1, grad.shape[-1])
-        cols = flat[:, w.k :] if w.prefix else flat.index_select(1, w.free_rows)
+        cols = flat[:, w.k :] if w.prefix else flat.gather(1, w.free_rows.expand(flat.shape[0], -1))
         grad_free = cols.t() @ x.reshape(-1, x.shape[-1])
         return grad_x, grad_free, None
 
