@@ -236,6 +236,29 @@ def test_a_read_of_sharded_rows_is_a_dtensor_of_the_plain_weight(rows: list[int]
     assert torch.equal(cast(torch.Tensor, state["weight"]), expected)
 
 
+@pytest.mark.usefixtures("group")
+@pytest.mark.parametrize("rows", [None, [4, 1]], ids=["prefix", "scattered"])
+def test_a_whole_reference_leaves_the_block_once_fsdp2_holds_the_free_rows(
+    rows: list[int] | None,
+) -> None:
+    """FSDP2 keeps the free rows in storage of its own: the reference gets a compact copy and
+    the block [reference; free] goes, after the first forward and between steps alike."""
+    emb = nn.Embedding(6, 3)
+    reference = torch.randn(2, 3)
+    fix_rows(emb, reference, rows=rows)
+    constraint = parametrization_list(emb, "weight")[0]
+    assert isinstance(constraint, FixedRows)
+    blocks = [constraint._joined_buffer]
+    fully_shard(emb)
+    emb(torch.arange(6)).sum().backward()
+    blocks.append(constraint._joined_buffer)
+    assert [block is None for block in blocks] == [False, True]
+    held = constraint.reference.untyped_storage().nbytes()
+    assert held == reference.numel() * reference.element_size()
+    weight = cast(DTensor, emb.weight).full_tensor()
+    assert torch.equal(weight[rows or [0, 1]], reference)
+
+
 def _module(kind: str) -> nn.Module:
     """A module of each read path: the lookup, a sum bag, the head (8 rows of 3)."""
     modules: dict[str, nn.Module] = {

@@ -185,6 +185,28 @@ def test_an_optimizer_made_before_a_move_keeps_training_the_same_parameter() -> 
     assert torch.equal(emb.weight[FIXED_AT["scattered"]], reference.double())
 
 
+@pytest.mark.parametrize("where", ROWS)
+def test_a_functional_call_with_other_free_rows_reads_them_and_leaves_the_block(
+    where: str,
+) -> None:
+    """`torch.func.functional_call` swaps the stored rows for a read: the read takes the
+    tensor given, and the module keeps its block (its own rows never left it)."""
+    emb, reference = _embedding(where)
+    other = torch.randn_like(stored(emb))
+    ids = torch.arange(10)
+    key = "parametrizations.weight.original"
+    out = torch.func.functional_call(emb, {key: other}, (ids,))
+    constraint = constraint_of(emb)
+    plain = torch.cat((constraint.reference, other))
+    if constraint.slot is not None:
+        plain = plain.index_select(0, constraint.slot)
+    assert torch.equal(out, plain)
+    assert _shares_one_buffer(emb)
+    assert _joined(emb) is not None
+    assert torch.equal(emb(ids), emb.weight)
+    assert torch.equal(emb.weight[FIXED_AT[where]], reference)
+
+
 def test_a_plain_state_dict_loads_in_place() -> None:
     emb, reference = _embedding("prefix")
     plain = nn.Embedding(10, 3)

@@ -567,11 +567,15 @@ class FixedRows(nn.Module):
         return buffer
 
     def _release_if_left(self, free: Tensor | None = None) -> None:
-        """Let the joined buffer go if the reference, or ``free``, no longer lies in it.
+        """Let the joined buffer go if the reference, or the stored ``free`` rows, no longer
+        lie in it.
 
-        When the free rows have left it (FSDP2 keeps them in storage of its own, as does an
+        When the stored rows have left it (FSDP2 keeps them in storage of its own, as does an
         assignment of ``.data``), the buffer would hold the whole weight's memory for the
-        reference alone: the reference gets a compact copy, and the buffer goes.
+        reference alone: the reference gets a compact copy, and the buffer goes. The stored
+        rows are a Parameter; a plain tensor read in their place (``functional_call`` with
+        other values) is a read of those values, after which the stored rows are back: the
+        buffer stays.
         """
         buffer = self._joined_buffer
         if buffer is None:
@@ -583,7 +587,10 @@ class FixedRows(nn.Module):
             self._joined_buffer = None
         elif free is not None and (
             _is_dtensor(free)
-            or free.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr()
+            or (
+                isinstance(free, nn.Parameter)
+                and free.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr()
+            )
         ):
             self.reference = self.reference.clone(memory_format=torch.contiguous_format)
             self._joined_buffer = None
