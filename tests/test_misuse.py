@@ -186,6 +186,52 @@ def test_a_module_on_the_meta_device_is_refused_with_what_to_do() -> None:
     assert torch.equal(emb.weight, torch.arange(8.0).reshape(4, 2))
 
 
+@pytest.mark.parametrize("rows", [None, [5, 0, 3]], ids=["prefix", "scattered"])
+def test_to_empty_keeps_the_fixed_rows_and_their_places(rows: list[int] | None) -> None:
+    """`to_empty` gives every tensor uninitialised memory; the reference and the rows' places
+    are the constraint's own and keep their values: a load of the free rows restores all."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(6, 2)
+    fix_rows(emb, torch.randn(3, 2), rows=rows)
+    trained = emb.weight.detach().clone()
+    emb.to_empty(device="cpu")
+    fixed_at = rows or [0, 1, 2]
+    assert torch.equal(emb.weight[fixed_at], trained[fixed_at])
+    emb.load_state_dict({"weight": trained})  # the fixed rows are checked against the reference
+    assert torch.equal(emb(torch.arange(6)), trained)
+    assert torch.equal(emb.weight, trained)
+
+
+@pytest.mark.parametrize("rows", [None, [5, 0, 3]], ids=["prefix", "scattered"])
+def test_a_round_trip_through_the_meta_device_keeps_the_fixed_rows(rows: list[int] | None) -> None:
+    """The meta device holds no values: the reference and the places stay where they are, a
+    read on the meta device gives the shape, and `to_empty` brings them back exact."""
+    torch.manual_seed(0)
+    emb, head = nn.Embedding(6, 2), nn.Linear(2, 6)
+    model = nn.Sequential(emb, head)
+    fix_rows(emb, torch.randn(3, 2), rows=rows)
+    fix_rows(head, torch.randn(3, 2), rows=rows)
+    trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.to("meta")
+    out = model(torch.arange(6, device="meta"))
+    assert out.is_meta
+    assert out.shape == (6, 6)
+    model.to_empty(device="cpu")
+    model.load_state_dict(trained)
+    assert torch.equal(emb.weight, trained["0.weight"])
+    assert torch.equal(head.weight, trained["1.weight"])
+    expected = nn.functional.linear(
+        nn.functional.embedding(torch.arange(6), trained["0.weight"]),
+        trained["1.weight"],
+        trained["1.bias"],
+    )
+    torch.testing.assert_close(model(torch.arange(6)), expected)
+    bag = nn.EmbeddingBag(6, 2, mode="sum")
+    fix_rows(bag, torch.randn(3, 2), rows=rows)
+    bag.to("meta")
+    assert bag(torch.arange(6, device="meta").view(2, 3)).shape == (2, 2)
+
+
 # -- stacked parametrizations -----------------------------------------------------------------
 
 

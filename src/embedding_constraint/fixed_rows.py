@@ -81,12 +81,15 @@ def composable_only(*tensors: Tensor | None) -> bool:
     True under a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ...) and when a tensor
     carries a forward-mode tangent: the fast reads' autograd functions support neither, and
     their tensors have no memory to compare. The plain read (`FixedRows.forward` and the
-    module's own forward) is made of operations that support both.
+    module's own forward) is made of operations that support both. True as well for a tensor
+    on the meta device (a module moved there for its shapes): the plain read gives them.
     """
     # Private, and what torch's own autograd.Function.apply asks: there is no public test
     # for an active torch.func transform.
     if torch._C._are_functorch_transforms_active():
         return True
+    if any(t is not None and t.is_meta for t in tensors):
+        return True  # shapes only, with the constraint's tables elsewhere (`FixedRows._apply`)
     return any(
         t is not None and forward_ad.unpack_dual(t).tangent is not None  # type: ignore[no-untyped-call]
         for t in tensors
@@ -472,6 +475,8 @@ class FixedRows(nn.Module):
         reference = self.reference
         if _is_dtensor(reference):  # sharded alone (free rows in another FSDP2 group)
             reference = reference.full_tensor()
+        if free.is_meta:  # shapes only (see `_apply`)
+            return reference.to("meta", free.dtype)
         return reference if reference.dtype == free.dtype else reference.to(free.dtype)
 
     def _read(self, free: Tensor) -> Tensor:
@@ -484,7 +489,7 @@ class FixedRows(nn.Module):
                 "FixedRows has not been registered: its free rows are not known yet."
             )
         if composable_only(free):
-            return torch.cat((reference, free)).index_select(0, self.slot)
+            return torch.cat((reference, free)).index_select(0, self.slot.to(free.device))
         out: Tensor = _ScatterRows.apply(  # type: ignore[no-untyped-call]
             free, reference, self.rows, self.free_rows, self._joined(free), self.slot
         )
@@ -596,16 +601,26 @@ class FixedRows(nn.Module):
             self._joined_buffer = None
 
     def _apply(self, fn: Any, recurse: bool = True) -> FixedRows:
+        """Move the reference and the index tables where ``fn`` sends a tensor like them, with
+        their values.
+
+        ``fn`` is what ``.to()``, ``.cuda()``, ``.double()``, ``to_empty()`` and the like apply
+        to every tensor of a module. Only where it sends one is taken from it, by applying it
+        to no rows of the reference: ``to_empty`` would give the fixed rows uninitialised
+        memory, and the meta device has no memory at all, so the reference and the tables stay
+        where they are for it (a read on the meta device gives meta tensors; a later
+        ``to_empty`` brings them back, exact). A reference held as a parameter (FSDP2) is
+        converted with the parameters.
+        """
         super()._apply(fn, recurse)  # type: ignore[no-untyped-call]  # untyped in torch
-        # As `nn.Module._apply` converts buffers: `fn` changes the dtype of floating-point
-        # tensors only, so the index tables just move. (A reference held as a parameter was
-        # converted with the parameters.)
-        if not self.reference_is_parameter:
-            self.reference = fn(self.reference)
-        for name in ("rows", "free_rows", "slot"):
-            table = getattr(self, name)
-            if table is not None:
-                setattr(self, name, fn(table))
+        target = fn(self.reference[:0])  # the device and dtype (floating tensors only)
+        if target.device.type != "meta":
+            if not self.reference_is_parameter:
+                self.reference = self.reference.to(device=target.device, dtype=target.dtype)
+            for name in ("rows", "free_rows", "slot"):
+                table = getattr(self, name)
+                if table is not None:
+                    setattr(self, name, table.to(target.device))
         self._release_if_left()  # `.to()` may have moved the reference out of the buffer
         if self.grad_row is not None:  # the spare rows suit the device: derive them anew
             self._derive_grad_rows(self.grad_row.numel())
