@@ -606,14 +606,17 @@ class FixedRows(nn.Module):
 
         ``fn`` is what ``.to()``, ``.cuda()``, ``.double()``, ``to_empty()`` and the like apply
         to every tensor of a module. Only where it sends one is taken from it, by applying it
-        to no rows of the reference: ``to_empty`` would give the fixed rows uninitialised
-        memory, and the meta device has no memory at all, so the reference and the tables stay
-        where they are for it (a read on the meta device gives meta tensors; a later
+        to an empty tensor like the reference: ``to_empty`` would give the fixed rows
+        uninitialised memory, and the meta device has no memory at all, so the reference and
+        the tables stay where they are for it (a read on the meta device gives meta tensors; a later
         ``to_empty`` brings them back, exact). A reference held as a parameter (FSDP2) is
         converted with the parameters.
         """
         super()._apply(fn, recurse)  # type: ignore[no-untyped-call]  # untyped in torch
-        target = fn(self.reference[:0])  # the device and dtype (floating tensors only)
+        # Asked of an empty tensor: no values are touched, and a sharded reference (a DTensor)
+        # is not sliced, which could take a collective.
+        probe = torch.empty(0, dtype=self.reference.dtype, device=self.reference.device)
+        target = fn(probe)
         if target.device.type != "meta":
             if not self.reference_is_parameter:
                 self.reference = self.reference.to(device=target.device, dtype=target.dtype)
