@@ -608,9 +608,9 @@ class FixedRows(nn.Module):
         to every tensor of a module. Only where it sends one is taken from it, by applying it
         to an empty tensor like the reference: ``to_empty`` would give the fixed rows
         uninitialised memory, and the meta device has no memory at all, so the reference and
-        the tables stay where they are for it (a read on the meta device gives meta tensors; a later
-        ``to_empty`` brings them back, exact). A reference held as a parameter (FSDP2) is
-        converted with the parameters.
+        the tables stay where they are for it (a read on the meta device gives meta tensors;
+        a later ``to_empty`` brings them back, exact). A reference held as a parameter (FSDP2)
+        is converted with the parameters.
         """
         super()._apply(fn, recurse)  # type: ignore[no-untyped-call]  # untyped in torch
         # Asked of an empty tensor: no values are touched, and a sharded reference (a DTensor)
