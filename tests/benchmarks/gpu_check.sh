@@ -4,7 +4,7 @@
 # (transformers and peft for the language-model benchmark); results go to OUTDIR (default: the
 # current directory).
 #
-#   bash tests/benchmarks/gpu_check.sh OUTDIR          # short: about 8 minutes on an H100/H200
+#   bash tests/benchmarks/gpu_check.sh OUTDIR          # short: 8 minutes estimated (not yet run)
 #   bash tests/benchmarks/gpu_check.sh OUTDIR full     # everything: far longer
 #
 # The short run is what a lent GPU's 15 minutes hold: the tests, the output head with prefix and
