@@ -207,6 +207,22 @@ def test_a_functional_call_with_other_free_rows_reads_them_and_leaves_the_block(
     assert torch.equal(emb.weight[FIXED_AT[where]], reference)
 
 
+@pytest.mark.parametrize("where", ROWS)
+def test_share_memory_of_parts_apart_rejoins_them_in_shared_memory(where: str) -> None:
+    """Hogwild-style training needs the stored rows in shared memory: a rejoin after
+    `share_memory()` must not move them into a private buffer."""
+    emb, reference = _embedding(where)
+    param = stored(emb)
+    with torch.no_grad():
+        param.data = param.data.clone()  # apart
+    assert _joined(emb) is None
+    emb.share_memory()
+    assert stored(emb) is param
+    assert _joined(emb) is not None
+    assert param.is_shared()
+    assert torch.equal(emb.weight[FIXED_AT[where]], reference)
+
+
 def test_a_plain_state_dict_loads_in_place() -> None:
     emb, reference = _embedding("prefix")
     plain = nn.Embedding(10, 3)

@@ -527,15 +527,18 @@ class FixedRows(nn.Module):
     def _join(self, free: Tensor, rows: Tensor | None = None) -> Tensor:
         """Copy the reference and ``free`` (its ``rows`` if given) into one new buffer.
 
-        The buffer takes ``free``'s dtype and device (the reference is converted on the way)
-        and the reference buffer becomes its first part; the free part is returned. The caller
-        makes the stored parameter that view (torch's ``set_``), which keeps the Parameter
-        object.
+        The buffer takes ``free``'s dtype and device (the reference is converted on the way),
+        and lies in shared memory if ``free`` does (``share_memory()``: processes that train
+        one model together keep doing so); the reference buffer becomes its first part, and
+        the free part is returned. The caller makes the stored parameter that view (torch's
+        ``set_``), which keeps the Parameter object.
         """
         if self.reference_is_parameter:  # FSDP2 shards it on its own: no shared buffer
             return free.clone() if rows is None else free.index_select(0, rows)
         count = free.shape[0] if rows is None else rows.numel()
         buffer = free.new_empty((self.num_fixed + count, *free.shape[1:]))
+        if free.device.type == "cpu" and free.is_shared():
+            buffer.share_memory_()
         buffer[: self.num_fixed] = self.reference
         if rows is None:
             buffer[self.num_fixed :] = free
