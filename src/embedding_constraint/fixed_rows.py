@@ -537,8 +537,8 @@ class FixedRows(nn.Module):
             return free.clone() if rows is None else free.index_select(0, rows)
         count = free.shape[0] if rows is None else rows.numel()
         buffer = free.new_empty((self.num_fixed + count, *free.shape[1:]))
-        if free.device.type == "cpu" and free.is_shared():
-            buffer.share_memory_()
+        if free.device.type == "cpu" and free.is_shared():  # type: ignore[no-untyped-call]
+            buffer.share_memory_()  # type: ignore[no-untyped-call]  # untyped in torch
         buffer[: self.num_fixed] = self.reference
         if rows is None:
             buffer[self.num_fixed :] = free
