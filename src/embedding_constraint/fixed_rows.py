@@ -11,9 +11,10 @@ separates them (assigning ``.data``, ``load_state_dict(assign=True)``, a ``.to()
 `fix_rows` did not see) costs speed, never correctness: the lookup then gathers from each.
 
 Beside the class live the small helpers every read needs: `parametrization_list`,
-`constrained` (the constraint and stored rows of a module that `FixedRows` alone constrains)
-and `composable_only` (whether a transform is active that only plain torch operations
-support).
+`constrained` (the constraint and stored rows of a module that `FixedRows` alone constrains),
+`composable_only` (whether a transform is active that only plain torch operations support),
+`sharded` (FSDP2's DTensors) and `fast_readable`, the one gate of every fast forward: the
+constraint and stored rows when a fast read may take them, else None.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ __all__ = [
     "FixedRows",
     "composable_only",
     "constrained",
+    "fast_readable",
     "gathered",
     "parametrization_list",
     "shard_like",
@@ -94,6 +96,22 @@ def composable_only(*tensors: Tensor | None) -> bool:
         t is not None and forward_ad.unpack_dual(t).tangent is not None  # type: ignore[no-untyped-call]
         for t in tensors
     )
+
+
+def fast_readable(module: nn.Module, *others: Tensor | None) -> tuple[FixedRows, Tensor] | None:
+    """Return `constrained` ``module.weight`` if a fast read may take it now, else None.
+
+    None also when only the plain read may (see `composable_only`; ``others`` are the read's
+    other tensors, checked with the weight's) and for sharded rows (see `sharded`): the
+    module's own forward then reads the weight through the parametrization.
+    """
+    found = constrained(module)
+    if found is None:
+        return None
+    constraint, free = found
+    if composable_only(free, constraint.reference, *others) or sharded(free, constraint.reference):
+        return None
+    return found
 
 
 def _is_dtensor(tensor: object) -> TypeGuard[DTensor]:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from embedding_constraint.fixed_rows import FixedRows, composable_only, constrained, sharded
+from embedding_constraint.fixed_rows import FixedRows, fast_readable
 
 __all__ = ["bag", "embedding_bag_forward"]
 
@@ -214,12 +214,8 @@ def embedding_bag_forward(
     per_sample_weights: Tensor | None = None,
 ) -> Tensor:
     """``nn.EmbeddingBag.forward`` for a constrained weight: reduce without building it."""
-    found = constrained(self)
-    if (
-        found is None
-        or composable_only(found[1], found[0].reference, per_sample_weights)
-        or sharded(found[1], found[0].reference)
-    ):
+    found = fast_readable(self, per_sample_weights)
+    if found is None:
         return nn.EmbeddingBag.forward(self, input, offsets, per_sample_weights)
     constraint, free = found
     return bag(

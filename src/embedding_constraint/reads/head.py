@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from embedding_constraint.fixed_rows import FixedRows, composable_only, constrained, sharded
+from embedding_constraint.fixed_rows import FixedRows, fast_readable
 
 __all__ = ["linear", "linear_forward"]
 
@@ -141,12 +141,8 @@ def linear(
 
 def linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
     """``nn.Linear.forward`` for a constrained weight: no weight gradient for fixed rows."""
-    found = constrained(self)
-    if (
-        found is None
-        or composable_only(found[1], found[0].reference, input, self.bias)
-        or sharded(found[1], found[0].reference)
-    ):
+    found = fast_readable(self, input, self.bias)
+    if found is None:
         return nn.Linear.forward(self, input)
     constraint, free = found
     return linear(constraint, input, free, self.bias)

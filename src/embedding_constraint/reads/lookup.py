@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from embedding_constraint.fixed_rows import FixedRows, composable_only, constrained, sharded
+from embedding_constraint.fixed_rows import FixedRows, fast_readable
 
 __all__ = ["embedding_forward", "lookup"]
 
@@ -158,12 +158,8 @@ def lookup(
 
 def embedding_forward(self: nn.Embedding, input: Tensor) -> Tensor:
     """``nn.Embedding.forward`` for a constrained weight: look up without building the weight."""
-    found = constrained(self)
-    if (
-        found is None
-        or composable_only(found[1], found[0].reference)
-        or sharded(found[1], found[0].reference)
-    ):
+    found = fast_readable(self)
+    if found is None:
         return nn.Embedding.forward(self, input)
     constraint, free = found
     return lookup(constraint, input, free, self.padding_idx, self.scale_grad_by_freq)
