@@ -973,6 +973,18 @@ def make_run(args: argparse.Namespace) -> tuple[Run, str]:
     return run, " ".join(dict.fromkeys(notes))
 
 
+def cell_summary(cell: Cell) -> str:
+    """One line on a finished cell, so that a run cut off by a time limit still leaves numbers."""
+    floor = cell.median_ms.get("floor")
+    parts = []
+    for name, ms in cell.median_ms.items():
+        ratio = f" ({ms / floor:.3f} of floor)" if floor else ""
+        exact = "" if cell.exact.get(name, True) else " MOVED"
+        parts.append(f"{name} {ms:.2f} ms{ratio}{exact}")
+    parts += [f"{name}: {error}" for name, error in cell.errors.items()]
+    return f"  {' '.join(cell.setting.label())}: " + "; ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print the Markdown report and return the exit status."""
     args = parse_args(argv)
@@ -984,6 +996,7 @@ def main(argv: list[str] | None = None) -> int:
     for setting in run.settings:
         print(f"running {' '.join(setting.label())}", file=sys.stderr, flush=True)
         cells.append(run_cell(run, setting))
+        print(cell_summary(cells[-1]), file=sys.stderr, flush=True)
         release_memory()
     profiles: list[Profile] = []
     if args.profile:
