@@ -339,6 +339,34 @@ def test_torch_func_grad_vmap_jvp_and_forward_ad(path: str, layout: str) -> None
         torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.parametrize("storage", STORAGE)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("path", PATHS)
+def test_torch_compile_matches_the_plain_read(path: str, layout: str, storage: str) -> None:
+    # The whole forward compiled in one graph (no break back to eager), its values and first
+    # gradients against the plain read run eagerly. aot_eager traces what inductor would
+    # compile and runs it as traced, so a path dynamo or AOTAutograd traces wrongly fails here.
+    torch._dynamo.reset()
+    case = make_case(path, layout, storage, torch.float32)
+    free = case.free.detach().clone().requires_grad_()
+    fast_in, plain_in = case.inputs(), case.inputs()
+
+    def forward(*args: Tensor) -> Tensor:
+        out: Tensor = case.fast(*args)
+        return out
+
+    compiled = torch.compile(forward, backend="aot_eager", fullgraph=True)
+    out_fast = compiled(*fast_in)
+    out_plain = case.run_plain(free, plain_in)
+    torch.testing.assert_close(out_fast, out_plain)
+    fast_wrt = _differentiable(case, case.fast, case.free, fast_in)
+    plain_wrt = _differentiable(case, case.plain, free, plain_in)
+    got = torch.autograd.grad(_loss(out_fast), fast_wrt)
+    expected = torch.autograd.grad(_loss(out_plain), plain_wrt)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e)
+
+
 BAD_IDS = {
     "negative": lambda ids: ids.masked_fill(ids == 8, -1),
     "too-large": lambda ids: ids.masked_fill(ids == 8, VOCAB),
