@@ -56,7 +56,7 @@ from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import DeviceType, ProfilerActivity, profile
 
 from embedding_constraint import fix_rows
 
@@ -640,7 +640,13 @@ CATEGORIES = {
         "aten::gather",
         "aten::scatter",
     ),
-    "attention": ("scaled_dot_product", "flash_attention", "efficient_attention", "_softmax"),
+    "attention": (
+        "scaled_dot_product",
+        "flash_attention",
+        "efficient_attention",
+        "cudnn_attention",
+        "_softmax",
+    ),
 }
 
 
@@ -700,6 +706,10 @@ def profile_variant(
         trainer.update()
         totals: dict[str, float] = {}
         for event in prof.key_averages():
+            # On CUDA an operator's self device time is its kernels' time, and the kernels are
+            # listed again as events of their own: count the operators only.
+            if cuda and event.device_type != DeviceType.CPU:
+                continue
             us = event.self_device_time_total if cuda else event.self_cpu_time_total
             key = category(event.key)
             totals[key] = totals.get(key, 0.0) + us / 1e3
