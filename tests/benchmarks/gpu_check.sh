@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check: benchmarks, and the CUDA tests and the differential harness on the GPU.
-# Run from the repository root on a CUDA machine whose python3 has torch, pytest and Lightning
-# (transformers and peft for the language-model benchmark); results go to OUTDIR (default: the
-# current directory).
+# Run from the repository root on a CUDA machine whose python3 has torch, pytest, pytest-xdist
+# and Lightning (transformers and peft for the language-model benchmark); results go to OUTDIR
+# (default: the current directory). Exits 1 if a step failed or ran out of its time.
 #
-#   bash tests/benchmarks/gpu_check.sh OUTDIR          # short: 4 minutes on an H200
+#   bash tests/benchmarks/gpu_check.sh OUTDIR          # short: about 4 minutes on an H200
 #   bash tests/benchmarks/gpu_check.sh OUTDIR full     # everything: far longer
 #
 # The short run is what a lent GPU's 15 minutes hold: the output head with prefix and scattered
@@ -23,39 +23,42 @@ python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)"
 cuda_tests() {
     EMBEDDING_CONSTRAINT_TEST_DEVICE=cuda timeout "$1" python3 -m pytest -q -p no:cacheprovider \
         -p no:benchmark -n 8 -rfE --tb=short "${@:2}" tests/test_cuda.py tests/test_harness.py \
-        >"$out/cuda-tests.txt" 2>&1
+        >"$out/cuda-tests.txt" 2>&1 || failed=1
     tail -15 "$out/cuda-tests.txt"
 }
+# Each step runs whatever the ones before it gave; the exit status says whether any failed.
+failed=0
 if [ "$mode" != full ]; then
     # The benchmarks first, so that a cut-off run still leaves them. The head (V=131072,
     # d=4096, 4096 tokens): prefix and scattered against plain.
     timeout 180 python3 tests/benchmarks/bench_step.py --gpu-size --layer linear --tokens 4096 \
         --fractions 0.9 0.99 --rounds 7 --warmup 2 --no-memory \
-        --json "$out/gpu-head.json" 2>"$out/bench-stderr.txt" | tee "$out/gpu-head.md"
+        --json "$out/gpu-head.json" 2>"$out/bench-stderr.txt" | tee "$out/gpu-head.md" || failed=1
     # The language-model benchmark at the issue's size, bfloat16, default AdamW, every variant,
     # appended and re-sorted, tied and untied (float32 at this size needs an H200 and time).
     # Each finished cell prints a line to bench-stderr.txt.
     timeout 240 python3 tests/benchmarks/bench_lm.py --gpu-size --dtypes bfloat16 \
         --optimizers adamw --rounds 5 --warmup 2 --json "$out/gpu-lm.json" \
-        2>>"$out/bench-stderr.txt" | tee "$out/gpu-lm.md"
+        2>>"$out/bench-stderr.txt" | tee "$out/gpu-lm.md" || failed=1
     grep -v -i warn "$out/bench-stderr.txt" | tail -8
     cuda_tests 150
-    exit 0
+    exit "$failed"
 fi
 cuda_tests 600
 # Synced and pipelined step times against `free-only` (the floor), and kernel profiles.
 (cd "$out" && python3 "$OLDPWD/tests/benchmarks/profile_step.py" --gpu-size --fractions 0.99 0.5 \
-    2>&1 | grep -v -e USDT -e Warning -e _warn_once)
+    2>&1 | grep -v -e USDT -e Warning -e _warn_once) || failed=1
 # The main table first (it prints only when done), then torch.compile at 0.9 frozen.
 python3 tests/benchmarks/bench_step.py --gpu-size --memory-jobs 4 \
-    --json "$out/gpu.json" 2>"$out/bench-stderr.txt" | tee "$out/gpu.md"
+    --json "$out/gpu.json" 2>"$out/bench-stderr.txt" | tee "$out/gpu.md" || failed=1
 python3 tests/benchmarks/bench_step.py --gpu-size --fractions 0.9 --compile --no-memory \
-    --json "$out/gpu-compile.json" 2>>"$out/bench-stderr.txt" | tee "$out/gpu-compile.md"
+    --json "$out/gpu-compile.json" 2>>"$out/bench-stderr.txt" | tee "$out/gpu-compile.md" || failed=1
 # The language-model benchmark (needs transformers; peft for its column): a Llama-shaped model
 # at the issue's size, every variant, layout, tying, dtype and AdamW, with the profile.
 python3 tests/benchmarks/bench_lm.py --gpu-size --rounds 10 --warmup 2 --profile \
-    --json "$out/gpu-lm.json" 2>>"$out/bench-stderr.txt" | tee "$out/gpu-lm.md"
+    --json "$out/gpu-lm.json" 2>>"$out/bench-stderr.txt" | tee "$out/gpu-lm.md" || failed=1
 # FSDP2 on one GPU (issue #11): the constrained step against the plain one under fully_shard.
 python3 tests/benchmarks/bench_distributed.py --device cuda --world 1 \
-    --out "$out/gpu-fsdp2.md" --json "$out/gpu-fsdp2.json" 2>>"$out/bench-stderr.txt"
+    --out "$out/gpu-fsdp2.md" --json "$out/gpu-fsdp2.json" 2>>"$out/bench-stderr.txt" || failed=1
 tail -5 "$out/bench-stderr.txt"
+exit "$failed"
