@@ -339,6 +339,33 @@ def test_torch_func_grad_vmap_jvp_and_forward_ad(path: str, layout: str) -> None
         torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("storage", STORAGE)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("path", PATHS)
+def test_autocast_matches_the_plain_read(path: str, layout: str, storage: str, dtype: str) -> None:
+    # Under autocast to bfloat16 every read casts what the plain module's operations would
+    # cast, and nothing else: float32 products run in bfloat16, float64 ones stay float64
+    # (autocast leaves float64 alone). The dtypes of the output and the gradients are compared
+    # exactly, the values at bfloat16's tolerance for float32 modules.
+    case = make_case(path, layout, storage, DTYPES[dtype])
+    free = case.free.detach().clone().requires_grad_()
+    fast_in, plain_in = case.inputs(), case.inputs()
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out_fast = case.fast(*fast_in)
+        out_plain = case.run_plain(free, plain_in)
+    assert out_fast.dtype == out_plain.dtype
+    tolerances = {"rtol": 5e-2, "atol": 5e-2} if dtype == "float32" else {}
+    torch.testing.assert_close(out_fast, out_plain, **tolerances)
+    fast_wrt = _differentiable(case, case.fast, case.free, fast_in)
+    plain_wrt = _differentiable(case, case.plain, free, plain_in)
+    got = torch.autograd.grad(_loss(out_fast.float()), fast_wrt)
+    expected = torch.autograd.grad(_loss(out_plain.float()), plain_wrt)
+    for g, e in zip(got, expected, strict=True):
+        assert g.dtype == e.dtype
+        torch.testing.assert_close(g, e, **tolerances)
+
+
 @pytest.mark.parametrize("storage", STORAGE)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("path", PATHS)

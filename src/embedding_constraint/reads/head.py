@@ -85,6 +85,14 @@ class _Linear(torch.autograd.Function):
         return grad_input, grad_free, None, grad_bias, None
 
 
+def _autocast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """``tensor`` as autocast hands it to ``F.linear``: floating-point tensors in ``dtype``,
+    except float64 ones, which autocast leaves alone."""
+    if tensor.is_floating_point() and tensor.dtype != torch.float64:
+        return tensor.to(dtype)
+    return tensor
+
+
 def linear(
     constraint: FixedRows, input: Tensor, free: Tensor, bias: Tensor | None = None
 ) -> Tensor:
@@ -131,8 +139,8 @@ def linear(
         # Cast as F.linear does under autocast; outside the function, so the casts are
         # recorded and each gradient returns in its tensor's own dtype.
         dtype = torch.get_autocast_dtype(device)
-        input, weight = input.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
+        input, weight = _autocast(input, dtype), _autocast(weight, dtype)
+        bias = None if bias is None else _autocast(bias, dtype)
     out: Tensor = _Linear.apply(  # type: ignore[no-untyped-call]
         input, free, weight, bias, constraint.free_rows
     )
