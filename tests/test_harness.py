@@ -355,7 +355,7 @@ def test_autocast_matches_the_plain_read(path: str, layout: str, storage: str, d
         out_fast = case.fast(*fast_in)
         out_plain = case.run_plain(free, plain_in)
     assert out_fast.dtype == out_plain.dtype
-    tolerances = {"rtol": 5e-2, "atol": 5e-2} if dtype == "float32" else {}
+    tolerances: dict[str, Any] = {"rtol": 5e-2, "atol": 5e-2} if dtype == "float32" else {}
     torch.testing.assert_close(out_fast, out_plain, **tolerances)
     fast_wrt = _differentiable(case, case.fast, case.free, fast_in)
     plain_wrt = _differentiable(case, case.plain, free, plain_in)
