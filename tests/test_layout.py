@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -205,6 +205,39 @@ def test_a_functional_call_with_other_free_rows_reads_them_and_leaves_the_block(
     assert _joined(emb) is not None
     assert torch.equal(emb(ids), emb.weight)
     assert torch.equal(emb.weight[FIXED_AT[where]], reference)
+
+
+@pytest.mark.parametrize("how", ["ema-parameters", "assigned", "state-dict"])
+@pytest.mark.parametrize("where", ROWS)
+def test_a_read_under_inference_mode_leaves_the_constraint_trainable(where: str, how: str) -> None:
+    """What the constraint builds under ``torch.inference_mode`` and keeps (the reference's
+    compact copy when a read lets the block go, a state dict's tensors) is never an inference
+    tensor: a later training step would save it for backward, which torch refuses for those,
+    where a plain module trains on."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Tanh(), nn.Linear(4, 10))
+    reference = torch.randn(4, 4)
+    fix_rows(model[2], reference, rows=ROWS[where])
+    twin = copy.deepcopy(model)
+    ids = torch.tensor([0, 5, 9])
+    if how == "ema-parameters":  # evaluate an EMA copy's Parameters in the model
+        ema: dict[str, Tensor] = dict(copy.deepcopy(model).named_parameters())
+        with torch.inference_mode():
+            torch.func.functional_call(model, ema, ids)
+    elif how == "assigned":  # the stored rows replaced by a Parameter of their own, then read
+        model.load_state_dict(model.state_dict(), assign=True)
+        with torch.inference_mode():
+            model(ids)
+    else:  # a state dict taken during an evaluation, loaded by assignment
+        with torch.inference_mode():
+            state = model.state_dict()
+        model.load_state_dict(state, assign=True)
+    held = [t for t in vars(constraint_of(model[2])).values() if isinstance(t, Tensor)]
+    assert not any(t.is_inference() for t in held)
+    model(ids).square().sum().backward()
+    twin(ids).square().sum().backward()
+    torch.testing.assert_close(stored(model[2]).grad, stored(twin[2]).grad)
+    assert torch.equal(cast(Tensor, model[2].weight)[FIXED_AT[where]], reference)
 
 
 @pytest.mark.parametrize("where", ROWS)

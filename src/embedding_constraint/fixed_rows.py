@@ -618,7 +618,10 @@ class FixedRows(nn.Module):
                 and free.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr()
             )
         ):
-            self.reference = self.reference.clone(memory_format=torch.contiguous_format)
+            # Kept for later reads: never an inference tensor, whatever mode this read is in
+            # (a training step would save it for backward, which torch refuses for those).
+            with torch.inference_mode(False):
+                self.reference = self.reference.clone(memory_format=torch.contiguous_format)
             self._joined_buffer = None
 
     def _apply(self, fn: Any, recurse: bool = True) -> FixedRows:
@@ -708,8 +711,10 @@ class FixedRows(nn.Module):
         total = self.num_fixed + free.shape[0]
         if self.grad_row is None or self.grad_row.numel() != total:
             # Registration, `.to()` and loading derive it; an assignment of another shape
-            # to the stored rows (`load_state_dict(assign=True)`, say) would not.
-            self._derive_grad_rows(total)
+            # to the stored rows (`load_state_dict(assign=True)`, say) would not. Kept for
+            # later reads: never an inference tensor (see `_release_if_left`).
+            with torch.inference_mode(False):
+                self._derive_grad_rows(total)
         assert self.grad_row is not None
         return self.grad_row
 

@@ -46,7 +46,9 @@ def _full_tensor(plist: ParametrizationList, state_dict: dict[str, Any], key: st
         built = last[1]()
         if built is not None and any(value is built for value in state_dict.values()):
             return built
-    with torch.no_grad():
+    # Never an inference tensor, as a plain module's entries are not: a state dict taken
+    # during an evaluation may be loaded with `assign=True` and trained.
+    with torch.no_grad(), torch.inference_mode(False):
         full: Tensor = plist().detach()
     _BUILT[plist] = (stamp, weakref.ref(full))
     return full
