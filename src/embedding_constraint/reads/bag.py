@@ -129,8 +129,8 @@ def bag(
 
     For ``mode="sum"`` and ``"mean"``, the bags are reduced from the block that holds the
     reference and the free rows, and the gradient reaches only the free rows that the bags
-    name. ``mode="max"``, a reference and free rows that are apart (see `FixedRows.rejoin`)
-    and torch.compile read the weight. Indices are checked as ``F.embedding_bag`` checks
+    name. ``mode="max"``, ``scale_grad_by_freq``, a reference and free rows that are apart
+    (see `FixedRows.rejoin`) and torch.compile read the weight. Indices are checked as ``F.embedding_bag`` checks
     them. The arguments are those of ``nn.functional.embedding_bag``.
 
     Args:
@@ -149,7 +149,10 @@ def bag(
         Tensor: shape ``(bags, *trailing)``.
     """
     joined = None
-    if constraint.num_fixed and free.shape[0] and mode != "max":
+    # scale_grad_by_freq: torch's own bag backward scales some rows by another row's count,
+    # depending on where the ids fall once sorted (its CPU kernel, torch 2.13), so a bag over
+    # renumbered rows cannot give the plain read's gradients: read the weight, as it does.
+    if constraint.num_fixed and free.shape[0] and mode != "max" and not scale_grad_by_freq:
         joined = constraint._joined(free)
     plain_options: dict[str, Any] = {
         "mode": mode,
