@@ -130,8 +130,8 @@ def bag(
     For ``mode="sum"`` and ``"mean"``, the bags are reduced from the block that holds the
     reference and the free rows, and the gradient reaches only the free rows that the bags
     name. ``mode="max"``, ``scale_grad_by_freq``, a reference and free rows that are apart
-    (see `FixedRows.rejoin`) and torch.compile read the weight. Indices are checked as ``F.embedding_bag`` checks
-    them. The arguments are those of ``nn.functional.embedding_bag``.
+    (see `FixedRows.rejoin`) and torch.compile read the weight. Indices are checked as
+    ``F.embedding_bag`` checks them. The arguments are those of ``nn.functional.embedding_bag``.
 
     Args:
         constraint (FixedRows): the registered constraint.
