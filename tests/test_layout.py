@@ -18,7 +18,7 @@ from embedding_constraint import FixedRows, bake, fix_rows
 from embedding_constraint.reads import lookup as lookup_read
 
 ROWS: dict[str, list[int] | None] = {"prefix": None, "scattered": [8, 1, 4, 5]}
-FIXED_AT = {"prefix": [0, 1, 2, 3], "scattered": [8, 1, 4, 5]}
+FIXED_AT = {"prefix": [0, 1, 2, 3], "scattered": [8, 1, 4, 5], "other": [9, 0, 2, 7]}
 
 
 class _AtenOps(TorchDispatchMode):  # type: ignore[no-untyped-call]  # untyped in torch
@@ -207,7 +207,7 @@ def test_a_functional_call_with_other_free_rows_reads_them_and_leaves_the_block(
     assert torch.equal(emb.weight[FIXED_AT[where]], reference)
 
 
-@pytest.mark.parametrize("how", ["ema-parameters", "assigned", "state-dict"])
+@pytest.mark.parametrize("how", ["ema-parameters", "assigned", "state-dict", "other-rows"])
 @pytest.mark.parametrize("where", ROWS)
 def test_a_read_under_inference_mode_leaves_the_constraint_trainable(where: str, how: str) -> None:
     """What the constraint builds under ``torch.inference_mode`` and keeps (the reference's
@@ -228,10 +228,18 @@ def test_a_read_under_inference_mode_leaves_the_constraint_trainable(where: str,
         model.load_state_dict(model.state_dict(), assign=True)
         with torch.inference_mode():
             model(ids)
-    else:  # a state dict taken during an evaluation, loaded by assignment
+    elif how == "state-dict":  # a state dict taken during an evaluation, loaded by assignment
         with torch.inference_mode():
             state = model.state_dict()
         model.load_state_dict(state, assign=True)
+    else:  # torch's own format with the fixed rows elsewhere, loaded in inference mode
+        other = nn.Linear(4, 10)
+        rows = [9, 0, 2, 7]
+        parametrize.register_parametrization(other, "weight", FixedRows(reference, rows=rows))
+        with torch.inference_mode():
+            model[2].load_state_dict(other.state_dict())
+        twin[2].load_state_dict(other.state_dict())
+        where = "other"
     held = [t for t in vars(constraint_of(model[2])).values() if isinstance(t, Tensor)]
     assert not any(t.is_inference() for t in held)
     model(ids).square().sum().backward()

@@ -19,9 +19,10 @@ constraint and stored rows when a fast read may take them, else None.
 
 from __future__ import annotations
 
+import functools
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, TypeGuard
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -274,6 +275,27 @@ def _check_finite(reference: Tensor, extremes: Tensor, dtype: torch.dtype) -> No
     )
 
 
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _keeps_state(method: _Method) -> _Method:
+    """Run ``method``, which builds what `FixedRows` keeps (the reference, its index tables,
+    the block), without a graph and outside inference mode, whatever mode its caller is in.
+
+    A read or a load under ``torch.inference_mode`` (an evaluation) would otherwise leave
+    inference tensors, which a later training step saves for backward and torch refuses there,
+    where a plain module trains on. (Leaving inference mode turns gradients back on: hence
+    ``no_grad`` inside it.)
+    """
+
+    @functools.wraps(method)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with torch.inference_mode(False), torch.no_grad():
+            return method(*args, **kwargs)
+
+    return cast(_Method, run)
+
+
 class FixedRows(nn.Module):
     r"""Hold rows of a tensor at reference values while the other rows train.
 
@@ -523,7 +545,7 @@ class FixedRows(nn.Module):
         self._release_if_left(free)
         return shard_like(self._read(free.full_tensor()), free)
 
-    @torch.no_grad()
+    @_keeps_state
     def right_inverse(self, tensor: Tensor) -> Tensor:
         """Return the free rows of ``tensor``, the part that is stored and trained.
 
@@ -542,6 +564,7 @@ class FixedRows(nn.Module):
         self._derive_grad_rows(tensor.shape[0])
         return free
 
+    @_keeps_state
     def _join(self, free: Tensor, rows: Tensor | None = None) -> Tensor:
         """Copy the reference and ``free`` (its ``rows`` if given) into one new buffer.
 
@@ -618,11 +641,13 @@ class FixedRows(nn.Module):
                 and free.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr()
             )
         ):
-            # Kept for later reads: never an inference tensor, whatever mode this read is in
-            # (a training step would save it for backward, which torch refuses for those).
-            with torch.inference_mode(False):
-                self.reference = self.reference.clone(memory_format=torch.contiguous_format)
-            self._joined_buffer = None
+            self._compact_reference()
+
+    @_keeps_state
+    def _compact_reference(self) -> None:
+        """Give the reference memory of its own and let the joined buffer go."""
+        self.reference = self.reference.clone(memory_format=torch.contiguous_format)
+        self._joined_buffer = None
 
     def _apply(self, fn: Any, recurse: bool = True) -> FixedRows:
         """Move the reference and the index tables where ``fn`` sends a tensor like them, with
@@ -653,7 +678,7 @@ class FixedRows(nn.Module):
             self._derive_grad_rows(self.grad_row.numel())
         return self
 
-    @torch.no_grad()
+    @_keeps_state
     def rejoin(self, free: Tensor) -> None:
         """Put the reference and the stored ``free`` rows back into one buffer, if apart.
 
@@ -675,6 +700,7 @@ class FixedRows(nn.Module):
         ):
             free.set_(self._join(free))  # type: ignore[call-overload]
 
+    @_keeps_state
     def _derive_layout(self, total: int) -> None:
         """Set ``free_rows`` and ``slot`` from ``rows`` for a tensor of ``total`` rows."""
         assert self.rows is not None
@@ -687,6 +713,7 @@ class FixedRows(nn.Module):
         slot[self.free_rows] = torch.arange(self.num_fixed, total, device=device)
         self.slot = slot
 
+    @_keeps_state
     def _derive_grad_rows(self, total: int) -> None:
         """Set ``grad_row`` from ``slot`` for a tensor of ``total`` rows (see `_Lookup`)."""
         fixed, device = self.num_fixed, self.reference.device
@@ -711,10 +738,8 @@ class FixedRows(nn.Module):
         total = self.num_fixed + free.shape[0]
         if self.grad_row is None or self.grad_row.numel() != total:
             # Registration, `.to()` and loading derive it; an assignment of another shape
-            # to the stored rows (`load_state_dict(assign=True)`, say) would not. Kept for
-            # later reads: never an inference tensor (see `_release_if_left`).
-            with torch.inference_mode(False):
-                self._derive_grad_rows(total)
+            # to the stored rows (`load_state_dict(assign=True)`, say) would not.
+            self._derive_grad_rows(total)
         assert self.grad_row is not None
         return self.grad_row
 
@@ -722,7 +747,7 @@ class FixedRows(nn.Module):
         """The reference and the fixed rows' positions, for ``state_dict()``."""
         return {"reference": self.reference, "rows": self.rows}
 
-    @torch.no_grad()
+    @_keeps_state
     def set_extra_state(self, state: Any) -> None:
         """Load a reference and positions saved by `get_extra_state` (torch's own format).
 
