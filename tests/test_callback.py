@@ -325,6 +325,67 @@ def test_precision(pl_flavour: Flavour, precision: str, dtype: torch.dtype) -> N
     assert torch.equal(model.embedding.weight[:6], old.weight.to(dtype))
 
 
+def test_64_true_keeps_a_float64_reference_exact(pl_flavour: Flavour) -> None:
+    # The callback registers before Lightning converts the module to float64: the fixed rows
+    # must come out as the float64 reference, not as its float32 rounding widened again.
+    old = _trained_reference().double()
+    with torch.no_grad():
+        old.weight.add_(1e-12)  # below float32's resolution: lost if rounded through it
+    model = pl_flavour.model()
+    trainer = pl_flavour.trainer(
+        callbacks=[pl_flavour.callback(model.embedding, old)], precision="64-true", max_epochs=1
+    )
+    trainer.fit(model, loader())
+    assert model.embedding.weight.dtype == torch.float64
+    assert torch.equal(model.embedding.weight[:6], old.weight)
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "64-true"])
+def test_resume_in_another_precision_than_the_reference(
+    pl_flavour: Flavour, tmp_path: Path, precision: str
+) -> None:
+    # Lightning loads the checkpoint before it converts the module: its fixed rows are in the
+    # run's precision, the module's reference still in the reference's.
+    old = _trained_reference()
+    if precision == "64-true":
+        old = old.double()
+    model = pl_flavour.model()
+    callbacks = [pl_flavour.callback(model.embedding, old)]
+    trainer = pl_flavour.trainer(callbacks=callbacks, precision=precision, max_epochs=1)
+    trainer.fit(model, loader())
+    path = tmp_path / "run.ckpt"
+    trainer.save_checkpoint(path)
+    resumed = pl_flavour.model()
+    callbacks = [pl_flavour.callback(resumed.embedding, old)]
+    trainer = pl_flavour.trainer(callbacks=callbacks, precision=precision, max_epochs=2)
+    trainer.fit(resumed, loader(), ckpt_path=path)
+    _assert_plain(resumed.embedding)
+    dtype = resumed.embedding.weight.dtype
+    assert torch.equal(resumed.embedding.weight[:6], old.weight.to(dtype))
+
+
+def test_resuming_with_other_fixed_rows_is_refused(pl_flavour: Flavour, tmp_path: Path) -> None:
+    # The same number of fixed rows elsewhere: the checkpoint's optimizer state belongs to
+    # other free rows, and would be handed to these silently.
+    old = _trained_reference()
+    model = pl_flavour.model()
+    trainer = pl_flavour.trainer(callbacks=[pl_flavour.callback(model.embedding, old)])
+    trainer.fit(model, loader())
+    path = tmp_path / "run.ckpt"
+    trainer.save_checkpoint(path)
+    saved = torch.load(path, weights_only=True)["state_dict"]["embedding.weight"]
+    rows = [4, 5, 6, 7, 8, 9]
+    resumed = pl_flavour.model()
+    callback = pl_flavour.callback(resumed.embedding, saved[rows].clone(), rows=rows)
+    trainer = pl_flavour.trainer(callbacks=[callback], max_epochs=3)
+    with pytest.raises(RuntimeError, match=r"at \[4, 5, 6, 7, 8, 9\]. Got .* at \[0, 1, 2"):
+        trainer.fit(resumed, loader(), ckpt_path=path)
+    # Refused before a step: plain, with the weights Lightning loaded before the callbacks'
+    # state (as after any failure to resume), not trained from them.
+    _assert_plain(resumed.embedding)
+    assert torch.equal(resumed.embedding.weight, saved)
+
+
 def test_accumulation_clipping_and_scheduler(pl_flavour: Flavour) -> None:
     old = _trained_reference()
 

@@ -381,14 +381,21 @@ def test_two_callbacks_on_one_weight_fail_before_touching_it(flavour: Flavour) -
     _assert_unchanged(model, before)
 
 
+AVERAGING = {
+    "StochasticWeightAveraging": {"swa_lrs": 0.01},
+    "EMAWeightAveraging": {},  # a WeightAveraging: it copies the model in its setup too
+}
+
+
+@pytest.mark.parametrize("averaging", AVERAGING)
 @pytest.mark.parametrize("flavour", FLAVOURS.values(), ids=list(FLAVOURS))
-def test_stochastic_weight_averaging_listed_first_is_refused(flavour: Flavour) -> None:
+def test_weight_averaging_listed_first_is_refused(flavour: Flavour, averaging: str) -> None:
     model = flavour.model(vocab=10, dim=4)
     before = _snapshot(model)
-    swa = flavour.package.callbacks.StochasticWeightAveraging(swa_lrs=0.01)
+    other = getattr(flavour.package.callbacks, averaging)(**AVERAGING[averaging])
     callback = flavour.callback(model.embedding, torch.zeros(2, 4))
-    with pytest.raises(ValueError, match="EmbeddingConstraint before StochasticWeightAveraging"):
-        flavour.trainer(callbacks=[swa, callback], max_epochs=1).fit(model, loader())
+    with pytest.raises(ValueError, match=f"EmbeddingConstraint before {averaging}"):
+        flavour.trainer(callbacks=[other, callback], max_epochs=1).fit(model, loader())
     _assert_unchanged(model, before)
 
 

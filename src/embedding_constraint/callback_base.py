@@ -27,6 +27,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 from typing_extensions import Self
 
@@ -62,6 +63,17 @@ _REFUSED_STRATEGIES = {
         "Use ModelParallelStrategy (FSDP2) or DDP."
     ),
 }
+
+
+# Lightning's callbacks that copy the model in their own `setup` (by class name, as in either
+# package; `EMAWeightAveraging` is a `WeightAveraging`).
+_AVERAGING = {"StochasticWeightAveraging", "WeightAveraging"}
+
+
+def _preview(rows: Tensor) -> str:
+    """The first rows of ``rows``, for a message."""
+    shown = ", ".join(str(int(r)) for r in rows[:10])
+    return f"[{shown}{', ...' if rows.numel() > 10 else ''}]"
 
 
 def _shards_in_configure_model(strategy: type) -> bool:
@@ -219,6 +231,36 @@ class EmbeddingConstraintHooks:
         fixed = self.references["weight"].shape[0]
         return f"{type(self).__qualname__}{{target={where}, fixed={fixed}}}"
 
+    # -- state, in checkpoints --------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the fixed rows are (None: the first ones), so that a fit resumed from the
+        checkpoint can check that it fixes the same rows."""
+        rows = None if self.rows is None else torch.as_tensor(self.rows, dtype=torch.int64)
+        return {"rows": rows}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose fixed rows lie elsewhere (the same number of them).
+
+        Its optimizer state is one row per free row, so it would load without an error and
+        hand each free row another row's moments. (Checkpoints from before this check hold
+        no ``rows``: nothing to compare.)
+        """
+        if "rows" not in state_dict:
+            return
+        fixed = self.references["weight"].shape[0]
+        saved, mine = state_dict["rows"], self.state_dict()["rows"]
+        saved = torch.arange(fixed) if saved is None else torch.as_tensor(saved).cpu()
+        mine = torch.arange(fixed) if mine is None else mine
+        if not torch.equal(saved, mine):
+            raise RuntimeError(
+                f"Expected a checkpoint saved with the fixed rows this fit has, at "
+                f"{_preview(mine)}. Got one saved with them at {_preview(saved)}: its optimizer "
+                "state belongs to other free rows. Resume with the rows it was saved with, or "
+                "start a new fit from its weights (model.load_state_dict(checkpoint"
+                "['state_dict']), no ckpt_path)."
+            )
+
     # -- hooks ------------------------------------------------------------------------------
 
     def setup(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
@@ -301,6 +343,7 @@ class EmbeddingConstraintHooks:
                 f"Expected the target to stay at {self._name!r} in the "
                 f"{type(pl_module).__name__}. Got it moved or replaced after the callback's setup."
             )
+        self._refresh_references()
         self._check_optimizer_states(trainer)
 
     def on_fit_end(self, trainer: Any, pl_module: nn.Module) -> None:
@@ -316,6 +359,33 @@ class EmbeddingConstraintHooks:
         self._release()
 
     # -- helpers ----------------------------------------------------------------------------
+
+    def _refresh_references(self) -> None:
+        """Copy the references into the fixed rows again, in the dtype the weights have now.
+
+        `setup` registers before the strategy converts the module to the run's precision
+        (``64-true``, ``bf16-true``), which converts the fixed rows it was given: a float64
+        reference registered on a float32 module would be its float32 rounding widened again.
+        Copied from the callback's own copy, they are the reference rounded once, or exact.
+        (A reference held as a parameter for FSDP2 is converted with the parameters.)
+        """
+        for root, name in self._fixed:
+            constraint = parametrization_list(*_owner(root, name))[0]
+            assert isinstance(constraint, FixedRows)
+            if constraint.reference_is_parameter:
+                continue
+            # In the constraint's order of the rows (it sorts them).
+            kept = self.references[name.rpartition(".")[2]]
+            kept = FixedRows._borrowing(kept, rows=self.rows).reference
+            with torch.no_grad():
+                constraint.reference.copy_(kept)
+            if not bool(torch.isfinite(constraint.reference).all()):
+                raise ValueError(
+                    f"Expected the fixed rows of {name!r} to fit the run's dtype "
+                    f"{constraint.reference.dtype}. Got a reference with values it cannot hold "
+                    f"(largest magnitude {float(kept.abs().max()):.4g}): choose a precision "
+                    "whose dtype holds them."
+                )
 
     def _check_optimizer_states(self, trainer: Any) -> None:
         """Raise if the optimizer state being resumed has other rows than the stored ones."""
@@ -361,12 +431,13 @@ class EmbeddingConstraintHooks:
                         f"{type(self.target).__name__}'s {shared}: give one callback all the "
                         "fixed rows (rows= lists them all)."
                     )
-            if index < mine and type(other).__name__ == "StochasticWeightAveraging":
+            averaging = {c.__name__ for c in type(other).__mro__} & _AVERAGING
+            if index < mine and averaging:
+                name = type(other).__name__
                 raise ValueError(
-                    "Expected EmbeddingConstraint before StochasticWeightAveraging in "
-                    "`callbacks`. Got it after: StochasticWeightAveraging copies the model in "
-                    "its own setup, which would copy the unconstrained weight. List "
-                    "EmbeddingConstraint first."
+                    f"Expected EmbeddingConstraint before {name} in `callbacks`. Got it after: "
+                    f"{name} copies the model in its own setup, which would copy the "
+                    "unconstrained weight. List EmbeddingConstraint first."
                 )
 
     def _qualified_name(self, pl_module: nn.Module) -> str:

@@ -54,6 +54,13 @@ def _full_tensor(plist: ParametrizationList, state_dict: dict[str, Any], key: st
     return full
 
 
+def _narrower(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """The one of two dtypes with the coarser resolution (``b`` unless both are floating)."""
+    if not (a.is_floating_point and b.is_floating_point):
+        return b
+    return a if torch.finfo(a).eps > torch.finfo(b).eps else b
+
+
 class _PlainStateDict:
     """State-dict hooks that show a constrained tensor as the plain full tensor.
 
@@ -149,7 +156,12 @@ class _PlainStateDict:
         with torch.no_grad():
             fixed_at = constraint.fixed_row_indices().to(value.device)
             reference = gathered(constraint.reference)
-            incoming = value.index_select(0, fixed_at).to(reference)
+            incoming = value.index_select(0, fixed_at)
+            # In the narrower of the two dtypes: a checkpoint of a run in a lower precision
+            # holds the reference rounded to it (Lightning loads it before it converts the
+            # module), one in a higher precision a reference this module holds rounded.
+            narrow = _narrower(incoming.dtype, reference.dtype)
+            incoming, reference = incoming.to(reference.device, narrow), reference.to(narrow)
             differ = (incoming != reference).reshape(constraint.num_fixed, -1).any(1)
             if not bool(differ.any()):
                 return None
