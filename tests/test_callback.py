@@ -340,6 +340,16 @@ def test_64_true_keeps_a_float64_reference_exact(pl_flavour: Flavour) -> None:
     assert torch.equal(model.embedding.weight[:6], old.weight)
 
 
+def test_a_precision_whose_dtype_cannot_hold_the_reference_is_refused(pl_flavour: Flavour) -> None:
+    reference = torch.full((2, 4), 1e5)  # past float16's largest, 65504
+    model = pl_flavour.model()
+    callbacks = [pl_flavour.callback(model.embedding, reference)]
+    trainer = pl_flavour.trainer(callbacks=callbacks, precision="16-true", max_epochs=1)
+    with pytest.raises(ValueError, match=r"fit the run's dtype torch\.float16"):
+        trainer.fit(model, loader())
+    _assert_plain(model.embedding)
+
+
 @pytest.mark.parametrize("precision", ["bf16-true", "64-true"])
 def test_resume_in_another_precision_than_the_reference(
     pl_flavour: Flavour, tmp_path: Path, precision: str
