@@ -138,6 +138,18 @@ def test_bake_restores_a_plain_module_with_the_same_parameter() -> None:
     assert not emb._load_state_dict_pre_hooks
 
 
+@pytest.mark.parametrize("attr", ["weight", "bias"])
+def test_bake_keeps_the_plain_order_of_parameters(attr: str) -> None:
+    # torch's remove_parametrizations adds the tensor back last: `bias` before `weight`, which
+    # code that pairs parameters by position (optimizer state, checkpoints) would mismatch.
+    head = nn.Linear(4, 5)
+    order = [name for name, _ in head.named_parameters()]
+    fix_rows(head, torch.zeros(2, *getattr(head, attr).shape[1:]), name=attr)
+    bake(head)
+    assert [name for name, _ in head.named_parameters()] == order
+    assert list(head.state_dict()) == order
+
+
 @pytest.mark.parametrize(
     "module",
     [nn.Embedding(5, 4), nn.EmbeddingBag(5, 4), nn.Linear(4, 5)],

@@ -435,11 +435,25 @@ def bake(module: nn.Module, *, name: str | None = None) -> nn.Module:
             if parametrization_list(holder, holder_attr) is plist
         ]
         for holder, holder_attr in sharers:
+            order = plain_parameter_order(holder)
             parametrize.remove_parametrizations(holder, holder_attr, leave_parametrized=False)
             remove_plain_hooks(holder, holder_attr)
+            _reorder_parameters(holder, order)
+        order = plain_parameter_order(owner)
         parametrize.remove_parametrizations(owner, attr, leave_parametrized=True)
         remove_plain_hooks(owner, attr)
+        _reorder_parameters(owner, order)
     return module
+
+
+def _reorder_parameters(module: nn.Module, order: tuple[str, ...]) -> None:
+    """Put ``module``'s parameters back in ``order`` (the unconstrained module's), which torch's
+    ``remove_parametrizations`` does not keep: it adds the tensor back last."""
+    params = module._parameters
+    ordered = {name: params[name] for name in order if name in params}
+    ordered.update((name, value) for name, value in params.items() if name not in ordered)
+    params.clear()
+    params.update(ordered)
 
 
 def _fixed_names(module: nn.Module) -> list[str]:
