@@ -603,3 +603,126 @@ def test_tie_weights_after_steps_keeps_the_optimizer_training() -> None:
     model(input_ids=ids, labels=ids).loss.backward()
     optimizer.step()
     assert not torch.equal(free, before)
+
+
+def _encoder_decoder(kind: str) -> Any:
+    torch.manual_seed(0)
+    sizes: dict[str, Any] = {"d_model": 16, "max_position_embeddings": 40, "dropout": 0.0}
+    layers: dict[str, Any] = {"attention_heads": 2, "ffn_dim": 32, "layers": 1}
+    both = {f"{side}_{k}": v for side in ("encoder", "decoder") for k, v in layers.items()}
+    if kind == "m2m100":
+        from transformers import M2M100Config, M2M100ForConditionalGeneration
+
+        return M2M100ForConditionalGeneration(M2M100Config(vocab_size=OLD, **sizes, **both))
+    from transformers import XGLMConfig, XGLMForCausalLM
+
+    return XGLMForCausalLM(
+        XGLMConfig(vocab_size=OLD, num_layers=1, attention_heads=2, ffn_dim=32, **sizes)
+    )
+
+
+def test_moving_a_padding_token_that_a_sinusoidal_position_embedding_counts_from_is_refused() -> (
+    None
+):
+    # M2M100's sinusoidal position embedding is no nn.Embedding: it keeps the padding id in
+    # its own padding_idx and counts positions from it.
+    model = _encoder_decoder("m2m100")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        ValueError, match=r"'t1' at\s+id 1\. Got it at 22: model\.encoder\.embed_positions has"
+    ):
+        expand_vocabulary(model, OLD_VOCAB, list(reversed(OLD_VOCAB)))
+    _model_unchanged_config(model, before, pad=1)
+    assert model.model.encoder.embed_positions.padding_idx == 1
+    kept_in_place = [*OLD_VOCAB[:2], *reversed(OLD_VOCAB[2:]), "new"]
+    expand_vocabulary(model, OLD_VOCAB, kept_in_place)
+    assert model.get_input_embeddings().weight.shape[0] == OLD + 1
+    # XGLM's position embedding is given positions, not token ids: its padding token may move,
+    # as may Llama's (its base model keeps the padding id only to build the embedding).
+    for moved in (_encoder_decoder("xglm").eval(), _model("llama", True)):
+        moved.config.pad_token_id = moved.get_input_embeddings().padding_idx = 1
+        ids = torch.tensor([[0, 5, 9, 1, 7]])
+        old_logits = moved(input_ids=ids).logits
+        new_vocab = list(reversed(OLD_VOCAB))
+        expand_vocabulary(moved, OLD_VOCAB, new_vocab)
+        at = torch.tensor([new_vocab.index(t) for t in OLD_VOCAB])
+        assert moved.get_input_embeddings().padding_idx == 22
+        torch.testing.assert_close(moved(input_ids=at[ids]).logits[..., at], old_logits)
+
+
+def _model_unchanged_config(model: Any, before: dict[str, Tensor], pad: int) -> None:
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert model.config.vocab_size == OLD
+    assert model.config.pad_token_id == model.get_input_embeddings().padding_idx == pad
+    assert not any(is_fixed(m, "weight") for m in model.modules() if hasattr(m, "weight"))
+
+
+def _masked_lm(kind: str) -> Any:
+    torch.manual_seed(0)
+    sizes: dict[str, Any] = {
+        "vocab_size": OLD,
+        "hidden_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 32,
+        "max_position_embeddings": 40,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+    }
+    if kind == "esm":
+        from transformers import EsmConfig, EsmForMaskedLM
+
+        config = EsmConfig(
+            pad_token_id=1, mask_token_id=2, position_embedding_type="rotary", **sizes
+        )
+        model: Any = EsmForMaskedLM(config)
+    else:
+        from transformers import BertConfig, BertForMaskedLM
+
+        model = BertForMaskedLM(BertConfig(pad_token_id=1, **sizes))
+    bias = model.lm_head.bias if kind == "esm" else model.cls.predictions.bias
+    with torch.no_grad():
+        bias.normal_()  # as if trained: one distinct entry per token
+    return model
+
+
+def test_a_per_token_tensor_beside_the_head_that_is_not_moved_is_refused() -> None:
+    # ESM's head is a bias-free nn.Linear; its per-token bias is a Parameter of the module
+    # around it, which expand_vocabulary would leave in the old order and size.
+    model = _masked_lm("esm")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"lm_head\.bias, a Parameter of shape \(24,\)"):
+        expand_vocabulary(model, OLD_VOCAB, NEW_VOCAB)
+    _model_unchanged_config(model, before, pad=1)
+    # BERT's head bias is that module's Parameter too, but the head holds it: it moves.
+    bert = _masked_lm("bert")
+    assert bert.cls.predictions.bias is bert.get_output_embeddings().bias
+    ids = torch.tensor([[0, 5, 9, 2, 7]])
+    old_logits = bert(input_ids=ids).logits
+    expand_vocabulary(bert, OLD_VOCAB, NEW_VOCAB)
+    new_ids = torch.tensor([[NEW_VOCAB.index(OLD_VOCAB[i]) for i in ids[0]]])
+    torch.testing.assert_close(bert(input_ids=new_ids).logits[..., KEPT_AT], old_logits[..., KEPT])
+
+
+def test_config_ids_that_are_not_remapped_must_keep_their_tokens_ids() -> None:
+    model = _model("llama", True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.config.cls_token_id = 2  # t2 keeps id 2: fine
+    model.config.image_token_index = OLD + 5  # names no row: left as it is
+    model.config.sep_token_id = 6  # t6 moves to id 21
+    with pytest.raises(
+        ValueError,
+        match=r"config\.sep_token_id \(6, the token 't6'\).* Got it at id 21 in `new_vocab`",
+    ):
+        expand_vocabulary(model, OLD_VOCAB, NEW_VOCAB)
+    _model_unchanged(model, before, OLD)
+    model.config.sep_token_id = None
+    model.config.mask_token_id = 3  # t3, which NEW_VOCAB drops
+    with pytest.raises(ValueError, match=r"config\.mask_token_id \(3, the token 't3'\).* without"):
+        expand_vocabulary(model, OLD_VOCAB, NEW_VOCAB)
+    _model_unchanged(model, before, OLD)
+    model.config.mask_token_id = None
+    expand_vocabulary(model, OLD_VOCAB, NEW_VOCAB)
+    assert (model.config.cls_token_id, model.config.image_token_index) == (2, OLD + 5)

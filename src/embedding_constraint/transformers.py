@@ -138,12 +138,8 @@ def _remapped_ids(
     Raises:
         ValueError: see `_moved_id`.
     """
-    configs = [getattr(model, "config", None), getattr(model, "generation_config", None)]
-    text = getattr(configs[0], "get_text_config", None)
-    if callable(text):
-        configs.append(text())
     changes: list[tuple[object, str, int | list[int]]] = []
-    for config in configs:
+    for _, config in _configs(model):
         for field in _TOKEN_ID_FIELDS:
             value = getattr(config, field, None)
             if isinstance(value, int) and not isinstance(value, bool):
@@ -156,20 +152,131 @@ def _remapped_ids(
     return changes
 
 
-def _position_padding(model: nn.Module, embeddings: list[nn.Module], padding: int) -> str | None:
-    """The name of another embedding whose padding_idx is the padding id too, or None.
+def _configs(model: nn.Module) -> list[tuple[str, object]]:
+    """The model's config, generation config and text config (where it is another), named."""
+    config = getattr(model, "config", None)
+    found = [("config", config), ("generation_config", getattr(model, "generation_config", None))]
+    text = getattr(config, "get_text_config", None)
+    if callable(text):
+        sub = text()
+        attrs = getattr(config, "__dict__", {})
+        found.append((next((f"config.{k}" for k, v in attrs.items() if v is sub), "config"), sub))
+    distinct: list[tuple[str, object]] = []
+    for name, found_config in found:
+        if found_config is not None and all(found_config is not c for _, c in distinct):
+            distinct.append((name, found_config))
+    return distinct
 
-    RoBERTa-style models count positions from the padding id: their position embedding has
-    it as its own ``padding_idx``, which a moved padding token would no longer match.
+
+def _check_unmoved_ids(
+    model: nn.Module, old_tokens: Sequence[Hashable], rows: int, new_index: dict[Hashable, int]
+) -> None:
+    """Refuse a config token id that expand_vocabulary does not move if its token would move.
+
+    Any ``*_token_id`` / ``*_token_index`` field besides `_TOKEN_ID_FIELDS` (ESM's
+    ``mask_token_id``, Llava's ``image_token_index``): modules may have copied it at init
+    (ESM's embeddings), so it is not rewritten. Its token may keep its id; ids that name no
+    row are left as they are.
+
+    Raises:
+        ValueError: such a field's token would move, be dropped, or lies past the old
+            vocabulary.
     """
+    for label, config in _configs(model):
+        for field, value in getattr(config, "__dict__", {}).items():
+            if field in _TOKEN_ID_FIELDS or not field.endswith(("_token_id", "_token_index")):
+                continue
+            for i in value if isinstance(value, list) else [value]:
+                if type(i) is not int or not 0 <= i < rows:
+                    continue
+                if i >= len(old_tokens):
+                    got = (
+                        f"Got id {i}, a row past its {len(old_tokens)} tokens, which "
+                        "expand_vocabulary drops"
+                    )
+                elif old_tokens[i] not in new_index:
+                    got = f"Got a `new_vocab` without {old_tokens[i]!r}"
+                elif new_index[old_tokens[i]] != i:
+                    got = f"Got it at id {new_index[old_tokens[i]]} in `new_vocab`"
+                else:
+                    continue
+                token = f", the token {old_tokens[i]!r}" if i < len(old_tokens) else ""
+                raise ValueError(
+                    f"Expected {label}.{field} ({i}{token}) to name a token of `old_vocab` "
+                    f"that keeps its id: expand_vocabulary does not move {field}, which "
+                    f"modules may have copied. {got}. Keep that token at id {i} in "
+                    f"`new_vocab`, or clear {field}, expand, and set it (and every module's "
+                    "copy of it) yourself."
+                )
+
+
+def _position_padding(model: nn.Module, embeddings: list[nn.Module], padding: int) -> str | None:
+    """The name of another module whose padding_idx is the padding id too, or None.
+
+    Models that count positions from the padding id keep it as their position embedding's own
+    ``padding_idx`` (RoBERTa's nn.Embedding, M2M100's sinusoidal module), which a moved
+    padding token would no longer match. Not counted: a module that holds the input embedding
+    (Llama's base model keeps the id to build it; RoBERTa's embeddings module is named by its
+    position embedding), and one whose ``forward`` is given positions and no token ids (XGLM's
+    position embedding).
+    """
+    holders = {
+        id(m) for m in model.modules() if any(c is e for c in m.children() for e in embeddings)
+    }
     for name, module in model.named_modules():
-        if (
-            isinstance(module, nn.Embedding)
-            and all(module is not e for e in embeddings)
-            and module.padding_idx == padding
+        value = getattr(module, "padding_idx", None)
+        if type(value) is not int or value != padding or any(module is e for e in embeddings):
+            continue
+        if isinstance(module, nn.Embedding) or (
+            id(module) not in holders and _given_token_ids(module)
         ):
             return str(name)
     return None
+
+
+def _given_token_ids(module: nn.Module) -> bool:
+    """Whether ``module.forward`` may be given token ids: not if it takes positions and no ids."""
+    try:
+        parameters = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):  # no signature to read: assume it is
+        return True
+    return "input_ids" in parameters or "position_ids" not in parameters
+
+
+def _check_per_token_tensors(
+    model: nn.Module, head: nn.Module | None, moved: list[Tensor], rows: int, size: int
+) -> None:
+    """Refuse a per-token tensor in or beside the output head that is not among ``moved``.
+
+    ESM's head is a bias-free nn.Linear whose module holds the per-token bias; BERT's holds
+    it too, but as the head's own bias, which moves. The head and the modules that hold it
+    are searched, their own Parameters and buffers only.
+
+    Raises:
+        ValueError: such a tensor has one entry per old row (its first dimension, or its only
+            one larger than 1).
+    """
+    if head is None:
+        return
+    owners = [head, *(m for m in model.modules() if any(c is head for c in m.children()))]
+    for owner in owners:
+        for kind, tensors in (("Parameter", owner._parameters), ("buffer", owner._buffers)):
+            for attr, tensor in tensors.items():
+                if tensor is None or tensor.dim() == 0 or any(tensor is t for t in moved):
+                    continue
+                if tensor.shape[0] == rows or tensor.shape[-1] == tensor.numel() == rows:
+                    prefix = _name_of(model, owner)
+                    name = f"{prefix}.{attr}" if prefix else attr
+                    grown = f" and resizing to {size}" if size != rows else ""
+                    raise ValueError(
+                        "Expected the output head and the modules holding it to have no "
+                        "per-token tensor but the ones expand_vocabulary moves (the head's "
+                        f"weight and bias, final_logits_bias). Got {name}, a {kind} of shape "
+                        f"{tuple(tensor.shape)}, one entry per row of the head ({rows}): it "
+                        f"would need re-sorting{grown} with the head's rows, which "
+                        "expand_vocabulary does not do. Make it the head's bias, or resize it "
+                        "yourself."
+                    )
 
 
 def _vocabulary_modules(model: object) -> tuple[nn.Embedding, nn.Linear | None]:
@@ -284,9 +391,13 @@ def expand_vocabulary(
             its ids; the head has another row count than the embedding; a vocabulary is
             empty or has duplicates; ``new_vocab`` drops the padding token or a token named
             by a config id; a config id or the padding row lies past the old vocabulary;
-            the padding token moves where a position embedding counts from it (RoBERTa); a
-            module outside ``model`` shares its embedding (an inner model was passed); or
-            the embedding is sparse or has ``max_norm``. The model is left unchanged.
+            the padding token moves where a position embedding counts from it (RoBERTa,
+            M2M100); another ``*_token_id`` / ``*_token_index`` config field (ESM's
+            ``mask_token_id``) names a token that moves or is dropped; the head or a module
+            holding it has another per-token tensor (ESM's head bias beside a bias-free
+            head); a module outside ``model`` shares its embedding (an inner model was
+            passed); or the embedding is sparse or has ``max_norm``. The model is left
+            unchanged.
 
     Examples:
 
@@ -336,11 +447,16 @@ def expand_vocabulary(
             raise ValueError(
                 f"Expected `new_vocab` to keep the padding token {old_tokens[old_padding]!r} at "
                 f"id {old_padding}. Got it at {new_padding}: {user} has that id as its "
-                "padding_idx too (RoBERTa-style position ids count from it), so moving it "
-                "would change every position. Keep the padding token's id."
+                "padding_idx too (position ids count from it, as in RoBERTa and M2M100), so "
+                "moving it would change every position. Keep the padding token's id."
             )
     id_changes = _remapped_ids(model, old_tokens, rows, new_index)
+    _check_unmoved_ids(model, old_tokens, rows, new_index)
     logits_bias = _final_logits_bias(model, rows)
+    moved = [embedding.weight, *((head.weight, head.bias) if head is not None else ())]
+    if logits_bias is not None:
+        moved.append(logits_bias[0].get_buffer(logits_bias[1]))
+    _check_per_token_tensors(model, head, moved, rows, alignment.new_size)
 
     # The new tensors, computed before anything changes.
     keep = torch.ones(alignment.new_size, dtype=torch.bool)
