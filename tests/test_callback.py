@@ -374,6 +374,22 @@ def test_resume_in_another_precision_than_the_reference(
     assert torch.equal(resumed.embedding.weight[:6], old.weight.to(dtype))
 
 
+def test_resuming_with_the_same_rows_in_another_order_is_accepted(
+    pl_flavour: Flavour, tmp_path: Path
+) -> None:
+    reference = torch.randn(2, 4)
+    model = pl_flavour.model()
+    callback = pl_flavour.callback(model.embedding, reference, rows=[5, 2])
+    trainer = pl_flavour.trainer(callbacks=[callback], max_epochs=1)
+    trainer.fit(model, loader())
+    path = tmp_path / "run.ckpt"
+    trainer.save_checkpoint(path)
+    resumed = pl_flavour.model()
+    callback = pl_flavour.callback(resumed.embedding, reference.flip(0), rows=[2, 5])
+    pl_flavour.trainer(callbacks=[callback], max_epochs=2).fit(resumed, loader(), ckpt_path=path)
+    assert torch.equal(resumed.embedding.weight[[5, 2]], reference)
+
+
 def test_resuming_with_other_fixed_rows_is_refused(pl_flavour: Flavour, tmp_path: Path) -> None:
     # The same number of fixed rows elsewhere: the checkpoint's optimizer state belongs to
     # other free rows, and would be handed to these silently.

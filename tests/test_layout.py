@@ -249,6 +249,22 @@ def test_a_read_under_inference_mode_leaves_the_constraint_trainable(where: str,
 
 
 @pytest.mark.parametrize("where", ROWS)
+def test_a_module_constrained_moved_and_copied_inside_inference_mode(where: str) -> None:
+    """Everything inside inference mode (an inference service): the rejoin after a move or a
+    copy changes the stored rows in the caller's mode, where they may be inference tensors."""
+    ids = torch.tensor([1, 3, 8])
+    with torch.inference_mode():
+        emb = nn.Embedding(10, 4)
+        reference = torch.randn(4, 4)
+        fix_rows(emb, reference, rows=ROWS[where])
+        emb.double()
+        twin = copy.deepcopy(emb)
+        for module in (emb, twin):
+            assert torch.equal(module(ids), module.weight[ids])
+            assert torch.equal(module.weight[FIXED_AT[where]], reference.double())
+
+
+@pytest.mark.parametrize("where", ROWS)
 def test_share_memory_of_parts_apart_rejoins_them_in_shared_memory(where: str) -> None:
     """Hogwild-style training needs the stored rows in shared memory: a rejoin after
     `share_memory()` must not move them into a private buffer."""

@@ -650,6 +650,38 @@ def test_moving_a_padding_token_that_a_sinusoidal_position_embedding_counts_from
         torch.testing.assert_close(moved(input_ids=at[ids]).logits[..., at], old_logits)
 
 
+def test_a_padding_idx_on_a_module_that_takes_no_token_ids_is_not_counted() -> None:
+    # Whisper's encoder keeps a padding_idx it never uses: it takes audio features.
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    torch.manual_seed(0)
+    vocab, pad = len(OLD_VOCAB), 1
+    config = WhisperConfig(
+        vocab_size=vocab,
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_source_positions=16,
+        max_target_positions=16,
+        num_mel_bins=8,
+        pad_token_id=pad,
+        bos_token_id=0,
+        eos_token_id=0,
+        decoder_start_token_id=0,
+        suppress_tokens=[],
+        begin_suppress_tokens=[],
+    )
+    model = WhisperForConditionalGeneration(config)
+    assert model.model.encoder.padding_idx == pad
+    new_vocab = [OLD_VOCAB[0], *reversed(OLD_VOCAB[1:])]  # the padding token moves
+    expand_vocabulary(model, OLD_VOCAB, new_vocab)
+    assert model.get_input_embeddings().padding_idx == new_vocab.index(OLD_VOCAB[pad])
+
+
 def _model_unchanged_config(model: Any, before: dict[str, Tensor], pad: int) -> None:
     after = model.state_dict()
     assert list(after) == list(before)

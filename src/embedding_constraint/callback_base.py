@@ -236,8 +236,10 @@ class EmbeddingConstraintHooks:
     def state_dict(self) -> dict[str, Any]:
         """Where the fixed rows are (None: the first ones), so that a fit resumed from the
         checkpoint can check that it fixes the same rows."""
-        rows = None if self.rows is None else torch.as_tensor(self.rows, dtype=torch.int64)
-        return {"rows": rows}
+        if self.rows is None:
+            return {"rows": None}
+        # Sorted, on the host: the same rows given in another order are the same layout.
+        return {"rows": torch.as_tensor(self.rows, dtype=torch.int64).cpu().sort().values}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Refuse a checkpoint whose fixed rows lie elsewhere (the same number of them).
@@ -250,7 +252,7 @@ class EmbeddingConstraintHooks:
             return
         fixed = self.references["weight"].shape[0]
         saved, mine = state_dict["rows"], self.state_dict()["rows"]
-        saved = torch.arange(fixed) if saved is None else torch.as_tensor(saved).cpu()
+        saved = torch.arange(fixed) if saved is None else torch.as_tensor(saved).cpu().sort().values
         mine = torch.arange(fixed) if mine is None else mine
         if not torch.equal(saved, mine):
             raise RuntimeError(
@@ -372,20 +374,20 @@ class EmbeddingConstraintHooks:
         for root, name in self._fixed:
             constraint = parametrization_list(*_owner(root, name))[0]
             assert isinstance(constraint, FixedRows)
+            kept = self.references[name.rpartition(".")[2]]
+            dtype = constraint.reference.dtype
+            if not bool(torch.isfinite(kept.to(dtype)).all()):
+                raise ValueError(
+                    f"Expected the fixed rows of {name!r} to fit the run's dtype {dtype}. Got "
+                    f"a reference with values it cannot hold (largest magnitude "
+                    f"{float(kept.abs().max()):.4g}): choose a precision whose dtype holds them."
+                )
             if constraint.reference_is_parameter:
                 continue
             # In the constraint's order of the rows (it sorts them).
-            kept = self.references[name.rpartition(".")[2]]
             kept = FixedRows._borrowing(kept, rows=self.rows).reference
             with torch.no_grad():
                 constraint.reference.copy_(kept)
-            if not bool(torch.isfinite(constraint.reference).all()):
-                raise ValueError(
-                    f"Expected the fixed rows of {name!r} to fit the run's dtype "
-                    f"{constraint.reference.dtype}. Got a reference with values it cannot hold "
-                    f"(largest magnitude {float(kept.abs().max()):.4g}): choose a precision "
-                    "whose dtype holds them."
-                )
 
     def _check_optimizer_states(self, trainer: Any) -> None:
         """Raise if the optimizer state being resumed has other rows than the stored ones."""

@@ -678,7 +678,7 @@ class FixedRows(nn.Module):
             self._derive_grad_rows(self.grad_row.numel())
         return self
 
-    @_keeps_state
+    @torch.no_grad()
     def rejoin(self, free: Tensor) -> None:
         """Put the reference and the stored ``free`` rows back into one buffer, if apart.
 

@@ -217,8 +217,8 @@ def _position_padding(model: nn.Module, embeddings: list[nn.Module], padding: in
     ``padding_idx`` (RoBERTa's nn.Embedding, M2M100's sinusoidal module), which a moved
     padding token would no longer match. Not counted: a module that holds the input embedding
     (Llama's base model keeps the id to build it; RoBERTa's embeddings module is named by its
-    position embedding), and one whose ``forward`` is given positions and no token ids (XGLM's
-    position embedding).
+    position embedding), and one whose ``forward`` takes no token ids (XGLM's position
+    embedding is given positions, Whisper's encoder audio features).
     """
     holders = {
         id(m) for m in model.modules() if any(c is e for c in m.children() for e in embeddings)
@@ -235,12 +235,14 @@ def _position_padding(model: nn.Module, embeddings: list[nn.Module], padding: in
 
 
 def _given_token_ids(module: nn.Module) -> bool:
-    """Whether ``module.forward`` may be given token ids: not if it takes positions and no ids."""
+    """Whether ``module.forward`` takes token ids (``input_ids``; assumed where it has no
+    signature to read). Whisper's encoder keeps a ``padding_idx`` it never uses, and takes
+    audio features."""
     try:
         parameters = inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):  # no signature to read: assume it is
+    except (TypeError, ValueError):
         return True
-    return "input_ids" in parameters or "position_ids" not in parameters
+    return "input_ids" in parameters
 
 
 def _check_per_token_tensors(
