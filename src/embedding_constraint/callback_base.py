@@ -37,7 +37,7 @@ from embedding_constraint.fix_rows import (
     fix_rows_before_optimizers,
     is_fixed,
 )
-from embedding_constraint.fixed_rows import FixedRows, parametrization_list
+from embedding_constraint.fixed_rows import FixedRows, _extremes, parametrization_list
 from embedding_constraint.fsdp import bake_fully_sharded
 
 __all__ = ["EmbeddingConstraintHooks"]
@@ -376,7 +376,8 @@ class EmbeddingConstraintHooks:
             assert isinstance(constraint, FixedRows)
             kept = self.references[name.rpartition(".")[2]]
             dtype = constraint.reference.dtype
-            if not bool(torch.isfinite(kept.to(dtype)).all()):
+            # Its largest and smallest values decide (converting is monotonic).
+            if not bool(torch.isfinite(_extremes(kept).to(dtype)).all()):
                 raise ValueError(
                     f"Expected the fixed rows of {name!r} to fit the run's dtype {dtype}. Got "
                     f"a reference with values it cannot hold (largest magnitude "

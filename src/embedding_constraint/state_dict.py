@@ -48,7 +48,8 @@ def _full_tensor(plist: ParametrizationList, state_dict: dict[str, Any], key: st
             return built
     # Never an inference tensor, as a plain module's entries are not: a state dict taken
     # during an evaluation may be loaded with `assign=True` and trained.
-    with torch.no_grad(), torch.inference_mode(False):
+    # (Leaving inference mode turns gradients on: no_grad inside it.)
+    with torch.inference_mode(False), torch.no_grad():
         full: Tensor = plist().detach()
     _BUILT[plist] = (stamp, weakref.ref(full))
     return full
