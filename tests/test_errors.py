@@ -12,7 +12,7 @@ import torch
 from support import stored
 from torch import nn
 
-from embedding_constraint import FixedRows, bake, fix_rows
+from embedding_constraint import FixedRows, bake, fix_rows, is_fixed
 from embedding_constraint.fixed_rows import parametrization_list
 
 
@@ -230,3 +230,25 @@ def test_bake_on_an_unconstrained_module_is_rejected() -> None:
     with pytest.raises(ValueError, match=r"Expected 'weight' to be constrained by fix_rows"):
         bake(emb, name="weight")
     _assert_unchanged(emb, before)
+
+
+@pytest.mark.parametrize("bad", [3, "", None])
+def test_bake_and_is_fixed_reject_a_name_that_is_not_a_str(bad: Any) -> None:
+    emb = nn.Embedding(6, 3)
+    fix_rows(emb, torch.zeros(1, 3))
+    with pytest.raises(TypeError, match=r"Expected `name` to be a non-empty str.*Got"):
+        is_fixed(emb, bad)
+    if bad is not None:  # None is bake's default: every constrained tensor
+        with pytest.raises(TypeError, match=r"Expected `name` to be a non-empty str.*Got"):
+            bake(emb, name=bad)
+    assert is_fixed(emb)
+
+
+def test_bake_names_a_tensor_that_does_not_exist() -> None:
+    head = nn.Linear(3, 6)
+    fix_rows(head, torch.zeros(1, 3))
+    with pytest.raises(ValueError, match=r"'wieght', which names no tensor.*\['bias', 'weight'\]"):
+        bake(head, name="wieght")
+    with pytest.raises(ValueError, match=r"Expected 'bias' to be constrained by fix_rows"):
+        bake(head, name="bias")
+    assert is_fixed(head)

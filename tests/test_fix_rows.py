@@ -70,7 +70,7 @@ def test_loading_a_plain_state_dict_with_other_fixed_rows_names_them() -> None:
     emb = nn.Embedding(8, 2)
     fix_rows(emb, reference, rows=[6, 1, 3])
     before = copy.deepcopy(emb.state_dict())
-    incoming = emb.state_dict()
+    incoming = copy.deepcopy(emb.state_dict())  # a plain module's entries are its weights too
     incoming["weight"][[3, 6]] = 1.0
     incoming["weight"][0] = 7.0  # a free row: would load, but the call must fail as a whole
     with pytest.raises(

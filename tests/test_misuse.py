@@ -9,6 +9,7 @@ are in the differential harness, ``test_harness.py``.)
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -293,11 +294,60 @@ def test_an_optimizer_with_state_for_the_full_weight_is_refused(
     optimizer = make(emb)
     before = _snapshot(emb)
     with pytest.raises(
-        ValueError, match=r"still alive, that holds state of its full shape \(6, 2\)"
+        ValueError, match=r"still alive, that holds state made for its full shape \(6, 2\)"
     ):
         fix_rows(emb, torch.zeros(2, 2))
     _assert_unchanged(emb, before)
     assert optimizer.state[emb.weight]  # untouched too
+
+
+def _stepped(make: Callable[[list[nn.Parameter]], torch.optim.Optimizer]) -> Any:
+    def stepped(emb: nn.Embedding) -> torch.optim.Optimizer:
+        head = nn.Linear(2, 1)  # first in the group: LBFGS keys its state by the first parameter
+        optimizer = make([*head.parameters(), *emb.parameters()])
+
+        def closure() -> float:
+            optimizer.zero_grad()
+            loss: Tensor = head(emb(torch.tensor([0, 5]))).sum()
+            loss.backward()  # type: ignore[no-untyped-call]
+            return float(loss.detach())
+
+        optimizer.step(closure)
+        return optimizer
+
+    return stepped
+
+
+@pytest.mark.parametrize(
+    "make",
+    [_stepped(lambda ps: torch.optim.Adafactor(ps)), _stepped(lambda ps: torch.optim.LBFGS(ps))],
+    ids=["adafactor-factored", "lbfgs-flat"],
+)
+def test_an_optimizer_with_state_of_another_shape_is_refused(make: Any) -> None:
+    # Adafactor keeps a row and a column vector for a matrix, LBFGS a flat history over all its
+    # parameters: neither has a tensor of the weight's shape, and both fail at the next step.
+    emb = nn.Embedding(6, 2)
+    optimizer = make(emb)
+    before = _snapshot(emb)
+    with pytest.raises(ValueError, match=r"Create the optimizer after fix_rows"):
+        fix_rows(emb, torch.zeros(2, 2))
+    _assert_unchanged(emb, before)
+    assert optimizer.state
+
+
+def test_a_conversion_that_overflows_the_reference_is_refused_and_converts_nothing() -> None:
+    head = nn.Linear(2, 4)
+    reference = torch.tensor([[1.0, 2.0], [1e6, -3.0]])  # 1e6 is past float16's 65504
+    fix_rows(head, reference)
+    before = copy.deepcopy(head.state_dict())
+    with pytest.raises(ValueError, match=r"finite in torch.float16.*rows \[1\]"):
+        head.half()
+    assert stored(head).dtype == torch.float32
+    assert head.bias.dtype == torch.float32
+    for key, value in head.state_dict().items():
+        assert torch.equal(value, before[key])
+    head.bfloat16()  # wide enough: converted, the fixed rows rounded once
+    assert torch.equal(head.weight[:2], reference.bfloat16())
 
 
 def test_an_optimizer_made_before_that_has_not_stepped_trains_the_free_rows() -> None:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
+import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrize import ParametrizationList
@@ -28,11 +29,18 @@ from embedding_constraint.state_dict import (
     register_plain_hooks,
     remove_plain_hooks,
 )
+from embedding_constraint.write_through import write_through
 
 __all__ = ["bake", "fix_rows", "is_fixed"]
 
 
-def _split(name: str) -> tuple[str, str]:
+def _split(name: object, argument: str = "name") -> tuple[str, str]:
+    """``(owner, attr)`` of a dotted parameter name, checked to be a non-empty str."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(
+            f"Expected `{argument}` to be a non-empty str, a parameter's dotted name "
+            f"('weight', 'embed.weight'). Got {name!r}."
+        )
     owner, _, attr = name.rpartition(".")
     return owner, attr
 
@@ -80,11 +88,41 @@ def _held_outside(root: nn.Module, value: object, registry: str) -> bool:
     return False
 
 
-def _has_optimizer_state(param: Tensor) -> bool:
-    """Whether an optimizer holds state of ``param``'s shape for it (it stepped, or it is one
-    that allocates state when it is made, as Adagrad does).
+def _optimizers_of(param: Tensor) -> list[torch.optim.Optimizer]:
+    """The ``torch.optim`` optimizers that hold ``param`` in a parameter group.
 
-    Optimizers key their state by the Parameter; the garbage collector finds such a dict.
+    A group's ``"params"`` list holds it, the optimizer's ``param_groups`` list holds the group:
+    the garbage collector's referrers walk that chain back (once per `fix_rows`).
+    """
+    found: list[torch.optim.Optimizer] = []
+    for params in gc.get_referrers(param):
+        if not isinstance(params, list):
+            continue
+        for group in gc.get_referrers(params):
+            if not (isinstance(group, dict) and group.get("params") is params):
+                continue
+            for groups in gc.get_referrers(group):
+                if not isinstance(groups, list):
+                    continue
+                for owner in gc.get_referrers(groups):
+                    candidates = [owner] if isinstance(owner, torch.optim.Optimizer) else []
+                    if isinstance(owner, dict):  # the optimizer's __dict__
+                        candidates = [
+                            o for o in gc.get_referrers(owner)
+                            if isinstance(o, torch.optim.Optimizer) and o.__dict__ is owner
+                        ]  # fmt: skip
+                    found += [o for o in candidates if o.param_groups is groups and o not in found]
+    return found
+
+
+def _has_optimizer_state(param: Tensor) -> bool:
+    """Whether an optimizer holds state that the free rows' shape would not fit: of ``param``'s
+    shape (it stepped, or it makes state when it is made, as Adagrad does), or of any shape
+    beyond a scalar once it has stepped (Adafactor's factored rows and columns, LBFGS's flat
+    history over all its parameters).
+
+    Optimizers key their state by the Parameter; the garbage collector finds such a dict, and
+    the ``torch.optim`` optimizers that hold ``param`` (`_optimizers_of`).
     """
     for holder in gc.get_referrers(param):
         if isinstance(holder, dict) and param in holder:
@@ -93,7 +131,12 @@ def _has_optimizer_state(param: Tensor) -> bool:
                 isinstance(v, Tensor) and v.shape == param.shape for v in state.values()
             ):
                 return True
-    return False
+    return any(
+        isinstance(value, Tensor) and value.numel() > 1
+        for optimizer in _optimizers_of(param)
+        for state in optimizer.state.values()
+        for value in state.values()
+    )
 
 
 def _check_lookup_options(module: nn.Module) -> None:
@@ -108,9 +151,9 @@ def _check_lookup_options(module: nn.Module) -> None:
         if module.max_norm is not None:
             raise ValueError(
                 f"Expected a {kind} without max_norm. Got max_norm={module.max_norm}: max_norm "
-                "renormalises rows in place inside the weight it reads, which under a "
-                "parametrization is a fresh tensor at every read, so the stored rows would "
-                "never be renormalised (and the fixed rows would be, were it applied)."
+                "renormalises the rows it looks up in place, the fixed rows among them, which "
+                "must not change: the fixed rows would be undone after each renormalisation and "
+                "their lookups exceed max_norm."
             )
 
 
@@ -159,6 +202,21 @@ def _apply(self: nn.Module, fn: Any, recurse: bool = True) -> nn.Module:
     return self
 
 
+def _read_as_write_through(cls: type, attr: str) -> None:
+    """Make the class's property ``attr`` (torch's, from ``register_parametrization``) give its
+    value as a `WriteThrough`, so that writes into it reach the stored rows."""
+    torch_property = cls.__dict__[attr]
+    if getattr(torch_property.fget, "_write_through", False):
+        return
+    read = torch_property.fget
+
+    def get(self: nn.Module) -> Tensor:
+        return write_through(read(self), parametrization_list(self, attr))
+
+    get._write_through = True  # type: ignore[attr-defined]
+    setattr(cls, attr, property(get, torch_property.fset))
+
+
 def _set_up_class(module: nn.Module, attr: str) -> None:
     """Set up the module's own parametrized class for reading a constrained weight.
 
@@ -180,6 +238,7 @@ def _set_up_class(module: nn.Module, attr: str) -> None:
     bases = cls.__bases__
     if attr == "weight" and len(bases) == 1 and bases[0] in FAST_FORWARDS:
         setattr(cls, "forward", FAST_FORWARDS[bases[0]])  # noqa: B010 - on its own class
+    _read_as_write_through(cls, attr)
     if "_fixed_rows_class" in cls.__dict__:
         return
     copier = getattr(cls, "__deepcopy__")  # noqa: B009 - torch's, or the module's own
@@ -196,7 +255,13 @@ def _set_up_class(module: nn.Module, attr: str) -> None:
 
 
 def is_fixed(module: nn.Module, name: str = "weight") -> bool:
-    """Return whether ``module.<name>`` is constrained by `FixedRows`."""
+    """Return whether ``module.<name>`` is constrained by `FixedRows`.
+
+    Raises:
+        TypeError: ``module`` is not an ``nn.Module`` or ``name`` is not a non-empty str.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"Expected `module` to be a torch.nn.Module. Got {type(module).__name__}.")
     owner_name, attr = _split(name)
     try:
         owner = module.get_submodule(owner_name)
@@ -227,6 +292,11 @@ def fix_rows(
     (it has not stepped, and it is not one that makes state when created, as Adagrad does;
     such an optimizer is refused). After `bake`, create a new optimizer: the old one's state
     has the free rows' shape.
+
+    ``module.<name>`` and its ``state_dict()`` entry are then computed from the reference and
+    the stored rows; what code writes into them in place (``nn.init``, ``reset_parameters()``,
+    an EMA update through the state dict, ``.data = ...``) reaches the stored rows, and a write
+    to a fixed row is undone (`embedding_constraint.write_through`).
 
     ``name`` may be dotted (``"transformer.wte.weight"``). Every module under ``module``
     that holds the same Parameter (an output head tied to the embedding) reads the
@@ -326,8 +396,8 @@ def _plan(
     ``optimizers_follow``: the caller creates the optimizers afterwards (the Lightning callback),
     so state that an optimizer already holds belongs to one that will not train this fit.
     """
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"Expected `name` to be a non-empty str. Got {name!r}.")
+    _split(name)
+    assert isinstance(name, str)
     owner, attr = _owner(module, name)
     if parametrize.is_parametrized(owner, attr):
         raise ValueError(
@@ -352,9 +422,9 @@ def _plan(
     if not optimizers_follow and _has_optimizer_state(param):
         raise ValueError(
             f"Expected no optimizer state for {name!r} yet. Got an optimizer, still alive, that "
-            f"holds state of its full shape {tuple(param.shape)} (it has stepped, or it makes "
-            "its state when it is created, as Adagrad does): after fix_rows the parameter holds "
-            "only the free rows, and its next step would fail. Create the optimizer after "
+            f"holds state made for its full shape {tuple(param.shape)} (it has stepped, or it "
+            "makes its state when it is created, as Adagrad does): after fix_rows the parameter "
+            "holds only the free rows, and its next step would fail. Create the optimizer after "
             "fix_rows (and let go of the old one)."
         )
     holders = _holders(module, param)
@@ -414,6 +484,8 @@ def bake(module: nn.Module, *, name: str | None = None) -> nn.Module:
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"Expected `module` to be a torch.nn.Module. Got {type(module).__name__}.")
+    if name is not None:
+        _split(name)  # a str, before anything else is asked of it
     names = [name] if name is not None else _fixed_names(module)
     if not names:
         raise ValueError(
@@ -485,6 +557,14 @@ def _bake_check(module: nn.Module, name: str) -> tuple[nn.Module, str, Parametri
     """Check everything `bake` checks for one tensor, changing nothing."""
     owner, attr = _owner(module, name)
     if not parametrize.is_parametrized(owner, attr):
+        if attr not in owner._parameters and attr not in owner._buffers:
+            available = [
+                n for n, _ in module.named_parameters() if "parametrizations." not in n
+            ] + _fixed_names(module)
+            raise ValueError(
+                f"Expected `name` to name a tensor constrained by fix_rows. Got {name!r}, which "
+                f"names no tensor; the module's tensors are {sorted(set(available))}."
+            )
         raise ValueError(f"Expected {name!r} to be constrained by fix_rows. Got a plain tensor.")
     plist = parametrization_list(owner, attr)
     if len(plist) != 1 or not isinstance(plist[0], FixedRows):

@@ -255,7 +255,12 @@ def _extremes(reference: Tensor) -> Tensor:
     return torch.stack((reference.amax(), reference.amin())).to("cpu", torch.float64)
 
 
-def _check_finite(reference: Tensor, extremes: Tensor, dtype: torch.dtype) -> None:
+def _check_finite(
+    reference: Tensor,
+    extremes: Tensor,
+    dtype: torch.dtype,
+    target: str = "the dtype of the tensor it constrains",
+) -> None:
     """Raise if a value of ``reference`` is NaN or Inf, or becomes Inf in ``dtype``.
 
     ``extremes`` are its `_extremes`: converting is monotonic, so if they stay finite in
@@ -270,7 +275,7 @@ def _check_finite(reference: Tensor, extremes: Tensor, dtype: torch.dtype) -> No
             f"Expected `reference` to be finite. Got NaN or Inf in reference rows {bad}."
         )
     raise ValueError(
-        f"Expected `reference` to be finite in {dtype}, the dtype of the tensor it constrains. "
+        f"Expected `reference` to be finite in {dtype}, {target}. "
         f"Got values in reference rows {bad} that are too large for it."
     )
 
@@ -660,12 +665,25 @@ class FixedRows(nn.Module):
         the tables stay where they are for it (a read on the meta device gives meta tensors;
         a later ``to_empty`` brings them back, exact). A reference held as a parameter (FSDP2)
         is converted with the parameters.
+
+        Raises:
+            ValueError: a reference value would be infinite in the dtype ``fn`` converts to
+                (``.half()`` of a reference past 65504). Nothing is converted: the module's
+                children are converted before its own tensors, so this comes first.
         """
-        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]  # untyped in torch
         # Asked of an empty tensor: no values are touched, and a sharded reference (a DTensor)
         # is not sliced, which could take a collective.
         probe = torch.empty(0, dtype=self.reference.dtype, device=self.reference.device)
         target = fn(probe)
+        if target.dtype != self.reference.dtype and target.dtype.is_floating_point:
+            _check_finite(
+                self.reference,
+                self._extremes,
+                target.dtype,
+                "the dtype the module is being converted to (the run's dtype, in a Lightning "
+                "fit); the module is left as it was",
+            )
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]  # untyped in torch
         if target.device.type != "meta":
             if not self.reference_is_parameter:
                 self.reference = self.reference.to(device=target.device, dtype=target.dtype)

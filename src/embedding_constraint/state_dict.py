@@ -18,6 +18,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrize import ParametrizationList
 
 from embedding_constraint.fixed_rows import FixedRows, gathered, parametrization_list, shard_like
+from embedding_constraint.write_through import plain, write_through
 
 __all__ = ["plain_parameter_order", "register_plain_hooks", "remove_plain_hooks"]
 
@@ -50,7 +51,7 @@ def _full_tensor(plist: ParametrizationList, state_dict: dict[str, Any], key: st
     # during an evaluation may be loaded with `assign=True` and trained.
     # (Leaving inference mode turns gradients on: no_grad inside it.)
     with torch.inference_mode(False), torch.no_grad():
-        full: Tensor = plist().detach()
+        full = write_through(plist().detach(), plist)  # in-place writers reach the rows
     _BUILT[plist] = (stamp, weakref.ref(full))
     return full
 
@@ -132,7 +133,7 @@ class _PlainStateDict:
             return
         # Under FSDP2 a DTensor of the plain tensor: checked and routed whole (a collective;
         # every rank loads), then laid out as the stored rows are.
-        value = gathered(state_dict.pop(key))
+        value = gathered(plain(state_dict.pop(key)))
         problem = self._problem(constraint, plist, key, value)
         if problem is not None:
             error_msgs.append(problem)

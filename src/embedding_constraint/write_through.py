@@ -1,0 +1,305 @@
+"""`WriteThrough`: a constrained tensor as user code reads it, whose in-place writes reach it.
+
+Reading ``module.weight`` of a constrained module, or its ``state_dict()`` entry, builds the full
+tensor anew from the reference and the stored free rows: a plain tensor written in place
+(``nn.init.normal_(emb.weight)``, ``emb.reset_parameters()``, ``emb.weight[3] = v`` under
+``no_grad``, ``.data.zero_()``, timm's and YOLOv5's EMA updates through ``state_dict()``, PEFT's
+``weight.data = merged``) would change that copy and nothing else. `fix_rows` hands out the full
+tensor as a `WriteThrough` instead: the same values and autograd graph, one plain tensor to
+every operation, but after an operation writes into it (or into a view of it) its free rows are
+copied into the stored rows, and its fixed rows are set back to the reference. Writing to a fixed
+row is thereby undone: the rows are held.
+
+What user code does to a plain weight's gradient goes to the free rows' gradient:
+``register_hook`` on the tensor is a hook on the stored rows (it sees the full gradient, zero in
+the fixed rows); reading or setting its ``.grad`` (``clip_grad_norm_([emb.weight])``) is refused
+with the stored rows' name, since this tensor never gets one.
+
+A copy (``clone``, ``deepcopy``, ``torch.save``, another dtype or device) is a plain tensor of
+its own, as a copy of a plain weight is. Under ``torch.compile``, ``torch.func`` transforms and
+FSDP2 (DTensors) the read stays a plain tensor.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any, cast
+
+import torch
+from torch import Tensor
+from torch._C import DisableTorchFunctionSubclass
+from torch.nn.utils.parametrize import ParametrizationList
+from torch.utils.hooks import RemovableHandle
+
+from embedding_constraint.fixed_rows import FixedRows, composable_only, sharded
+
+__all__ = ["WriteThrough", "plain", "write_through"]
+
+# In-place operators that Python spells without a trailing underscore.
+_INPLACE_OPERATORS = frozenset(
+    f"__i{op}__"
+    for op in [
+        "add",
+        "sub",
+        "mul",
+        "matmul",
+        "truediv",
+        "floordiv",
+        "mod",
+        "pow",
+        "lshift",
+        "rshift",
+        "and",
+        "or",
+        "xor",
+    ]
+) | {"__setitem__"}
+# Methods with a trailing underscore that write no values.
+_NOT_WRITES = frozenset(
+    {"requires_grad_", "share_memory_", "detach_", "retain_grad", "record_stream", "pin_memory"}
+)
+
+
+def _name(func: Callable[..., Any]) -> str:
+    """``func``'s name; for a property's getter or setter, ``"<property>.__get__"``."""
+    name: str = getattr(func, "__name__", "")
+    owner = getattr(func, "__self__", None)
+    if name in ("__get__", "__set__") and owner is not None:
+        return f"{getattr(owner, '__name__', '')}.{name}"
+    return name
+
+
+def _tensors(value: object) -> Iterator[Any]:
+    """The tensors in ``value``: itself, or the items of a list or tuple."""
+    if isinstance(value, list | tuple):
+        for item in value:
+            if isinstance(item, Tensor):
+                yield item
+    elif isinstance(value, Tensor):
+        yield value
+
+
+def _storage(tensor: Tensor) -> int:
+    """The address of ``tensor``'s storage, or 0 where it has none to compare."""
+    try:
+        with DisableTorchFunctionSubclass():
+            return int(tensor.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):
+        return 0
+
+
+class WriteThrough(Tensor):
+    """The full value of a constrained tensor; what is written into it reaches its free rows.
+
+    Made by `write_through`. Its operations run on the plain tensor (``torch.Tensor``); their
+    results are plain tensors, but for views of it (``t[5:]``, ``t.data``, ``t.detach()``),
+    which write through as it does.
+    """
+
+    _source: weakref.ref[ParametrizationList]
+    _view_of: WriteThrough | None  # the full tensor this one is a view of; None: itself
+
+    @property
+    def _root(self) -> WriteThrough:
+        """The full tensor: this one, or the one it is a view of (no cycle: freed at once)."""
+        return self if self._view_of is None else self._view_of
+
+    @classmethod
+    def __torch_function__(
+        cls,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        name = _name(func)
+        kind = _KINDS.get(name) or _KINDS.setdefault(name, _kind(name))
+        if kind == "refused":
+            self = args[0]
+            if not (name == "grad.__get__" and self.retains_grad):
+                raise RuntimeError(_no_grad_message(self))
+        elif kind == "hook":
+            return args[0]._register_hook(args[1] if len(args) > 1 else kwargs["hook"])
+        with DisableTorchFunctionSubclass():
+            out = func(*args, **kwargs)
+        written = _written(kind, args, kwargs)
+        for target in written:
+            target._root._write_back()
+        if written or kind != "read":
+            return out
+        # Only a view shares the memory (and `.data`, `detach()`, which autograd does not call
+        # views): most results (products, lookups, sums) are not one.
+        shares = name in ("data.__get__", "detach")
+        if isinstance(out, Tensor) and not out._is_view() and not shares:
+            return out
+        return _wrap_views(out, args, kwargs)
+
+    def _write_back(self) -> None:
+        """Copy this full tensor's free rows into the stored rows; set its fixed rows back."""
+        plist = self._source()
+        if plist is None:  # the module is gone: nothing to write to
+            return
+        constraint, free = plist[0], plist.original
+        assert isinstance(constraint, FixedRows)
+        assert isinstance(free, Tensor)
+        with DisableTorchFunctionSubclass(), torch.no_grad():
+            expected = (constraint.num_fixed + free.shape[0], *free.shape[1:])
+            if tuple(self.shape) != expected:
+                raise ValueError(
+                    f"Expected a tensor of shape {expected} written into the constrained tensor. "
+                    f"Got one of shape {tuple(self.shape)}; the module keeps its values."
+                )
+            reference = constraint.reference_for(self)
+            if constraint.free_rows is None:
+                free.copy_(self[constraint.num_fixed :])
+                self[: constraint.num_fixed] = reference
+            else:
+                free.copy_(self.index_select(0, constraint.free_rows.to(self.device)))
+                self.index_copy_(0, constraint.fixed_row_indices().to(self.device), reference)
+
+    def _register_hook(self, hook: Callable[[Tensor], Tensor | None]) -> RemovableHandle:
+        """``register_hook``: a hook on the stored rows that sees (and may return) the full
+        gradient, zero in the fixed rows."""
+        plist = self._source()
+        if self._root is not self or plist is None:
+            raise RuntimeError(
+                "Expected register_hook on the constrained tensor itself. Got it on a view of it: "
+                "register the hook on the whole tensor, or on its free rows, "
+                "module.parametrizations.<name>.original."
+            )
+        free = plist.original
+        assert isinstance(free, Tensor)
+        source = self._source
+
+        def on_free_rows(grad: Tensor) -> Tensor | None:
+            found = source()
+            if found is None:
+                return None
+            constraint = found[0]
+            assert isinstance(constraint, FixedRows)
+            full = grad.new_zeros((constraint.num_fixed + grad.shape[0], *grad.shape[1:]))
+            if constraint.free_rows is None:
+                full[constraint.num_fixed :] = grad
+            else:
+                full.index_copy_(0, constraint.free_rows.to(grad.device), grad)
+            out = hook(full)
+            if out is None:
+                return None
+            if constraint.free_rows is None:
+                return out[constraint.num_fixed :]
+            return out.index_select(0, constraint.free_rows.to(out.device))
+
+        handle: RemovableHandle = free.register_hook(on_free_rows)  # type: ignore[no-untyped-call]
+        return handle
+
+    def __repr__(self, *, tensor_contents: Any = None) -> Any:  # type: ignore[override]
+        """Printed as the plain tensor it stands for (``tensor([...])``)."""
+        text: str = Tensor.__repr__(plain(self), tensor_contents=tensor_contents)  # type: ignore[call-arg, no-untyped-call]
+        return text
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Tensor:
+        """A plain copy, as a plain weight's deep copy is (a snapshot, not a way to write)."""
+        copied: Tensor = plain(self).__deepcopy__(memo)  # type: ignore[no-untyped-call]
+        memo[id(self)] = copied
+        return copied
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """Pickle (``torch.save``) as a plain tensor, so checkpoints load without this class."""
+        return plain(self).__reduce_ex__(protocol)  # type: ignore[no-untyped-call]
+
+
+def _no_grad_message(tensor: WriteThrough) -> str:
+    return (
+        "Expected the gradient of the stored rows. Got a read of .grad on a constrained tensor "
+        "(module.weight of a fix_rows module, say): it is computed from the stored free rows "
+        "and never gets a gradient of its own. The gradient is on "
+        "module.parametrizations.<name>.original, which module.parameters() yields: clip "
+        "or inspect those (clip_grad_norm_(module.parameters(), ...))."
+    )
+
+
+_KINDS: dict[str, str] = {}
+
+
+def _kind(name: str) -> str:
+    """What the operation ``name`` does to its first argument: ``"write"`` (in place),
+    ``"refused"`` (its gradient), ``"hook"``, ``"set"`` (a property set) or ``"read"``."""
+    if name in ("grad.__get__", "grad.__set__", "register_post_accumulate_grad_hook"):
+        return "refused"
+    if name == "register_hook":
+        return "hook"
+    underscored = name.endswith("_") and not name.endswith("__") and name not in _NOT_WRITES
+    if underscored or name in _INPLACE_OPERATORS or name == "data.__set__":
+        return "write"
+    return "set" if name.endswith("__set__") else "read"
+
+
+def _written(kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[WriteThrough]:
+    """The `WriteThrough` tensors that an operation of ``kind`` wrote into."""
+    targets: list[object] = []
+    if kind == "write":
+        # The first argument (`t.add_(...)`, `torch._foreach_mul_([t], ...)`), which functions
+        # that handle torch functions themselves pass by keyword (`nn.init.normal_(tensor=t)`).
+        targets.extend(_tensors(args[0] if args else next(iter(kwargs.values()), None)))
+    if "out" in kwargs:
+        targets.extend(_tensors(kwargs["out"]))
+    return [t for t in targets if isinstance(t, WriteThrough)]
+
+
+def _wrap_views(out: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``out``, with each tensor that shares a `WriteThrough` argument's memory made one too."""
+    inputs = [
+        t for value in (*args, *kwargs.values()) for t in _tensors(value) if type(t) is WriteThrough
+    ]
+    if not inputs:
+        return out
+    roots = {_storage(t._root): t for t in inputs}
+    roots.pop(0, None)
+
+    def wrap(value: Any) -> Any:
+        if type(value) is not Tensor or not roots:
+            return value
+        found = roots.get(_storage(value))
+        return value if found is None else _make(value, found._source, found._root)
+
+    if isinstance(out, tuple | list):
+        return type(out)(wrap(v) for v in out)
+    return wrap(out)
+
+
+def _make(
+    tensor: Tensor, source: weakref.ref[ParametrizationList], root: WriteThrough | None
+) -> WriteThrough:
+    # The tensor itself becomes one (it is a fresh result, no one else's): `as_subclass` would
+    # add an alias, one more node in every backward through it.
+    made = cast(WriteThrough, tensor)
+    made.__class__ = WriteThrough
+    made._source = source
+    made._view_of = root
+    return made
+
+
+def write_through(tensor: Tensor, plist: ParametrizationList) -> Tensor:
+    """Return ``tensor``, the full value of ``plist``'s tensor, as a `WriteThrough` of it.
+
+    Left as it is under ``torch.compile`` and ``torch.func`` transforms, on the meta device and
+    for FSDP2's DTensors: there it is what a plain parametrization gives.
+    """
+    if (
+        type(tensor) is not Tensor
+        or torch.compiler.is_compiling()
+        or composable_only(tensor)
+        or sharded(tensor)
+    ):
+        return tensor
+    return _make(tensor, weakref.ref(plist), None)
+
+
+def plain(tensor: Tensor) -> Tensor:
+    """``tensor`` as a plain ``torch.Tensor`` (the same memory and graph), if a `WriteThrough`."""
+    if isinstance(tensor, WriteThrough):
+        with DisableTorchFunctionSubclass():
+            return tensor.as_subclass(Tensor)
+    return tensor
