@@ -26,6 +26,12 @@ def pl_flavour() -> Flavour:
     return FLAVOURS["pytorch_lightning"]
 
 
+# Vocabularies and a reference with a NaN at old row 2 ("c"), for `from_vocabularies`.
+_TOKENS, _NEW_TOKENS = ["a", "b", "c", "d"], ["x", "a", "b", "c", "d"]
+_NAN = torch.zeros(4, 2)
+_NAN[2, 1] = float("nan")
+
+
 def _trained_reference(vocab: int = 6, dim: int = 4) -> nn.Embedding:
     torch.manual_seed(123)
     return nn.Embedding(vocab, dim)
@@ -131,9 +137,9 @@ def test_construction_rejects_bad_input(pl_flavour: Flavour) -> None:
         (model.embedding, np.zeros((2, 4)), TypeError, "Got ndarray"),
         (model.embedding, [[0.0] * 4], TypeError, "Got list"),
         (model.embedding, None, TypeError, "Got NoneType"),
-        (model.embedding, torch.zeros(2, 5), ValueError, r"reference of shape \(k, 4\)"),
-        (model.embedding, torch.zeros(11, 4), ValueError, "Expected at most 10 reference rows"),
-        (model.embedding, nn.Linear(4, 2), TypeError, "Expected `constraint` to be a Embedding"),
+        (model.embedding, torch.zeros(2, 5), ValueError, r"rows of shape \(4,\).*Got .*\(2, 5\)"),
+        (model.embedding, torch.zeros(11, 4), ValueError, r"`target`.*Got 11 rows .* and 10 in"),
+        (model.embedding, nn.Linear(4, 2), TypeError, "Expected `constraint` to be an Embedding"),
         (nn.Conv1d(1, 1, 1), torch.zeros(1, 1), TypeError, "Got Conv1d"),
         (model.head, nn.Linear(4, 2, bias=False), ValueError, "bias exactly when"),
         (nn.Embedding(5, 4, sparse=True), torch.zeros(1, 4), ValueError, "sparse=True"),
@@ -143,6 +149,61 @@ def test_construction_rejects_bad_input(pl_flavour: Flavour) -> None:
             cls(target, constraint)
     with pytest.raises(ValueError, match="Expected `rows` to be distinct"):
         cls(model.embedding, torch.zeros(2, 4), rows=[1, 1])
+
+
+def _constrained(module: nn.Module) -> nn.Module:
+    from embedding_constraint import fix_rows
+
+    return fix_rows(module, torch.zeros(1, 4))
+
+
+def _head_with_an_infinite_bias() -> nn.Linear:
+    head = nn.Linear(4, 2)
+    with torch.no_grad():
+        head.bias[1] = float("inf")
+    return head
+
+
+@pytest.mark.parametrize(
+    ("target", "constraint", "error", "match"),
+    [
+        (nn.Embedding(5, 4), torch.tensor(1.0), ValueError, r"`constraint` to have a row dim"),
+        (nn.Embedding(5, 4), torch.zeros(2, 4).long(), TypeError, r"`constraint` to be floati"),
+        (nn.Embedding(5, 4), torch.zeros(2, 4, device="meta"), ValueError, r"`constraint` to h"),
+        (nn.Embedding(5, 4), _NAN.repeat(1, 2), ValueError, r"`constraint` to be finite.*\[2\]"),
+        (
+            nn.Embedding(5, 4),
+            torch.tensor([[0.0] * 4, [1e300] * 4], dtype=torch.float64),
+            ValueError,
+            r"`constraint` to be finite in torch\.float32, the dtype of `target.weight`.*rows \[1\]",
+        ),
+        (nn.Linear(4, 5), nn.Linear(3, 2), ValueError, r"`constraint.weight` to have rows of s"),
+        (
+            nn.Linear(4, 5),
+            _head_with_an_infinite_bias(),
+            ValueError,
+            r"`constraint.bias` to be finite. Got NaN or Inf in rows \[1\]",
+        ),
+        (_constrained(nn.Embedding(5, 4)), torch.zeros(2, 4), ValueError, r"`target` to be unco"),
+        (_constrained(nn.Embedding(5, 4)), nn.Embedding(2, 4), ValueError, r"`target` to be unco"),
+    ],
+    ids=[
+        "0-d",
+        "int",
+        "meta",
+        "NaN",
+        "overflows-target-dtype",
+        "head-other-width",
+        "head-bias-Inf",
+        "target-constrained",
+        "target-constrained-module",
+    ],
+)
+def test_construction_names_the_argument_at_fault(
+    pl_flavour: Flavour, target: nn.Module, constraint: Any, error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        pl_flavour.callback(target, constraint)
 
 
 def test_target_outside_the_model_fails_at_setup_and_leaves_it_plain(pl_flavour: Flavour) -> None:
@@ -241,7 +302,41 @@ def test_info_line_names_the_parameter_and_row_counts(
             callbacks=[pl_flavour.callback(model.embedding, torch.zeros(4, 4))], max_epochs=1
         ).fit(model, loader())
     lines = [r.getMessage() for r in caplog.records if "EmbeddingConstraint" in r.getMessage()]
-    assert lines == ["EmbeddingConstraint: embedding.weight has 4 fixed and 6 free rows."]
+    expected = (
+        "EmbeddingConstraint: embedding.weight has 4 fixed and 6 free rows. The 16 fixed values "
+        "are held outside parameters(): a model summary counts 16 parameters fewer than the "
+        "plain model, neither trainable nor non-trainable."
+    )
+    assert lines == [expected]
+
+
+def test_model_summary_during_the_fit_leaves_the_fixed_rows_out(
+    flavour: Flavour, caplog: pytest.LogCaptureFixture
+) -> None:
+    # What docs/lightning.md states: Lightning's ModelSummary sums `parameters()`, which hold
+    # the free rows only, so 6 x 4 fixed values are missing from both counts.
+    import importlib
+
+    summary = importlib.import_module(f"{flavour.name}.utilities.model_summary").ModelSummary
+    model = flavour.model(vocab=10, dim=4)
+    plain = summary(model)
+    assert (plain.total_parameters, plain.trainable_parameters) == (55, 55)
+    counts: dict[str, int] = {}
+
+    class Count(flavour.package.Callback):  # type: ignore[name-defined,misc]
+        def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+            during = summary(pl_module)
+            counts["total"] = during.total_parameters
+            counts["trainable"] = during.trainable_parameters
+
+    callback = flavour.callback(model.embedding, torch.zeros(6, 4))
+    with caplog.at_level(logging.INFO):
+        flavour.trainer(callbacks=[callback, Count()], max_epochs=1).fit(model, loader())
+    assert counts == {"total": 55 - 24, "trainable": 55 - 24}
+    (line,) = [r.getMessage() for r in caplog.records if "EmbeddingConstraint" in r.getMessage()]
+    assert "a model summary counts 24 parameters fewer than the plain model" in line
+    after = summary(model)  # baked: the plain model's counts again
+    assert (after.total_parameters, after.trainable_parameters) == (55, 55)
 
 
 def test_checkpoint_loads_into_a_plain_module(flavour: Flavour, tmp_path: Path) -> None:
@@ -487,6 +582,100 @@ def test_from_vocabularies_for_a_linear_head_fixes_weight_and_bias(pl_flavour: F
     pl_flavour.trainer(callbacks=[callback], max_epochs=1).fit(model, loader())
     assert torch.equal(model.head.weight[[2, 4, 0]], old_head.weight)
     assert torch.equal(model.head.bias[[2, 4, 0]], old_head.bias)
+
+
+@pytest.mark.parametrize(
+    ("new_tokens", "given"),
+    # "x" first: the shared tokens sit at rows 1..4 of `target`; one token short they would
+    # be fixed at 0..3, one too many at rows `target` does not have.
+    [(["x", "a", "b", "c"], 4), (["x", "a", "b", "c", "d", "y"], 6)],
+    ids=["short", "long"],
+)
+def test_from_vocabularies_refuses_a_new_vocabulary_of_another_length(
+    flavour: Flavour, new_tokens: list[str], given: int
+) -> None:
+    old, target = nn.Embedding(4, 2), nn.Embedding(5, 2)
+    before = target.weight.detach().clone()
+    with pytest.raises(
+        ValueError,
+        match=rf"Expected `new_vocab` to name one token per row of `target` \(5\)\. "
+        rf"Got {given} tokens",
+    ):
+        flavour.callback.from_vocabularies(target, old, ["a", "b", "c", "d"], new_tokens)
+    _assert_plain(target)
+    assert torch.equal(target.weight, before)
+
+
+def test_from_vocabularies_with_a_new_vocabulary_of_the_targets_length(pl_flavour: Flavour) -> None:
+    old, target = nn.Embedding(4, 2), nn.Embedding(5, 2)
+    callback = pl_flavour.callback.from_vocabularies(
+        target, old, ["a", "b", "c", "d"], ["x", "a", "b", "c", "d"]
+    )
+    assert torch.as_tensor(callback.rows).tolist() == [1, 2, 3, 4]
+    assert torch.equal(callback.references["weight"], old.weight)
+
+
+@pytest.mark.parametrize(
+    ("old", "old_vocab", "new_vocab", "error", "match"),
+    [
+        (nn.Embedding(4, 2), "abcd", _NEW_TOKENS, TypeError, r"Expected `old_vocab` to be a seq"),
+        (nn.Embedding(4, 2), _TOKENS, "xabcd", TypeError, r"Expected `new_vocab` to be a seq"),
+        (nn.Embedding(4, 2), _TOKENS, None, TypeError, r"`new_vocab` to be a .*Got NoneType"),
+        (nn.Embedding(4, 2), [], _NEW_TOKENS, ValueError, r"`old_vocab` to hold at least one"),
+        (nn.Embedding(4, 2), list("abad"), _NEW_TOKENS, ValueError, r"`old_vocab` to hold dist"),
+        ("abc", _TOKENS, _NEW_TOKENS, TypeError, r"Expected `old` to be a torch\.Tensor or a mod"),
+        (None, _TOKENS, _NEW_TOKENS, TypeError, r"Expected `old` to be .*Got NoneType"),
+        (nn.Linear(2, 4), _TOKENS, _NEW_TOKENS, TypeError, r"`old` to be an Embedding like `ta"),
+        (torch.tensor(1.0), _TOKENS, _NEW_TOKENS, ValueError, r"`old` to have a row dimension"),
+        (torch.zeros(4, 2).long(), _TOKENS, _NEW_TOKENS, TypeError, r"`old` to be floating-poi"),
+        (torch.zeros(4, 3), _TOKENS, _NEW_TOKENS, ValueError, r"`old` to have rows of shape \(2"),
+        (_NAN, _TOKENS, _NEW_TOKENS, ValueError, r"`old` to be finite. Got NaN or Inf in rows \[2"),
+    ],
+    ids=[
+        "old_vocab-str",
+        "new_vocab-str",
+        "new_vocab-None",
+        "old_vocab-empty",
+        "old_vocab-duplicates",
+        "old-str",
+        "old-None",
+        "old-other-class",
+        "old-0-d",
+        "old-int",
+        "old-other-width",
+        "old-NaN",
+    ],
+)
+def test_from_vocabularies_names_the_argument_at_fault(
+    pl_flavour: Flavour,
+    old: Any,
+    old_vocab: Any,
+    new_vocab: Any,
+    error: type[Exception],
+    match: str,
+) -> None:
+    target = nn.Embedding(5, 2)
+    before = target.weight.detach().clone()
+    with pytest.raises(error, match=match):
+        pl_flavour.callback.from_vocabularies(target, old, old_vocab, new_vocab)
+    _assert_plain(target)
+    assert torch.equal(target.weight, before)
+
+
+def test_from_vocabularies_accepts_a_nan_in_a_row_that_is_not_fixed(pl_flavour: Flavour) -> None:
+    # "c" (old row 2, the NaN) is removed: its row is not held.
+    callback = pl_flavour.callback.from_vocabularies(
+        nn.Embedding(5, 2), _NAN, _TOKENS, ["x", "a", "b", "d", "y"]
+    )
+    assert torch.as_tensor(callback.rows).tolist() == [1, 2, 3]
+    assert torch.equal(callback.references["weight"], _NAN[[0, 1, 3]])
+
+
+def test_from_vocabularies_names_old_for_a_head_without_its_bias(pl_flavour: Flavour) -> None:
+    with pytest.raises(ValueError, match=r"Expected `old` to have a bias exactly when `target`"):
+        pl_flavour.callback.from_vocabularies(
+            nn.Linear(2, 3), nn.Linear(2, 2, bias=False), ["a", "b"], ["a", "b", "c"]
+        )
 
 
 @pytest.mark.parametrize(

@@ -467,8 +467,13 @@ def test_reference_for_gives_shared_rows_and_their_new_positions() -> None:
     [
         ([[0.0]], align(OLD, NEW), TypeError, r"`old_weight` to be a torch\.Tensor\. Got list"),
         (torch.zeros(6, 2), (OLD_ROWS, NEW_ROWS), TypeError, r"an Alignment\. Got tuple"),
-        (torch.zeros(5, 2), align(OLD, NEW), ValueError, r"6 rows.*Got .*shape \(5, 2\)"),
-        (torch.tensor(1.0), align(OLD, NEW), ValueError, r"6 rows.*shape \(\)"),
+        (
+            torch.zeros(5, 2),
+            align(OLD, NEW),
+            ValueError,
+            r"`alignment`'s old vocabulary to name one token per row of `old_weight` \(5\)\. Got 6",
+        ),
+        (torch.tensor(1.0), align(OLD, NEW), ValueError, r"`old_weight` to have a row dim"),
     ],
     ids=["not-tensor", "not-alignment", "rows", "0-d"],
 )
@@ -477,6 +482,41 @@ def test_reference_for_rejects_bad_input(
 ) -> None:
     with pytest.raises(error, match=match):
         reference_for(weight, alignment)
+
+
+@pytest.mark.parametrize("rows", [len(NEW) - 1, len(NEW) + 1], ids=["short", "long"])
+def test_reference_for_checks_the_new_weight_against_the_new_vocabulary(rows: int) -> None:
+    # One token short, the shared tokens' rows would all be off by the missing token.
+    old = _embedding()
+    with pytest.raises(
+        ValueError,
+        match=rf"`alignment`'s new vocabulary to name one token per row of `new_weight` "
+        rf"\({rows}\)\. Got {len(NEW)} tokens",
+    ):
+        reference_for(old.weight, align(OLD, NEW), new_weight=torch.zeros(rows, DIM))
+
+
+def test_reference_for_accepts_a_new_weight_of_the_new_vocabularys_length() -> None:
+    old = _embedding()
+    new = expand(old, OLD, NEW, generator=_seeded())
+    reference, rows = reference_for(old.weight, align(OLD, NEW), new_weight=new.weight)
+    assert torch.equal(reference, old.weight[OLD_ROWS])
+    assert rows.tolist() == NEW_ROWS
+
+
+@pytest.mark.parametrize(
+    ("new_weight", "error", "match"),
+    [
+        ([[0.0]], TypeError, r"`new_weight` to be a torch\.Tensor or None\. Got list"),
+        (torch.tensor(1.0), ValueError, r"`new_weight` to have a row dimension\. Got a 0-d"),
+    ],
+    ids=["not-tensor", "0-d"],
+)
+def test_reference_for_rejects_a_bad_new_weight(
+    new_weight: Any, error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        reference_for(_embedding().weight, align(OLD, NEW), new_weight=new_weight)
 
 
 @pytest.mark.parametrize("kind", ["embedding", "linear"])

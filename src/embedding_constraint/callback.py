@@ -33,9 +33,13 @@ class EmbeddingConstraint(EmbeddingConstraintHooks, Callback):
 
     Raises:
         TypeError: ``target`` is not a supported module, ``constraint`` is neither a tensor
-            nor a module of ``target``'s class, or ``shard_reference`` is not a bool.
-        ValueError: the reference does not fit ``target`` (shape, rows, NaN/Inf), ``target``
-            uses ``sparse=True`` or ``max_norm``, or only one of them has a bias.
+            nor a module of ``target``'s class or is not floating-point, ``rows`` is not
+            integers, or ``shard_reference`` is not a bool.
+        ValueError: the reference does not fit ``target`` (0-d, on the meta device, other
+            row shape, more rows than ``target``, NaN/Inf or too large for ``target``'s
+            dtype), ``rows`` do not fit (count, duplicates, past ``target``'s rows),
+            ``target`` is already constrained (by `fix_rows`), uses ``sparse=True`` or
+            ``max_norm``, or only one of them has a bias.
         RuntimeError: at ``setup``, when the strategy flattens parameters into shards of
             its own (``FSDPStrategy``, DeepSpeed, XLA's FSDP); ``ModelParallelStrategy``
             (FSDP2) is supported.

@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from typing_extensions import Self
 
 from embedding_constraint.fix_rows import (
@@ -76,6 +77,34 @@ def _preview(rows: Tensor) -> str:
     return f"[{shown}{', ...' if rows.numel() > 10 else ''}]"
 
 
+def _label(name: str, attr: str, references: dict[str, Tensor]) -> str:
+    """How a message names one reference of the argument ``name``: `old`, `old.bias`."""
+    return f"`{name}`" if list(references) == ["weight"] else f"`{name}.{attr}`"
+
+
+def _bad_rows(bad: Tensor) -> str:
+    """The rows of ``bad`` (a mask shaped like a reference) with a True, for a message."""
+    return _preview(bad.reshape(bad.shape[0], -1).any(dim=1).nonzero().flatten())
+
+
+def _counted(constraint: FixedRows) -> str:
+    """How parameter counts (Lightning's model summary: ``parameters()``) see the fixed rows."""
+    values = constraint.reference.numel()
+    if constraint.reference_is_parameter:
+        return (
+            f"The {values} fixed values are a frozen parameter: a model summary counts them "
+            "as non-trainable."
+        )
+    return (
+        f"The {values} fixed values are held outside parameters(): a model summary counts "
+        f"{values} parameters fewer than the plain model, neither trainable nor non-trainable."
+    )
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
 def _shards_in_configure_model(strategy: type) -> bool:
     """Whether the strategy is Lightning's FSDP2 one, whose user calls ``fully_shard``."""
     return any(base.__name__ == "ModelParallelStrategy" for base in strategy.__mro__)
@@ -105,15 +134,22 @@ class EmbeddingConstraintHooks:
         rows: Tensor | Sequence[int] | None = None,
         shard_reference: bool = True,
     ) -> None:
-        references = self._references_from(target, constraint)
+        references = self._references_from(target, constraint, "constraint")
+        self._check_references(target, references, "constraint")
         fixed, total = references["weight"].shape[0], _rows_of(target)
-        if isinstance(constraint, nn.Module) and rows is None and fixed > total:
-            raise ValueError(
-                f"Expected `constraint` (the trained module) to have at most as many rows as "
-                f"`target` (the module to train). Got {fixed} rows in `constraint` and {total} "
-                "in `target`: the arguments may be swapped. The call is "
+        if fixed > total:
+            swapped = (
+                ": the arguments may be swapped. The call is "
                 "EmbeddingConstraint(new_module, old_module)."
+                if isinstance(constraint, nn.Module) and rows is None
+                else "."
             )
+            raise ValueError(
+                f"Expected `constraint` (the trained module or its weight) to have at most as "
+                f"many rows as `target` (the module to train). Got {fixed} rows in `constraint` "
+                f"and {total} in `target`{swapped}"
+            )
+        self._check_values(target, references, "constraint")
         self._configure(target, references, rows, shard_reference)
 
     def _configure(
@@ -168,39 +204,71 @@ class EmbeddingConstraintHooks:
 
         Returns:
             The callback, with ``rows`` set to the shared tokens' new positions.
-        """
-        from embedding_constraint.vocab import align
 
-        alignment = align(old_vocab, new_vocab)
-        old_references = cls._references_from(target, old)
-        old_rows = old_references["weight"].shape[0]
-        if len(old_vocab) != old_rows:
-            raise ValueError(
-                f"Expected `old_vocab` to name one token per row of `old` ({old_rows}). "
-                f"Got {len(old_vocab)} tokens: a missing or extra token would shift every "
-                "row after it."
-            )
+        Raises:
+            TypeError: ``target`` is not a supported module, ``old`` is neither a tensor nor a
+                module of ``target``'s class or is not floating-point, a vocabulary is not a
+                sequence (a str, a set, ``None``) or holds an unhashable token, or
+                ``shard_reference`` is not a bool.
+            ValueError: ``old_vocab`` does not name one token per row of ``old``, or
+                ``new_vocab`` one per row of ``target`` (a token missing or extra shifts
+                every row after it); a vocabulary is empty or has duplicates; ``old``'s rows
+                do not fit ``target``'s (their shape, NaN/Inf in a row to be held); ``target``
+                is already constrained, uses ``sparse=True`` or ``max_norm``; or only one of
+                ``old`` and ``target`` has a bias.
+
+        Examples:
+
+            >>> from torch import nn
+            >>> from embedding_constraint import EmbeddingConstraint
+            >>> old, new = nn.Embedding(3, 2), nn.Embedding(4, 2)
+            >>> callback = EmbeddingConstraint.from_vocabularies(
+            ...     new, old, ["a", "b", "c"], ["c", "x", "a", "b"]
+            ... )
+            >>> callback.rows.tolist()
+            [0, 2, 3]
+        """
+        # Built on `vocab.reference_for`'s pieces, with this method's argument names.
+        from embedding_constraint.vocab import _align, _check_one_token_per_row, _shared_rows
+
+        old_references = cls._references_from(target, old, "old")
+        cls._check_references(target, old_references, "old")
+        alignment = _align(old_vocab, new_vocab, "old_vocab", "new_vocab")
+        rows_of_old = old_references["weight"].shape[0]
+        _check_one_token_per_row("`old_vocab`", "`old`", alignment.old_size, rows_of_old)
+        _check_one_token_per_row("`new_vocab`", "`target`", alignment.new_size, _rows_of(target))
         references = {
-            attr: value.index_select(0, alignment.old_rows.to(value.device))
-            for attr, value in old_references.items()
+            attr: _shared_rows(value, alignment) for attr, value in old_references.items()
         }
+        # The rows held only: a NaN in a removed token's row is no fault.
+        cls._check_values(target, references, "old")
         callback = cls.__new__(cls)
         callback._configure(target, references, alignment.new_rows, shard_reference)
         return callback
 
     @staticmethod
-    def _references_from(target: nn.Module, constraint: Any) -> dict[str, Tensor]:
+    def _references_from(target: nn.Module, constraint: Any, name: str) -> dict[str, Tensor]:
+        """The reference tensors ``constraint`` (the argument called ``name``) gives, by attr."""
         if not isinstance(target, _TARGETS):
             raise TypeError(
                 "Expected `target` to be an nn.Embedding, nn.EmbeddingBag or nn.Linear. "
                 f"Got {type(target).__name__}."
             )
+        constrained = [a for a in ("weight", "bias") if parametrize.is_parametrized(target, a)]
+        if constrained:
+            raise ValueError(
+                f"Expected `target` to be unconstrained. Got a module whose "
+                f"{' and '.join(constrained)} is parametrized (by fix_rows, say): the callback "
+                "constrains it itself when the fit sets up. Pass the plain module (bake(target) "
+                "first)."
+            )
         if isinstance(constraint, Tensor):
             return {"weight": constraint}
         if isinstance(constraint, nn.Module):
             if type(constraint) is not type(target):
+                kind = type(target).__name__
                 raise TypeError(
-                    f"Expected `constraint` to be a {type(target).__name__} like `target`, or a "
+                    f"Expected `{name}` to be {_article(kind)} {kind} like `target`, or a "
                     f"tensor. Got {type(constraint).__name__}."
                 )
             references = {"weight": constraint.weight}
@@ -208,16 +276,65 @@ class EmbeddingConstraintHooks:
             bias = getattr(constraint, "bias", None)
             if isinstance(target_bias, Tensor) != isinstance(bias, Tensor):
                 raise ValueError(
-                    f"Expected `constraint` to have a bias exactly when `target` has one. "
-                    f"Got target bias: {target_bias is not None}, constraint bias: {bias is not None}."
+                    f"Expected `{name}` to have a bias exactly when `target` has one. "
+                    f"Got target bias: {target_bias is not None}, {name} bias: {bias is not None}."
                 )
             if isinstance(bias, Tensor):
                 references["bias"] = bias
             return references
         raise TypeError(
-            "Expected `constraint` to be a torch.Tensor or a module like `target`. "
+            f"Expected `{name}` to be a torch.Tensor or a module like `target`. "
             f"Got {type(constraint).__name__}."
         )
+
+    @staticmethod
+    def _check_references(target: nn.Module, references: dict[str, Tensor], name: str) -> None:
+        """Refuse references that `FixedRows` would refuse, naming ``name``, the user's argument.
+
+        `FixedRows` and `fix_rows` check these too, but name their own arguments
+        (``reference``), which the callback's user did not write.
+        """
+        for attr, reference in references.items():
+            label = _label(name, attr, references)
+            if not reference.is_floating_point():
+                raise TypeError(
+                    f"Expected {label} to be floating-point. Got a tensor of dtype "
+                    f"{reference.dtype}."
+                )
+            if reference.dim() == 0:
+                raise ValueError(f"Expected {label} to have a row dimension. Got a 0-d tensor.")
+            if reference.is_meta:
+                raise ValueError(
+                    f"Expected {label} to hold values. Got a tensor on the meta device, which "
+                    "has none: load or compute it first."
+                )
+            tensor = getattr(target, attr)
+            if tensor.dim() > 0 and reference.shape[1:] != tensor.shape[1:]:
+                raise ValueError(
+                    f"Expected {label} to have rows of shape {tuple(tensor.shape[1:])}, as "
+                    f"`target.{attr}` (of shape {tuple(tensor.shape)}) has. Got a tensor of "
+                    f"shape {tuple(reference.shape)}."
+                )
+
+    @staticmethod
+    def _check_values(target: nn.Module, references: dict[str, Tensor], name: str) -> None:
+        """Refuse a reference value that is NaN or Inf, or becomes Inf in the target's dtype."""
+        for attr, reference in references.items():
+            label = _label(name, attr, references)
+            dtype = getattr(target, attr).dtype
+            # Its largest and smallest values decide (converting is monotonic).
+            extremes = _extremes(reference)
+            if not bool(torch.isfinite(extremes).all()):
+                bad = ~torch.isfinite(reference)
+                raise ValueError(
+                    f"Expected {label} to be finite. Got NaN or Inf in rows {_bad_rows(bad)}."
+                )
+            if dtype.is_floating_point and not bool(torch.isfinite(extremes.to(dtype)).all()):
+                bad = ~torch.isfinite(reference.to(dtype))
+                raise ValueError(
+                    f"Expected {label} to be finite in {dtype}, the dtype of `target.{attr}`. "
+                    f"Got values too large for it in rows {_bad_rows(bad)}."
+                )
 
     @property
     def state_key(self) -> str:
@@ -283,16 +400,16 @@ class EmbeddingConstraintHooks:
         for attr, reference in self.references.items():
             name = f"{prefix}.{attr}" if prefix else attr
             fix_rows_before_optimizers(pl_module, reference, name=name, rows=self.rows)
+            constraint = parametrization_list(*_owner(pl_module, name))[0]
+            assert isinstance(constraint, FixedRows)
             if self.shard_reference and _shards_in_configure_model(strategy):
                 # FSDP2 in configure_model, next: shard the reference with the free rows.
-                constraint = parametrization_list(*_owner(pl_module, name))[0]
-                assert isinstance(constraint, FixedRows)
                 constraint.hold_reference_as_parameter()
             self._fixed.append((pl_module, name))
             total = getattr(self.target, attr).shape[0]
             type(self)._info(
                 f"EmbeddingConstraint: {name} has {reference.shape[0]} fixed and "
-                f"{total - reference.shape[0]} free rows."
+                f"{total - reference.shape[0]} free rows. {_counted(constraint)}"
             )
 
     def on_load_checkpoint(

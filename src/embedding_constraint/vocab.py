@@ -482,7 +482,34 @@ def append(
     return expand(old_module, range(rows), range(rows + count), init=init, generator=generator)
 
 
-def reference_for(old_weight: Tensor, alignment: Alignment) -> tuple[Tensor, Tensor]:
+def _check_one_token_per_row(vocab: str, tensor: str, tokens: int, rows: int) -> None:
+    """Raise unless a vocabulary of ``tokens`` tokens names each of ``rows`` rows once.
+
+    ``vocab`` and ``tensor`` say, for the message, which arguments they are.
+    """
+    if tokens == rows:
+        return
+    spare = (
+        " (for rows past the vocabulary, an embedding padded to a multiple of 64 say, add "
+        "placeholder tokens that name them)"
+        if tokens < rows
+        else ""
+    )
+    raise ValueError(
+        f"Expected {vocab} to name one token per row of {tensor} ({rows}). Got {tokens} "
+        f"tokens: a missing or extra token would shift every row after it{spare}."
+    )
+
+
+def _shared_rows(old: Tensor, alignment: Alignment) -> Tensor:
+    """A detached copy of ``old``'s rows of the tokens both vocabularies of ``alignment`` share."""
+    with torch.no_grad():
+        return old.detach().index_select(0, alignment.old_rows.to(old.device))
+
+
+def reference_for(
+    old_weight: Tensor, alignment: Alignment, *, new_weight: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     r"""Return the shared tokens' old rows and their new positions, for `fix_rows`.
 
     With ``reference, rows = reference_for(old_module.weight, alignment)``,
@@ -492,14 +519,20 @@ def reference_for(old_weight: Tensor, alignment: Alignment) -> tuple[Tensor, Ten
     Args:
         old_weight (Tensor): the old module's weight, one row per token of the old vocabulary.
         alignment (Alignment): the alignment of the old and new vocabularies (`align`).
+        new_weight (Tensor, optional): the weight the reference is for (the new module's),
+            checked to have one row per token of the new vocabulary: with a new vocabulary a
+            token short or long, ``rows`` would name shifted rows, and `fix_rows` could not
+            tell. Default: ``None``, not checked (a module made by `expand` has those rows).
 
     Returns:
         tuple[Tensor, Tensor]: ``(reference, rows)``: a detached copy of ``old_weight``'s rows
         of the shared tokens, and their rows in the new vocabulary (int64, CPU).
 
     Raises:
-        TypeError: ``old_weight`` is not a tensor, or ``alignment`` not an `Alignment`.
-        ValueError: ``old_weight`` does not have one row per token of the old vocabulary.
+        TypeError: ``old_weight`` is not a tensor, ``alignment`` not an `Alignment`, or
+            ``new_weight`` neither a tensor nor ``None``.
+        ValueError: ``old_weight`` does not have one row per token of the old vocabulary, or
+            ``new_weight`` one per token of the new vocabulary.
 
     Examples:
 
@@ -510,10 +543,11 @@ def reference_for(old_weight: Tensor, alignment: Alignment) -> tuple[Tensor, Ten
         >>> old_vocab, new_vocab = ["a", "b", "c"], ["c", "new", "a"]
         >>> al = align(old_vocab, new_vocab)
         >>> old = nn.Embedding(3, 2)
-        >>> reference, rows = reference_for(old.weight, al)
+        >>> new = expand(old, old_vocab, new_vocab)
+        >>> reference, rows = reference_for(old.weight, al, new_weight=new.weight)
         >>> rows.tolist()
         [0, 2]
-        >>> new = fix_rows(expand(old, old_vocab, new_vocab), reference, rows=rows)
+        >>> new = fix_rows(new, reference, rows=rows)
         >>> torch.equal(new.weight[[0, 2]], old.weight[[2, 0]])
         True
     """
@@ -523,11 +557,18 @@ def reference_for(old_weight: Tensor, alignment: Alignment) -> tuple[Tensor, Ten
         )
     if not isinstance(alignment, Alignment):
         raise TypeError(f"Expected `alignment` to be an Alignment. Got {type(alignment).__name__}.")
-    if old_weight.dim() == 0 or old_weight.shape[0] != alignment.old_size:
-        raise ValueError(
-            f"Expected `old_weight` to have {alignment.old_size} rows, one per token of the old "
-            f"vocabulary. Got a tensor of shape {tuple(old_weight.shape)}."
+    if new_weight is not None and not isinstance(new_weight, Tensor):
+        raise TypeError(
+            f"Expected `new_weight` to be a torch.Tensor or None. Got {type(new_weight).__name__}."
         )
-    with torch.no_grad():
-        reference = old_weight.detach().index_select(0, alignment.old_rows.to(old_weight.device))
-    return reference, alignment.new_rows.clone()
+    for name, tensor in (("old_weight", old_weight), ("new_weight", new_weight)):
+        if tensor is not None and tensor.dim() == 0:
+            raise ValueError(f"Expected `{name}` to have a row dimension. Got a 0-d tensor.")
+    _check_one_token_per_row(
+        "`alignment`'s old vocabulary", "`old_weight`", alignment.old_size, old_weight.shape[0]
+    )
+    if new_weight is not None:
+        _check_one_token_per_row(
+            "`alignment`'s new vocabulary", "`new_weight`", alignment.new_size, new_weight.shape[0]
+        )
+    return _shared_rows(old_weight, alignment), alignment.new_rows.clone()
