@@ -296,39 +296,26 @@ def test_peft_merges_trainable_tokens_into_the_new_rows() -> None:
     # PEFT's merge writes `weight.data = merged`: before, on a constrained weight, that write
     # went to a computed copy and the merged model kept the untrained new rows.
     peft = pytest.importorskip("peft")
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
+    from test_transformers import NEW_VOCAB, OLD_VOCAB, _model
+
     from embedding_constraint.transformers import expand_vocabulary
 
-    old_vocab = [f"t{i}" for i in range(12)]
-    new_vocab = [*old_vocab[:3], "new0", *reversed(old_vocab[5:]), "new1"]
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=len(old_vocab),
-        hidden_size=8,
-        intermediate_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=2,
-    )
-    model = transformers.LlamaForCausalLM(config)
-    expand_vocabulary(model, old_vocab, new_vocab)
+    model = _model("llama", tied=False)
+    expand_vocabulary(model, OLD_VOCAB, NEW_VOCAB)
     old = model.get_input_embeddings().weight.detach().clone()
-    new_ids = [new_vocab.index("new0"), new_vocab.index("new1")]
+    new_ids = [i for i, token in enumerate(NEW_VOCAB) if token.startswith("new")]
     tokens = peft.TrainableTokensConfig(target_modules=["embed_tokens"], token_indices=new_ids)
     adapted = peft.get_peft_model(model, tokens)
     for name, param in adapted.named_parameters():
         if "trainable_tokens_delta" in name:
             with torch.no_grad():
                 param.normal_()
-    ids = torch.tensor([[0, new_ids[0], 4, new_ids[1], 7]])
+    ids = torch.tensor([[0, new_ids[0], 4, new_ids[1], 7, new_ids[2]]])
     with torch.no_grad():
         expected = adapted(ids).logits
     merged = adapted.merge_and_unload()
     with torch.no_grad():
         assert torch.equal(merged(ids).logits, expected)
-    kept = [i for i in range(len(new_vocab)) if i not in new_ids]
+    kept = [i for i in range(len(NEW_VOCAB)) if i not in new_ids]
     assert torch.equal(merged.get_input_embeddings().weight.detach()[kept], old[kept])

@@ -56,9 +56,7 @@ _INPLACE_OPERATORS = frozenset(
     ]
 ) | {"__setitem__"}
 # Methods with a trailing underscore that write no values.
-_NOT_WRITES = frozenset(
-    {"requires_grad_", "share_memory_", "detach_", "retain_grad", "record_stream", "pin_memory"}
-)
+_NOT_WRITES = frozenset({"requires_grad_", "share_memory_", "detach_"})
 
 
 def _name(func: Callable[..., Any]) -> str:
