@@ -19,6 +19,7 @@ from support import stored
 from torch import Tensor, nn
 
 from embedding_constraint import bake, fix_rows
+from embedding_constraint.fixed_rows import parametrization_list
 from embedding_constraint.write_through import WriteThrough
 
 ROWS: dict[str, list[int] | None] = {"prefix": None, "scattered": [1, 4, 6]}
@@ -319,3 +320,34 @@ def test_peft_merges_trainable_tokens_into_the_new_rows() -> None:
         assert torch.equal(merged(ids).logits, expected)
     kept = [i for i in range(len(NEW_VOCAB)) if i not in new_ids]
     assert torch.equal(merged.get_input_embeddings().weight.detach()[kept], old[kept])
+
+
+@pytest.mark.parametrize("where", ROWS)
+def test_the_write_through_read_matches_the_plain_read(where: str) -> None:
+    # `module.weight` against torch's own read of the parametrization: values, gradients and
+    # second derivatives (float64), and the lookups of bad ids fail as the plain read's do.
+    torch.manual_seed(0)
+    emb = nn.Embedding(8, 3).double()
+    fix_rows(emb, torch.randn(3, 3, dtype=torch.float64), rows=ROWS[where])
+    rows = stored(emb)
+    plain_read = parametrization_list(emb, "weight")
+    read = emb.weight
+    assert type(read) is WriteThrough
+    plain = plain_read()
+    assert type(plain) is Tensor
+    assert torch.equal(read.detach(), plain.detach())
+
+    def loss(weight: Tensor) -> Tensor:
+        return (weight.sin() * torch.arange(24.0, dtype=torch.float64).view(8, 3)).sum()
+
+    (grad_read,) = torch.autograd.grad(loss(emb.weight), [rows], create_graph=True)
+    (grad_plain,) = torch.autograd.grad(loss(plain_read()), [rows], create_graph=True)
+    assert torch.equal(grad_read, grad_plain)
+    (second_read,) = torch.autograd.grad(grad_read.sum(), [rows])
+    (second_plain,) = torch.autograd.grad(grad_plain.sum(), [rows])
+    assert torch.equal(second_read, second_plain)
+    for bad in (torch.tensor([8]), torch.tensor([-9]), torch.tensor([0.5])):
+        with pytest.raises((IndexError, RuntimeError)) as plain_error:
+            torch.nn.functional.embedding(bad, plain_read())
+        with pytest.raises(plain_error.type):
+            torch.nn.functional.embedding(bad, emb.weight)
