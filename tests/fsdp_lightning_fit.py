@@ -27,13 +27,21 @@ RANKS = 2
 BATCH = 4
 
 
-def sharded_model(flavour: Any) -> Any:
-    """The flavour's test model, sharding the embedding and the head (or both, tied) itself."""
+def sharded_model(flavour: Any, per_module: bool) -> Any:
+    """The flavour's test model, sharding the embedding and the head (or both, tied) itself.
+
+    ``per_module``: the constrained embedding gets an FSDP2 group of its own, as torchtitan
+    shards its token embedding (tied to the head: the two in one group, as FSDP2 wants).
+    """
 
     class Sharded(flavour.model):  # type: ignore[misc]
         def configure_model(self) -> None:
             if isinstance(self, FSDPModule):  # sharded by an earlier stage (the fit)
                 return
+            if per_module and self.hparams.tie:
+                fully_shard([self.embedding, self.head])
+            elif per_module:
+                fully_shard(self.embedding)
             if not self.hparams.tie:  # tied modules share one FSDP2 group: the root's
                 fully_shard(self.head)
             fully_shard(self)
@@ -70,6 +78,9 @@ def main() -> None:
         "--full-checkpoint", action="store_true", help="one file, not a distributed checkpoint"
     )
     parser.add_argument("--lenient", action="store_true", help="strict_loading=False")
+    parser.add_argument(
+        "--per-module", action="store_true", help="fully_shard the embedding on its own"
+    )
     args = parser.parse_args()
     flavour = FLAVOURS[args.flavour]
 
@@ -85,7 +96,7 @@ def main() -> None:
         strategy = flavour.package.strategies.ModelParallelStrategy(
             save_distributed_checkpoint=not args.full_checkpoint
         )
-        model_class = sharded_model(flavour)
+        model_class = sharded_model(flavour, args.per_module)
         checkpoint = [
             flavour.package.callbacks.ModelCheckpoint(dirpath=args.out / "ckpt", save_last=True)
         ]
@@ -120,6 +131,7 @@ def main() -> None:
         "plain": isinstance(weight, torch.nn.Parameter)
         and not hasattr(model.embedding, "parametrizations"),
         "dtensor": isinstance(weight, DTensor),
+        "classes": [c.__name__ for c in type(model.embedding).__mro__],
         "held": held.held,
         "state_dict": {k: cast(torch.Tensor, v).detach().clone() for k, v in full.items()},
     }

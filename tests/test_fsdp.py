@@ -583,3 +583,254 @@ def test_shard_reference_must_be_a_bool() -> None:
         flavour.callback.from_vocabularies(
             model.embedding, torch.zeros(2, 4), ["a", "b"], list("abcdefghij"), shard_reference=0
         )
+
+
+# -- fully_shard on the constrained module itself (torchtitan's layout), and bake ------------
+
+
+@pytest.mark.usefixtures("group")
+def test_torch_removes_a_parametrization_only_from_the_class_it_made() -> None:
+    """Pins the torch behaviour `bake` works around (`fix_rows._remove_parametrization`).
+
+    ``fully_shard`` derives ``FSDP<class>(FSDPModule, <class>)`` from the module's class, the
+    parametrized one included; torch's ``remove_parametrizations`` deletes the tensor's
+    property from ``module.__class__`` and then sets the class to ``__bases__[0]``, which is
+    right only for the class ``register_parametrization`` made.
+    """
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.utils import parametrize
+
+    emb = nn.Embedding(4, 2)
+    parametrize.register_parametrization(emb, "weight", nn.Identity())
+    parametrized = type(emb)
+    assert "weight" in parametrized.__dict__
+    assert parametrized.__bases__ == (nn.Embedding,)
+    fully_shard(emb)
+    assert type(emb).__bases__ == (FSDPModule, parametrized)
+    assert "weight" not in type(emb).__dict__
+    with pytest.raises(AttributeError, match="has no attribute 'weight'"):
+        parametrize.remove_parametrizations(emb, "weight")
+    # On the parametrized class itself it works, and the class goes back to its first base.
+    derived = type(emb)
+    emb.__class__ = parametrized
+    parametrize.remove_parametrizations(emb, "weight")
+    assert type(emb) is nn.Embedding
+    assert derived.__bases__ == (FSDPModule, parametrized)  # torch made it; bake remakes it
+
+
+class _Mixin:
+    """What a library that subclasses ``module.__class__`` adds (as FSDP2's FSDPModule does)."""
+
+    def mixed_in(self) -> str:
+        return "still here"
+
+
+@pytest.mark.parametrize("attrs", [["weight"], ["weight", "bias"]], ids=["weight", "weight-bias"])
+def test_bake_keeps_a_class_derived_from_the_parametrized_one(attrs: list[str]) -> None:
+    from embedding_constraint import bake
+
+    torch.manual_seed(0)
+    head = nn.Linear(3, 5)
+    old = nn.Linear(3, 2)
+    if attrs == ["weight"]:
+        fix_rows(head, old.weight.detach(), rows=[4, 1])
+    else:
+        fix_rows(head, old)
+    expected = head.weight.detach().clone(), head.bias.detach().clone()
+    parametrized = type(head)
+    derived = type("WrappedParametrizedLinear", (_Mixin, parametrized), {"marker": 7})
+    head.__class__ = derived
+    bake(head)
+    cls = type(head)
+    assert cls.__name__ == "WrappedLinear"
+    assert cls.__bases__ == (_Mixin, nn.Linear)
+    assert cast(Any, head).marker == 7
+    assert cast(Any, head).mixed_in() == "still here"
+    assert not hasattr(head, "parametrizations")
+    assert [name for name, _ in head.named_parameters()] == ["weight", "bias"]
+    assert type(head.weight) is nn.Parameter
+    assert torch.equal(head.weight, expected[0])
+    assert torch.equal(head.bias, expected[1])
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(head(x), nn.functional.linear(x, *expected), rtol=0, atol=0)
+
+
+@pytest.mark.usefixtures("group")
+@pytest.mark.parametrize("baker", ["bake_fully_sharded", "bake"])
+@pytest.mark.parametrize("reshard", [True, False], ids=["reshard", "keep"])
+@pytest.mark.parametrize("kind", ["embedding", "bag", "head"])
+def test_bake_fully_sharded_on_the_constrained_module_itself(
+    kind: str, reshard: bool, baker: str
+) -> None:
+    """``fully_shard`` on the constrained module (as torchtitan shards its embedding and head):
+    bake leaves an FSDP2 module of the plain class, which evaluates and trains on."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from embedding_constraint import bake
+
+    torch.manual_seed(0)
+    module = _module(kind)
+    plain = copy.deepcopy(module)
+    old = torch.randn(3, 3)
+    fix_rows(module, old, rows=[6, 1, 3])
+    fully_shard(module, reshard_after_forward=reshard)
+    inputs = torch.randn(2, 3) if kind == "head" else torch.tensor([[0, 1, 6], [7, 3, 3]])
+    optimizer = torch.optim.AdamW(module.parameters(), lr=0.1)
+    module(inputs).pow(2).sum().backward()
+    optimizer.step()
+    with torch.no_grad():
+        module(inputs)  # an evaluation last: with reshard False the rows stay gathered
+    read = cast(torch.Tensor, module.weight).detach()
+    trained = (read.full_tensor() if isinstance(read, DTensor) else read).clone()
+    bakers = {"bake": bake, "bake_fully_sharded": bake_fully_sharded}
+    bakers[baker](module)
+    assert isinstance(module, FSDPModule)
+    assert type(module).__name__ == f"FSDP{type(plain).__name__}"
+    assert not any("Parametrized" in c.__name__ for c in type(module).__mro__)
+    weight = module.weight
+    assert isinstance(weight, nn.Parameter)
+    assert isinstance(weight, DTensor)
+    assert torch.equal(weight.full_tensor(), trained)
+    assert torch.equal(weight.full_tensor()[[6, 1, 3]], old)
+    # It evaluates as the plain module with the trained weight, and every row trains on.
+    state = {k: v.full_tensor() if isinstance(v, DTensor) else v
+             for k, v in module.state_dict().items()}  # fmt: skip
+    plain.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(module(inputs), plain(inputs), rtol=0, atol=0)
+    # As for any FSDP2 module: an evaluation with reshard_after_forward=False leaves the rows
+    # gathered, and parameters() would list the gathered ones.
+    module.reshard()
+    optimizer = torch.optim.AdamW(module.parameters(), lr=0.1)
+    module(inputs).pow(2).sum().backward()
+    optimizer.step()
+    assert isinstance(weight.grad, DTensor)
+    assert not torch.equal(weight.full_tensor()[[6, 1, 3]], old)
+
+
+@pytest.mark.usefixtures("group")
+def test_bake_below_the_module_fsdp2_shards_is_refused_and_changes_nothing() -> None:
+    from embedding_constraint import bake
+
+    model = nn.Sequential(nn.Embedding(6, 3), nn.Linear(3, 2))
+    fix_rows(model, torch.zeros(2, 3), name="0.weight")
+    fully_shard(model)  # the embedding is in the root's group
+    free = stored(model[0])
+    with pytest.raises(ValueError, match="Expected an FSDP2 group under `module` that manages"):
+        bake(model[0])
+    assert stored(model[0]) is free
+    bake(model)
+    assert isinstance(model[0].weight, DTensor)
+    assert torch.equal(model[0].weight.full_tensor()[:2], torch.zeros(2, 3))
+
+
+# -- per-module sharding on 2 ranks (`fsdp_per_module_fit.py`), and DDP's edge cases ---------
+
+PER_MODULE_SCRIPT = Path(__file__).with_name("fsdp_per_module_fit.py")
+PerModule = tuple[list[dict[str, Any]], dict[str, Any]]
+
+
+@pytest.fixture(scope="module")
+def per_module(tmp_path_factory: pytest.TempPathFactory) -> PerModule:
+    """Every layout of `fsdp_per_module_fit`, on 2 ranks and in one process, once."""
+    out = tmp_path_factory.mktemp("per-module")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    loaded = []
+    for world in (2, 1):
+        where = out / str(world)
+        _run(
+            [sys.executable, str(PER_MODULE_SCRIPT), "--world", str(world), "--out", str(where)],
+            env,
+        )
+        loaded.append([torch.load(where / f"rank{r}.pt", weights_only=False) for r in range(world)])
+    return loaded[0], loaded[1][0]
+
+
+def _check_per_module(per_module: PerModule, layout: str) -> list[dict[str, Any]]:
+    """Fixed rows exact on each rank, free rows as one process: trained, then after the bake."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import fsdp_per_module_fit as fit
+
+    ranks, single = per_module
+    results = [rank[layout] for rank in ranks]
+    for result in [*results, single[layout]]:
+        assert "error" not in result, result.get("error")
+    tie, _, _, rows = fit.LAYOUTS[layout]
+    refs = fit.references(layout)
+    fixed = {"tok_embeddings.weight": rows} | ({} if tie else {"output.weight": fit.HEAD_ROWS})
+    for result in results:
+        for stage in ("trained", "after"):
+            state = result[stage]
+            assert list(state) == list(single[layout][stage])  # plain keys, plain order
+            for key, value in state.items():
+                # Gradients meet in another order across ranks than within one process.
+                torch.testing.assert_close(
+                    value, single[layout][stage][key], rtol=1e-5, atol=1e-5, msg=key
+                )
+        for key, at in fixed.items():
+            assert torch.equal(result["trained"][key][at], refs[key]), key
+        assert result["plain"] == single[layout]["plain"]  # no parametrizations left
+    for stage in ("trained", "after"):
+        for key, value in results[0][stage].items():
+            assert torch.equal(results[1][stage][key], value), f"ranks differ in {key}"
+    mean = sum(r["val_loss"] for r in results) / len(results)
+    torch.testing.assert_close(mean, single[layout]["val_loss"], rtol=1e-5, atol=1e-5)
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["untied-reshard", "untied-keep", "tied-reshard", "tied-keep"])
+def test_per_module_fully_shard_trains_exactly_and_bakes_into_fsdp2(
+    per_module: PerModule, layout: str
+) -> None:
+    for result in _check_per_module(per_module, layout):
+        for name, mro in result["classes"].items():
+            # An FSDP2 module still, of the plain class: the parametrized class is gone.
+            plain = "Embedding" if name == "tok_embeddings" else "Linear"
+            assert mro[:3] == [f"FSDP{plain}", "FSDPModule", plain], name
+    # Training went on after the bake: the once fixed rows moved, on every rank alike.
+    ranks, _ = per_module
+    trained, after = ranks[0][layout]["trained"], ranks[0][layout]["after"]
+    rows = [9, 0, 4, 2, 7, 5]
+    assert not torch.equal(
+        after["tok_embeddings.weight"][rows], trained["tok_embeddings.weight"][rows]
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["no-row-fixed", "ddp-no-row-fixed", "ddp-every-row-fixed"])
+def test_no_row_or_every_row_fixed_trains(per_module: PerModule, layout: str) -> None:
+    _check_per_module(per_module, layout)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="FSDP2 reduce-scatters the empty gradient of zero free rows (_chunk_cat expects "
+    "non-empty tensor); needs the free rows kept out of the graph when empty under FSDP2 "
+    "(fixed_rows.py, see docs/distributed.md)",
+)
+def test_every_row_fixed_under_fsdp2_trains(per_module: PerModule) -> None:
+    _check_per_module(per_module, "every-row-fixed")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_model_parallel_strategy_with_the_embedding_sharded_on_its_own(
+    tie: bool, tmp_path: Path
+) -> None:
+    """``configure_model`` shards the constrained embedding itself (with its tied head): the
+    callback bakes it at the end of the fit into an FSDP2 module of the plain class."""
+    flavour = "lightning.pytorch"
+    ranks = _lightning_fit(flavour, 2, tmp_path / "fsdp", SCATTERED, tie, "--per-module")
+    (single,) = _lightning_fit(flavour, 1, tmp_path / "single", SCATTERED, tie)
+    reference, fixed_at = single["reference"], single["rows"]
+    for rank in ranks:
+        assert rank["plain"]
+        assert rank["dtensor"]
+        assert rank["classes"][:3] == ["FSDPEmbedding", "FSDPModule", "Embedding"]
+        assert torch.equal(rank["state_dict"]["embedding.weight"][fixed_at], reference)
+        for key, value in rank["state_dict"].items():
+            torch.testing.assert_close(value, single["state_dict"][key], rtol=1e-5, atol=1e-5)
+    mean = sum(rank["val_loss"] for rank in ranks) / len(ranks)
+    torch.testing.assert_close(mean, single["val_loss"], rtol=1e-4, atol=1e-5)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrize import ParametrizationList
@@ -468,6 +469,10 @@ def bake(module: nn.Module, *, name: str | None = None) -> nn.Module:
     Parameter object is the one that was constrained, now of the full shape, with the fixed
     rows equal to the reference. Tied modules still share it afterwards.
 
+    A module that FSDP2 manages is baked by `embedding_constraint.fsdp.bake_fully_sharded`
+    (every rank must call it). A class derived from the parametrized one (FSDP2's
+    ``FSDPParametrizedEmbedding``) is kept, without the parametrized class (``FSDPEmbedding``).
+
     Args:
         module (nn.Module): the module, or a root module above it.
         name (str, optional): the parameter, dotted under ``module``. Default: ``None``, every
@@ -478,8 +483,9 @@ def bake(module: nn.Module, *, name: str | None = None) -> nn.Module:
 
     Raises:
         ValueError: nothing under ``module`` is constrained, ``module.<name>`` is not
-            constrained by `FixedRows` alone, or a module
-            outside ``module`` reads it too (a tied head: bake from the root, with ``name=``).
+            constrained by `FixedRows` alone, a module
+            outside ``module`` reads it too (a tied head: bake from the root, with ``name=``),
+            or FSDP2 shards it from a module above ``module``.
             The module is left unchanged.
     """
     if not isinstance(module, nn.Module):
@@ -494,6 +500,38 @@ def bake(module: nn.Module, *, name: str | None = None) -> nn.Module:
             f"{[n for n, m in module.named_modules() if parametrize.is_parametrized(m)]}."
         )
     checked = [_bake_check(module, n) for n in names]
+    if dist.is_available() and _under_fsdp2(module, checked):
+        from embedding_constraint.fsdp import bake_fully_sharded  # it imports this module
+
+        return bake_fully_sharded(module, name=name)
+    _bake_checked(module, checked)
+    return module
+
+
+def bake_unsharded(module: nn.Module, *, name: str) -> None:
+    """`bake` ``module.<name>`` as it is, sharded or not (`bake_fully_sharded` then puts the
+    baked weight into its FSDP2 group)."""
+    _bake_checked(module, [_bake_check(module, name)])
+
+
+def _under_fsdp2(
+    module: nn.Module, checked: list[tuple[nn.Module, str, ParametrizationList]]
+) -> bool:
+    """Whether FSDP2 manages ``module`` or a constrained tensor's module under it: then a plain
+    bake would leave a weight that FSDP2 does not know, and the next forward would fail."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in module.modules()) or any(
+        # Private: the mark fully_shard leaves on each module it manages (for Dynamo).
+        getattr(owner, "_is_fsdp_managed_module", False)
+        for owner, _, _ in checked
+    )
+
+
+def _bake_checked(
+    module: nn.Module, checked: list[tuple[nn.Module, str, ParametrizationList]]
+) -> None:
+    """Bake each checked tensor (`_bake_check`) as it is."""
     for owner, attr, plist in checked:
         if not parametrize.is_parametrized(owner, attr):
             continue  # baked already, as a sharer of a tensor before it (tied weights)
@@ -508,14 +546,60 @@ def bake(module: nn.Module, *, name: str | None = None) -> nn.Module:
         ]
         for holder, holder_attr in sharers:
             order = plain_parameter_order(holder)
-            parametrize.remove_parametrizations(holder, holder_attr, leave_parametrized=False)
+            _remove_parametrization(holder, holder_attr, leave_parametrized=False)
             remove_plain_hooks(holder, holder_attr)
             _reorder_parameters(holder, order)
         order = plain_parameter_order(owner)
-        parametrize.remove_parametrizations(owner, attr, leave_parametrized=True)
+        _remove_parametrization(owner, attr, leave_parametrized=True)
         remove_plain_hooks(owner, attr)
         _reorder_parameters(owner, order)
-    return module
+
+
+def _remove_parametrization(module: nn.Module, attr: str, *, leave_parametrized: bool) -> None:
+    """Torch's ``remove_parametrizations``, also on a class derived from the parametrized one.
+
+    Torch deletes the tensor's property from ``module.__class__`` and, once nothing is left
+    parametrized, sets the class to ``__class__.__bases__[0]``: right for the class that
+    ``register_parametrization`` made, wrong for one derived from it, as ``fully_shard`` derives
+    ``FSDPParametrizedEmbedding(FSDPModule, ParametrizedEmbedding)``. Torch then runs on the
+    parametrized class itself, and the module gets the derived class back, remade without the
+    parametrized class once torch has rolled that back (`_derived_without`).
+    """
+    derived = type(module)
+    # The class whose property torch deletes: the one register_parametrization set it on.
+    parametrized = next(c for c in derived.__mro__ if isinstance(c.__dict__.get(attr), property))
+    if parametrized is derived:
+        parametrize.remove_parametrizations(module, attr, leave_parametrized=leave_parametrized)
+        return
+    module.__class__ = parametrized
+    try:
+        parametrize.remove_parametrizations(module, attr, leave_parametrized=leave_parametrized)
+    finally:
+        rolled_back = type(module)
+        module.__class__ = (
+            derived
+            if rolled_back is parametrized
+            else _derived_without(derived, parametrized, rolled_back)
+        )
+
+
+def _derived_without(cls: type, gone: type, base: type) -> type:
+    """``cls`` remade with ``base`` where ``gone`` was among its ancestors.
+
+    Each class between ``cls`` and ``gone`` keeps its name (``gone``'s part replaced by
+    ``base``'s: ``FSDPParametrizedEmbedding`` becomes ``FSDPEmbedding``), its other bases and
+    its attributes, so what the deriving library put there (FSDP2's ``FSDPModule`` mixin, its
+    ``__deepcopy__``) stays.
+    """
+    if cls is gone:
+        return base
+    if gone not in cls.__mro__:
+        return cls
+    bases = tuple(_derived_without(b, gone, base) for b in cls.__bases__)
+    own = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    name = cls.__name__.replace(gone.__name__, base.__name__)
+    own["__qualname__"] = cls.__qualname__.replace(gone.__name__, base.__name__)
+    return type(cls)(name, bases, own)
 
 
 def _reorder_parameters(module: nn.Module, order: tuple[str, ...]) -> None:

@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrize import ParametrizationList
 
-from embedding_constraint.fix_rows import _holders, bake, fixed_tensors
+from embedding_constraint.fix_rows import _holders, bake_unsharded, fixed_tensors
 from embedding_constraint.fixed_rows import FixedRows, gathered, parametrization_list
 
 __all__ = ["bake_fully_sharded", "prepare_fully_shard"]
@@ -86,11 +86,15 @@ def prepare_fully_shard(module: nn.Module) -> nn.Module:
 def bake_fully_sharded(module: nn.Module, *, name: str | None = None) -> nn.Module:
     r"""`bake` a module that ``fully_shard`` has sharded: FSDP2 goes on managing the weight.
 
-    `bake` alone would leave a plain ``DTensor`` weight that FSDP2 does not know (it manages
-    the constraint's parameters), so the module's next forward would fail. Here the plain weight
-    takes their place in their FSDP2 group: a new parameter, sharded as FSDP2 shards any, that
-    the next forward gathers and the next backward reduce-scatters, so the module trains,
-    evaluates and saves as one that was never constrained. Create a new optimizer afterwards.
+    `bake` calls it for a module that FSDP2 manages: torch's plain removal would leave a
+    ``DTensor`` weight that FSDP2 does not know (it manages the constraint's parameters), so
+    the module's next forward would fail. Here the plain weight takes their place in their
+    FSDP2 group, whichever module ``fully_shard`` was called on (the constrained module
+    itself, a parent, the embedding and its tied head together): a new parameter, sharded as
+    FSDP2 shards any, that the next forward gathers and the next backward reduce-scatters, so
+    the module trains, evaluates and saves as one that was never constrained; the module keeps
+    the class FSDP2 gave it, less the parametrization's (``FSDPEmbedding``). Create a new
+    optimizer afterwards.
 
     Every rank must call it (the weight is gathered whole once), outside a forward and
     backward. A tensor whose free rows are not sharded is baked by `bake`.
@@ -111,6 +115,11 @@ def bake_fully_sharded(module: nn.Module, *, name: str | None = None) -> nn.Modu
     names = [name] if name is not None else [n for n, _ in fixed_tensors(module)]
     if not names:
         raise ValueError("Expected a tensor constrained by fix_rows under `module`. Got none.")
+    for fsdp_module in module.modules():
+        if isinstance(fsdp_module, FSDPModule):
+            # A forward without a backward (an evaluation) with reshard_after_forward=False
+            # leaves the rows gathered, as plain tensors: the shards are what FSDP2 manages.
+            fsdp_module.reshard()
     plans = [_bake_plan(module, n) for n in names]  # every check before any change
     for plan in plans:
         if plan is None:
@@ -119,7 +128,7 @@ def bake_fully_sharded(module: nn.Module, *, name: str | None = None) -> nn.Modu
     for n in names:  # what is left: not sharded (a sharer of a baked tensor is gone already)
         owner_name, _, attr = n.rpartition(".")
         if parametrize.is_parametrized(module.get_submodule(owner_name), attr):
-            bake(module, name=n)
+            bake_unsharded(module, name=n)
     return module
 
 
@@ -164,7 +173,7 @@ def _replace_in_group(module: nn.Module, group: object, stale: list[object], nam
     requires_grad = plist.original.requires_grad
     with torch.no_grad():
         whole = gathered(plist()).clone()
-    bake(module, name=name)  # the tied holders share the baked Parameter
+    bake_unsharded(module, name=name)  # the tied holders share the baked Parameter
     baked = owner._parameters[attr]
     assert baked is not None  # `bake` put the Parameter back
     holders = _holders(module, baked)
