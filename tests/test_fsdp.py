@@ -804,12 +804,6 @@ def test_no_row_or_every_row_fixed_trains(per_module: PerModule, layout: str) ->
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="FSDP2 reduce-scatters the empty gradient of zero free rows (_chunk_cat expects "
-    "non-empty tensor); needs the free rows kept out of the graph when empty under FSDP2 "
-    "(fixed_rows.py, see docs/distributed.md)",
-)
 def test_every_row_fixed_under_fsdp2_trains(per_module: PerModule) -> None:
     _check_per_module(per_module, "every-row-fixed")
 

@@ -103,16 +103,33 @@ def fast_readable(module: nn.Module, *others: Tensor | None) -> tuple[FixedRows,
     """Return `constrained` ``module.weight`` if a fast read may take it now, else None.
 
     None also when only the plain read may (see `composable_only`; ``others`` are the read's
-    other tensors, checked with the weight's) and for sharded rows (see `sharded`): the
+    other tensors, checked with the weight's), for sharded rows (see `sharded`) and while the
+    module has an option set that the fast reads do not honour (`plain_options`): the
     module's own forward then reads the weight through the parametrization.
     """
     found = constrained(module)
-    if found is None:
+    if found is None or plain_options(module):
         return None
     constraint, free = found
     if composable_only(free, constraint.reference, *others) or sharded(free, constraint.reference):
         return None
+    # Private: the mark fully_shard leaves on each module it manages (for Dynamo).
+    if not free.shape[0] and getattr(module, "_is_fsdp_managed_module", False):
+        # Every row fixed, under FSDP2: nothing to train, and FSDP2's reduce-scatter fails on
+        # an empty gradient. Read without a path to the free rows: FSDP2 skips a parameter
+        # that gets no gradient (DDP, which needs one, gets it through the graph).
+        return constraint, free.detach()
     return found
+
+
+def plain_options(module: nn.Module) -> bool:
+    """Whether ``module`` has an option set that no fast read honours.
+
+    ``max_norm`` (``nn.Embedding`` and ``nn.EmbeddingBag`` renormalize the rows they look up,
+    in the weight they read) and ``sparse`` (a sparse gradient), set at any time, even after
+    `fix_rows` (which refuses them): checked at each read.
+    """
+    return getattr(module, "max_norm", None) is not None or bool(getattr(module, "sparse", False))
 
 
 def _is_dtensor(tensor: object) -> TypeGuard[DTensor]:

@@ -52,8 +52,10 @@ class _Bag(torch.autograd.Function):
     they still do not count in a mean), then spare rows for the fixed rows' lookups (counted,
     then dropped). Its cost follows the batch and the free rows, not the vocabulary.
 
-    With ``create_graph=True`` the backward differentiates the plain read instead (the same
-    bags from ``cat(reference, free)``), so the gradients are differentiable in turn.
+    With ``create_graph=True`` and per-sample weights that need a gradient, the backward
+    differentiates the plain read instead (the same bags from ``cat(reference, free)``), so
+    the gradients are differentiable in turn; without, the free rows' gradient is linear in
+    the incoming one, and the target table's backward is differentiable in it.
     """
 
     @staticmethod
@@ -68,7 +70,12 @@ class _Bag(torch.autograd.Function):
         options: _Options,
     ) -> Tensor:
         out = _reduce(slot_input, joined, offsets, per_sample_weights, options[2], options)
-        ctx.save_for_backward(free, joined, slot_input, target_input, offsets, per_sample_weights)
+        # The rows' values only where the plain bag's backward reads its weight too: for the
+        # per-sample weights' gradient. Else an in-place change of the free rows before the
+        # backward (an optimizer step) runs, as it does on a plain bag.
+        rows = (free, joined) if ctx.needs_input_grad[5] else ()
+        ctx.save_for_backward(slot_input, target_input, offsets, per_sample_weights, *rows)
+        ctx.free = (free.shape, free.dtype, free.device)
         ctx.options = options
         return out
 
@@ -76,11 +83,13 @@ class _Bag(torch.autograd.Function):
     def backward(
         ctx: Any, grad: Tensor
     ) -> tuple[Tensor | None, None, None, None, None, Tensor | None, None]:
-        free, joined, slot_input, target_input, offsets, weights = ctx.saved_tensors
+        slot_input, target_input, offsets, weights, *rows = ctx.saved_tensors
         options = ctx.options
         _, _, slot_padding, target_padding, _, target_rows = options
         needs = ctx.needs_input_grad
-        if torch.is_grad_enabled():  # create_graph=True: differentiate the plain read
+        create_graph = torch.is_grad_enabled()
+        if create_graph and rows:  # differentiate the plain read, per-sample weights and all
+            free, joined = rows
             # Aliases: the gradients below are then this read's own (a path from the output
             # to `free` through the per-sample weights is not counted twice), and they stay
             # differentiable in `free` and the weights through the aliases.
@@ -99,12 +108,18 @@ class _Bag(torch.autograd.Function):
         grad_free = grad_weights = None
         detached = None if weights is None else weights.detach()
         if needs[0]:
-            table = free.new_zeros((target_rows, *free.shape[1:]), requires_grad=True)
+            # Linear in the rows: a gradient made of the incoming one (differentiable in it
+            # when create_graph=True), whatever the rows hold.
+            shape, dtype, device = ctx.free
+            table = torch.zeros(
+                (target_rows, *shape[1:]), dtype=dtype, device=device, requires_grad=True
+            )
             with torch.enable_grad():
                 out = _reduce(target_input, table, offsets, detached, target_padding, options)
-            (grad_table,) = torch.autograd.grad(out, table, grad)
-            grad_free = grad_table[: free.shape[0]]
+            (grad_table,) = torch.autograd.grad(out, table, grad, create_graph=create_graph)
+            grad_free = grad_table[: shape[0]]
         if needs[5]:
+            _, joined = rows
             leaf = detached.requires_grad_()  # type: ignore[union-attr]
             with torch.enable_grad():
                 # (scale_grad_by_freq scales the table's gradient only, not this one.)

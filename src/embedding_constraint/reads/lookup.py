@@ -156,10 +156,27 @@ def lookup(
     return out
 
 
+def _padding(module: nn.Embedding, rows: int) -> int | bool | None:
+    """``module.padding_idx`` as a row (a negative one counted from the end), or False when it
+    is out of range: the module's own forward then refuses it, with torch's error."""
+    padding = module.padding_idx
+    if padding is None:
+        return None
+    if not -rows <= padding < rows:
+        return False
+    return padding + rows if padding < 0 else padding
+
+
 def embedding_forward(self: nn.Embedding, input: Tensor) -> Tensor:
-    """``nn.Embedding.forward`` for a constrained weight: look up without building the weight."""
+    """``nn.Embedding.forward`` for a constrained weight: look up without building the weight.
+
+    A ``padding_idx`` out of range (set after `fix_rows`) makes it step aside for the
+    module's own forward, which refuses it.
+    """
     found = fast_readable(self)
-    if found is None:
-        return nn.Embedding.forward(self, input)
-    constraint, free = found
-    return lookup(constraint, input, free, self.padding_idx, self.scale_grad_by_freq)
+    if found is not None:
+        constraint, free = found
+        padding = _padding(self, constraint.num_fixed + free.shape[0])
+        if padding is not False:
+            return lookup(constraint, input, free, padding, self.scale_grad_by_freq)
+    return nn.Embedding.forward(self, input)
