@@ -123,9 +123,10 @@ def test_linear_under_bfloat16_autocast(layout: str) -> None:
 
 @pytest.mark.parametrize("where", ROWS)
 def test_changing_the_stored_rows_before_the_backward_raises(where: str) -> None:
-    # As for a plain layer's weight: the product saved for the backward must not go stale.
+    # As for a plain layer's weight, where the input needs a gradient: the weight saved for
+    # it must not go stale (without, the backward runs: test_harness changes the rows too).
     head, _, _ = _pair(ROWS[where], 3, bias=False)
-    out = head(torch.randn(2, 5, dtype=torch.float64))
+    out = head(torch.randn(2, 5, dtype=torch.float64, requires_grad=True))
     with torch.no_grad():
         stored(head).add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
