@@ -1,12 +1,15 @@
 """Fit the test model with EmbeddingConstraint under DDP (or one process); save each rank's result.
 
 Run by tests/test_ddp.py as a script: Lightning's DDP launcher starts the other ranks by running
-this same command again, which a pytest process cannot do for itself.
+this same command again, which a pytest process cannot do for itself. With
+``--reference-differs-on-rank-1``, rank 1's reference is one float step apart from rank 0's: the
+fit must stop at setup, and each rank saves the error and whether its module is plain again.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -27,6 +30,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, choices=[1, RANKS], required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rows", type=int, nargs="*", help="fixed rows (default: a prefix)")
+    parser.add_argument("--reference-differs-on-rank-1", action="store_true")
     args = parser.parse_args()
     flavour = FLAVOURS[args.flavour]
 
@@ -43,6 +47,9 @@ def main() -> None:
 
     torch.manual_seed(0)
     reference = torch.randn(6, 4)
+    # Lightning's launcher starts rank 1 with LOCAL_RANK=1 (one machine), before any Trainer.
+    if args.reference_differs_on_rank_1 and os.environ.get("LOCAL_RANK") == "1":
+        reference[2, 3] = torch.nextafter(reference[2, 3], torch.tensor(float("inf")))
     model = flavour.model(vocab=10, dim=4)
     trainer = flavour.trainer(
         callbacks=[flavour.callback(model.embedding, reference, rows=args.rows)],
@@ -55,8 +62,14 @@ def main() -> None:
     )
     if args.devices == RANKS:
         data = data[trainer.global_rank :: RANKS]
-    trainer.fit(model, DataLoader(TensorDataset(data), batch_size=batch_size))
+    error = None
+    try:
+        trainer.fit(model, DataLoader(TensorDataset(data), batch_size=batch_size))
+    except ValueError as refused:
+        error = str(refused)
     result = {
+        "error": error,
+        "steps": model.steps,
         "reference": reference,
         "rows": args.rows or list(range(reference.shape[0])),
         "plain": type(model.embedding.weight) is torch.nn.Parameter

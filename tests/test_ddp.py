@@ -1,11 +1,13 @@
 """DDP: exact fixed rows on every rank, free rows as one process, and no traffic for fixed rows.
 
 Two CPU processes (gloo) fit side by side with one; one in-process group counts the bytes a
-constrained model sends per step.
+constrained model sends per step. `check_same_on_every_rank` on two processes refuses ranks whose
+fixed rows differ, and a module constrained after DDP wrapped it; the callback runs it at setup.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -20,15 +22,19 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
-from embedding_constraint import fix_rows
+from embedding_constraint import check_same_on_every_rank, fix_rows
+from embedding_constraint.distributed import _fingerprint
 
 SCRIPT = Path(__file__).with_name("ddp_fit.py")
+CHECK_SCRIPT = Path(__file__).with_name("ddp_reference_check.py")
 
 
-def _fit(flavour: str, devices: int, out: Path, rows: list[int] | None) -> list[dict[str, Any]]:
+def _fit(
+    flavour: str, devices: int, out: Path, rows: list[int] | None, *extra: str
+) -> list[dict[str, Any]]:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}  # the ranks' own output is not under test
     command = [sys.executable, str(SCRIPT), "--flavour", flavour, "--devices", str(devices)]
-    command += ["--out", str(out), *(["--rows", *map(str, rows)] if rows else [])]
+    command += ["--out", str(out), *(["--rows", *map(str, rows)] if rows else []), *extra]
     subprocess.run(command, check=True, env=env, timeout=300, capture_output=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(devices)]
 
@@ -106,3 +112,140 @@ def test_fixed_rows_add_no_ddp_traffic(
     assert traffic.broadcast == 0  # nothing of the fixed rows travels
     free_gradient = (vocab - fixed) * dim * 4  # float32
     assert traffic.allreduce == steps * free_gradient
+
+
+# -- the same fixed rows on every rank ---------------------------------------------------------
+
+DIFFERENT_REFERENCE = (
+    "Expected '0.weight' to have the same reference (the fixed rows' values) on every rank. "
+    "Got rank 1 differing from rank 0"
+)
+CONSTRAINED_AFTER_DDP = (
+    "Expected ['0.weight'] to be constrained before DistributedDataParallel wrapped the module."
+)
+
+
+@pytest.fixture(scope="module")
+def checked_on_two_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
+    """What `check_same_on_every_rank` gave on each of 2 gloo ranks, case by case."""
+    tmp = tmp_path_factory.mktemp("reference_check")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    options = ["--world", "2", "--store", str(tmp / "store"), "--out", str(tmp)]
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, str(CHECK_SCRIPT), "--rank", str(rank), *options],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for rank in range(2)
+    ]
+    for rank in ranks:
+        _, err = rank.communicate(timeout=300)
+        assert rank.returncode == 0, err.decode()
+    return [json.loads((tmp / f"rank{r}.json").read_text(encoding="utf-8")) for r in range(2)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("same", "ok"),
+        ("ddp_first", "ok"),
+        ("one_ulp", DIFFERENT_REFERENCE),
+        ("negative_zero", DIFFERENT_REFERENCE),
+        ("swapped", DIFFERENT_REFERENCE),
+        (
+            "rows",
+            (
+                "Expected '0.weight' to have the same fixed row positions on every rank. Got "
+                "rank 1 differing from rank 0: pass the same rows= on every rank."
+            ),
+        ),
+        (
+            "tensors",
+            (
+                "Expected the same tensors constrained by fix_rows on every rank. Got "
+                "['0.weight'] on rank 0, ['0.weight', '1.weight'] on rank 1"
+            ),
+        ),
+        ("ddp_late", CONSTRAINED_AFTER_DDP),
+        ("ddp_late_find_unused", CONSTRAINED_AFTER_DDP),
+    ],
+)
+def test_check_same_on_every_rank_on_two_processes(
+    checked_on_two_ranks: list[dict[str, str]], case: str, message: str
+) -> None:
+    for results in checked_on_two_ranks:  # every rank raises, with the same message
+        assert results[case].startswith(message), results[case]
+
+
+@pytest.mark.slow
+def test_the_callback_refuses_a_reference_that_differs_between_ranks_at_setup(
+    tmp_path: Path,
+) -> None:
+    ranks = _fit("lightning.pytorch", 2, tmp_path, None, "--reference-differs-on-rank-1")
+    for rank in ranks:
+        error = rank["error"]
+        assert error is not None
+        assert error.startswith(
+            "Expected 'embedding.weight' to have the same reference (the fixed rows' values) on "
+            "every rank. Got rank 1 differing from rank 0"
+        ), error
+        assert rank["steps"] == 0  # refused before training
+        assert rank["plain"]  # and the module is left plain
+
+
+def test_check_same_on_every_rank_without_a_process_group_does_nothing() -> None:
+    assert not dist.is_initialized()
+    emb = fix_rows(nn.Embedding(10, 4), torch.randn(6, 4))
+    before = {k: v.clone() for k, v in emb.state_dict().items()}
+    assert check_same_on_every_rank(emb) is None  # type: ignore[func-returns-value]
+    for key, value in emb.state_dict().items():
+        assert torch.equal(value, before[key])
+    with pytest.raises(
+        TypeError, match=r"Expected `module` to be a torch.nn.Module\. Got Tensor\."
+    ):
+        check_same_on_every_rank(torch.zeros(1))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("find_unused_parameters", [False, True])
+def test_check_same_on_every_rank_refuses_constraining_after_ddp_on_one_rank(
+    find_unused_parameters: bool, tmp_path: Path
+) -> None:
+    def body() -> None:
+        first = DistributedDataParallel(fix_rows(nn.Embedding(10, 4), torch.randn(6, 4)))
+        check_same_on_every_rank(first)  # constrained, then wrapped: fine
+        check_same_on_every_rank(nn.Sequential(first))  # also when it sits inside a module
+        model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3))
+        late = DistributedDataParallel(model, find_unused_parameters=find_unused_parameters)
+        fix_rows(model, torch.randn(6, 4), name="0.weight")
+        check_same_on_every_rank(model)  # the module inside cannot tell
+        with pytest.raises(
+            ValueError,
+            match=r"Expected \['0.weight'\] to be constrained before DistributedDataParallel "
+            r"wrapped the module. Got a DistributedDataParallel built for 220 bytes of "
+            r"parameters, which now hold 124",
+        ):
+            check_same_on_every_rank(late)
+
+    in_process_group(body, "gloo", str(tmp_path / "group"), rank=0, world=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_the_fingerprint_tells_apart_every_single_bit_and_swapped_rows(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("embedding_constraint.distributed._CHUNK", 16)  # several chunks
+    torch.manual_seed(0)
+    tensor = torch.randn(3, 5, dtype=dtype)
+    seen = {_fingerprint(tensor)}
+    bits = tensor.view(torch.uint8).reshape(-1)
+    for byte in range(bits.numel()):
+        for bit in range(8):
+            flipped = bits.clone()
+            flipped[byte] ^= 1 << bit
+            seen.add(_fingerprint(flipped.view(dtype).reshape(3, 5)))
+    assert len(seen) == 1 + bits.numel() * 8  # each single-bit change is told apart
+    assert _fingerprint(tensor[[1, 0, 2]]) != _fingerprint(tensor)
+    assert _fingerprint(tensor.t().contiguous().t()) == _fingerprint(tensor)  # layout: no matter

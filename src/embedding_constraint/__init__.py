@@ -2,7 +2,8 @@
 
 `FixedRows` is a `torch.nn.utils.parametrize` parametrization; `fix_rows` and `bake`
 apply and remove it with plain state dicts; `EmbeddingConstraint` does both around a
-PyTorch Lightning fit; `vocab` aligns token vocabularies and grows modules to a new one.
+PyTorch Lightning fit; `vocab` aligns token vocabularies and grows modules to a new one;
+`check_same_on_every_rank` checks that every process holds the same fixed rows.
 """
 
 from __future__ import annotations
@@ -10,13 +11,22 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from embedding_constraint import vocab
+from embedding_constraint.distributed import check_same_on_every_rank
 from embedding_constraint.fix_rows import bake, fix_rows, is_fixed
 from embedding_constraint.fixed_rows import FixedRows
 
 if TYPE_CHECKING:
     from embedding_constraint.callback import EmbeddingConstraint
 
-__all__ = ["EmbeddingConstraint", "FixedRows", "bake", "fix_rows", "is_fixed", "vocab"]
+__all__ = [
+    "EmbeddingConstraint",
+    "FixedRows",
+    "bake",
+    "check_same_on_every_rank",
+    "fix_rows",
+    "is_fixed",
+    "vocab",
+]
 __version__ = "0.1.0"
 
 

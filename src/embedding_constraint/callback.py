@@ -39,7 +39,8 @@ class EmbeddingConstraint(EmbeddingConstraintHooks, Callback):
             row shape, more rows than ``target``, NaN/Inf or too large for ``target``'s
             dtype), ``rows`` do not fit (count, duplicates, past ``target``'s rows),
             ``target`` is already constrained (by `fix_rows`), uses ``sparse=True`` or
-            ``max_norm``, or only one of them has a bias.
+            ``max_norm``, or only one of them has a bias. At ``setup`` on several processes:
+            the ranks hold different references or fixed rows (`check_same_on_every_rank`).
         RuntimeError: at ``setup``, when the strategy flattens parameters into shards of
             its own (``FSDPStrategy``, DeepSpeed, XLA's FSDP); ``ModelParallelStrategy``
             (FSDP2) is supported.

@@ -11,6 +11,8 @@ Hooks used, in the order Lightning calls them during ``fit``:
   before the strategy wraps the model (DDP), so all of them see only the free rows. The hook
   ``on_fit_start`` would be too late: by then DDP has recorded the full-size parameter and
   shrinking it makes DDP fail ("parameters that were not used in producing the loss").
+  On several processes it then checks that every rank holds the same reference and fixed
+  rows (`check_same_on_every_rank`, one small collective).
 - ``on_load_checkpoint`` (resuming): refuse optimizer state saved for the full weight, and a
   ModelParallelStrategy resume from one file, which Lightning loads past the plain keys.
 - ``on_fit_start``: check that the module that trains is the one constrained (a
@@ -32,6 +34,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from typing_extensions import Self
 
+from embedding_constraint.distributed import check_same_on_every_rank
 from embedding_constraint.fix_rows import (
     _check_lookup_options,
     _owner,
@@ -411,6 +414,11 @@ class EmbeddingConstraintHooks:
                 f"EmbeddingConstraint: {name} has {reference.shape[0]} fixed and "
                 f"{total - reference.shape[0]} free rows. {_counted(constraint)}"
             )
+        # The processes of this fit (not of any process group there is: ranks may run fits of
+        # their own). DDP broadcasts rank 0's parameters, but the reference is none: one built
+        # from a per-rank seed or file would keep the ranks' fixed rows apart for the whole fit.
+        if getattr(trainer, "world_size", 1) > 1:
+            check_same_on_every_rank(pl_module)
 
     def on_load_checkpoint(
         self, trainer: Any, pl_module: nn.Module, checkpoint: dict[str, Any]
