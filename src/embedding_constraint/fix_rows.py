@@ -13,6 +13,7 @@ copy the reference and the stored rows apart, the module puts them back into one
 from __future__ import annotations
 
 import gc
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -353,6 +354,14 @@ def fix_rows(
     # Nothing below can fail on user input: the module changes only from here on.
     for plan in plans:
         _register(plan)
+    if "transformers" in sys.modules:  # else no Hugging Face model can be under `module`
+        # A Hugging Face model keeps tie_weights and resize_token_embeddings working, and
+        # PEFT finds its tied head by name, as on the plain model.
+        from embedding_constraint.peft_compat import declare_constrained_ties
+        from embedding_constraint.transformers import keep_constraints_through_hf_methods
+
+        keep_constraints_through_hf_methods(module)
+        declare_constrained_ties(module)
     return module
 
 

@@ -10,7 +10,10 @@ A constrained model's ``tie_weights`` and ``resize_token_embeddings`` would read
 embedding's weight as a Parameter, which it no longer is. `expand_vocabulary` therefore gives
 the model instance its own two methods, which bake, call the model's class's method, and
 constrain the same rows again (`_constraints_lifted`); with nothing constrained they are the
-class's methods.
+class's methods. `keep_constraints_through_hf_methods` installs them, for `fix_rows` too.
+
+`expand_vocabulary` plans (`_plan_expansion`: every check, every new tensor computed), then
+applies the plan (`_apply_expansion`), which nothing the user passed can make fail.
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ import inspect
 import math
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from embedding_constraint.fix_rows import (
     _check_lookup_options,
@@ -35,6 +40,7 @@ from embedding_constraint.fix_rows import (
     fixed_tensors,
     is_fixed,
 )
+from embedding_constraint.fixed_rows import FixedRows
 from embedding_constraint.vocab import (
     Init,
     _align,
@@ -281,6 +287,47 @@ def _check_per_token_tensors(
                     )
 
 
+def _check_plain(model: nn.Module, module: nn.Module, what: str) -> None:
+    """Refuse an input embedding or head whose weight or bias is not a Parameter it holds.
+
+    A parametrized tensor is computed from others: resizing it would resize nothing stored.
+    `FixedRows` among them: the model is constrained already (by an earlier
+    `expand_vocabulary`, or `fix_rows`), and expanding it again would re-sort re-sorted rows.
+
+    Raises:
+        ValueError: the module is parametrized, or a hook computes its weight or bias.
+    """
+    prefix = _name_of(model, module)
+    if parametrize.is_parametrized(module):
+        plists = cast(nn.ModuleDict, module.parametrizations)
+        if any(is_fixed(module, attr) for attr in plists):
+            raise ValueError(
+                f"Expected a model whose {what} is not constrained yet. Got one whose {what} is "
+                "already constrained (by an earlier expand_vocabulary, or by fix_rows): its "
+                "old rows are held fixed and already at their new ids. To expand it again, "
+                "bake(model) first, then expand_vocabulary(model, <the vocabulary it has now: "
+                "the earlier call's new_vocab>, new_vocab)."
+            )
+        found = ", ".join(
+            f"{prefix}.{attr} ({', '.join(type(p).__name__ for p in cast(Any, plists[attr]))})"
+            for attr in plists
+        )
+        raise ValueError(
+            f"Expected the {what} to have no parametrization. Got {found}: its tensor is "
+            "computed from others, which expand_vocabulary cannot resize and re-sort. Remove "
+            "it first (torch.nn.utils.parametrize.remove_parametrizations(module, name), "
+            "leave_parametrized=True keeps its values), expand, then register it again."
+        )
+    for attr in ("weight", "bias"):
+        value = getattr(module, attr, None)
+        if value is not None and module._parameters.get(attr) is not value:
+            raise ValueError(
+                f"Expected {prefix}.{attr} to be a Parameter that the {what} holds. Got a "
+                f"{type(value).__name__} computed by other means (a forward pre-hook, as "
+                "torch.nn.utils.weight_norm's): remove that first, then expand."
+            )
+
+
 def _vocabulary_modules(model: object) -> tuple[nn.Embedding, nn.Linear | None]:
     """The model's input embedding and output head (None if it has none), checked.
 
@@ -309,11 +356,7 @@ def _vocabulary_modules(model: object) -> tuple[nn.Embedding, nn.Linear | None]:
     for module, what in ((embedding, "input embedding"), (head, "output head")):
         if module is None:
             continue
-        if any(is_fixed(module, n) for n in ("weight", "bias") if hasattr(module, n)):
-            raise ValueError(
-                f"Expected a model whose {what} is not constrained yet. Got one that is "
-                "(expanded or fix_rows'd before): bake(model) first, then expand it again."
-            )
+        _check_plain(model, module, what)
         weight = module.weight
         if not weight.is_floating_point():
             raise TypeError(
@@ -388,8 +431,12 @@ def expand_vocabulary(
             point, a vocabulary is not one of the forms above, ``final_logits_bias`` is a
             Parameter rather than a buffer, or see `embedding_constraint.vocab.expand` for
             ``init`` and ``generator``.
-        ValueError: the embedding or head is already constrained; a weight is on the meta
-            device; ``old_vocab`` has more tokens than the embedding has rows, or gaps in
+        ValueError: the embedding or head is already constrained (an earlier
+            ``expand_vocabulary``: bake first, then expand from the vocabulary it has now) or
+            has another parametrization (``weight_norm``), or a hook computes its weight; a
+            row of a kept token holds NaN or Inf, or one that ``init`` reads (``"mean"`` and
+            ``"normal"`` read every old token's, dropped ones included), or ``init`` gives
+            NaN or Inf; a weight is on the meta device; ``old_vocab`` has more tokens than the embedding has rows, or gaps in
             its ids; the head has another row count than the embedding; a vocabulary is
             empty or has duplicates; ``new_vocab`` drops the padding token or a token named
             by a config id; a config id or the padding row lies past the old vocabulary;
@@ -398,8 +445,8 @@ def expand_vocabulary(
             ``mask_token_id``) names a token that moves or is dropped; the head or a module
             holding it has another per-token tensor (ESM's head bias beside a bias-free
             head); a module outside ``model`` shares its embedding (an inner model was
-            passed); or the embedding is sparse or has ``max_norm``. The model is left
-            unchanged.
+            passed); or the embedding is sparse or has ``max_norm``. Everything is checked
+            before the first change: the model is left unchanged.
 
     Examples:
 
@@ -418,8 +465,49 @@ def expand_vocabulary(
         >>> torch.equal(model.get_input_embeddings().weight[[5, 2]], old[[2, 5]])
         True
     """
+    return _apply_expansion(model, _plan_expansion(model, old_vocab, new_vocab, init, generator))
+
+
+@dataclass(frozen=True)
+class _Grown:
+    """A tensor of the input embedding or head, grown: it replaces ``old`` on every holder."""
+
+    old: Tensor  # the Parameter it replaces
+    new: Tensor
+    reference: Tensor  # the old tokens' rows, in the order of the alignment's ``new_rows``
+    name: str  # the first holder's dotted name, as fix_rows gets it
+    holders: list[tuple[nn.Module, str]]
+
+
+@dataclass(frozen=True)
+class _Expansion:
+    """A checked `expand_vocabulary`, its new tensors computed: nothing of it applied yet."""
+
+    rows: int  # the embedding's row count before
+    size: int  # after
+    new_rows: Tensor  # the old tokens' new ids, the rows to hold fixed
+    tensors: list[_Grown]
+    old_padding: int | None
+    new_padding: int | None
+    id_changes: list[tuple[object, str, int | list[int]]]
+    logits_bias: tuple[nn.Module, str, Tensor] | None  # its owner, name and new value
+
+
+def _plan_expansion(
+    model: nn.Module,
+    old_vocab: object,
+    new_vocab: object,
+    init: Init,
+    generator: torch.Generator | None,
+) -> _Expansion:
+    """Check everything `expand_vocabulary` checks and compute its new tensors; change nothing.
+
+    Raises:
+        TypeError, ValueError: see `expand_vocabulary`.
+    """
     embedding, head = _vocabulary_modules(model)
-    _check_lookup_options(embedding)
+    for holder, _ in _holders(model, embedding.weight):
+        _check_lookup_options(holder)
     _check_options(init, generator)
     old_tokens = _tokens(old_vocab, "old_vocab")
     new_tokens = _tokens(new_vocab, "new_vocab")
@@ -460,56 +548,117 @@ def expand_vocabulary(
         moved.append(logits_bias[0].get_buffer(logits_bias[1]))
     _check_per_token_tensors(model, head, moved, rows, alignment.new_size)
 
-    # The new tensors, computed before anything changes.
     keep = torch.ones(alignment.new_size, dtype=torch.bool)
     keep[alignment.new_rows] = False
     added = keep.nonzero().flatten()
     old_rows = alignment.old_rows
-    new_tensors: list[tuple[Tensor, Tensor, Tensor]] = []  # (old Parameter, new, reference)
+    grown = [(embedding.weight, "input embedding's rows")]
+    if head is not None and not tied:
+        grown.append((head.weight, "output head's rows"))
+    if head is not None and head.bias is not None:
+        grown.append((head.bias, "output head's bias entries"))
+    tensors = []
     with torch.no_grad():
-        grown = [embedding.weight] if tied or head is None else [embedding.weight, head.weight]
-        for param in grown:
+        for param, what in grown:
+            is_bias = head is not None and param is head.bias
             tokens = param.detach()[: alignment.old_size]
-            stats = tokens
-            if old_padding is not None and param is embedding.weight and rows > 1:
-                # The padding row is not a token's embedding (often zeros): leave it out.
-                stats = torch.cat((tokens[:old_padding], tokens[old_padding + 1 :]))
-            fresh = _fresh_rows(stats, added.numel(), init, generator) if added.numel() else None
             reference = tokens.index_select(0, old_rows.to(tokens.device))
-            new_tensors.append((param, _grow(tokens, alignment, added, fresh), reference))
-        if head is not None and head.bias is not None:
-            bias = head.bias.detach()[: alignment.old_size]
-            fresh = _fresh_bias(bias, added.numel(), init, generator) if added.numel() else None
-            reference = bias.index_select(0, old_rows.to(bias.device))
-            new_tensors.append((head.bias, _grow(bias, alignment, added, fresh), reference))
-
-    # Nothing below can fail on user input: the model changes only from here on.
-    names = []
-    for old, new, reference in new_tensors:
-        replacement = nn.Parameter(new)  # trains, also where the old one was frozen (PEFT)
-        holders = _holders(model, old)
-        for holder, attr in holders:
-            setattr(holder, attr, replacement)
-            _set_rows(holder, alignment.new_size)
-            if isinstance(holder, nn.Embedding) and holder.padding_idx == old_padding:
-                holder.padding_idx = new_padding  # every holder: BART's encoder and decoder
-        names.append((f"{_name_of(model, holders[0][0])}.{holders[0][1]}", reference))
-    if logits_bias is not None:
-        bias_owner, bias_name, bias_value = logits_bias
-        with torch.no_grad():
-            zeros = bias_value.new_zeros(
-                (*bias_value.shape[:-1], added.numel())
-            )  # as transformers pads
+            bad = _non_finite(reference, old_rows)
+            if bad:
+                raise ValueError(
+                    f"Expected the {what} of the tokens `new_vocab` keeps to be finite: they are "
+                    f"held fixed. Got NaN or Inf in those of {_listed(bad, old_tokens, new_index)}. "
+                    "Fix those rows first, or leave their tokens out of `new_vocab`."
+                )
+            fresh = None
+            if added.numel():
+                ids = torch.arange(alignment.old_size)
+                stats = tokens
+                if old_padding is not None and param is embedding.weight and rows > 1:
+                    # The padding row is not a token's embedding (often zeros): leave it out.
+                    stats = torch.cat((tokens[:old_padding], tokens[old_padding + 1 :]))
+                    ids = torch.cat((ids[:old_padding], ids[old_padding + 1 :]))
+                # `_fresh_rows` reads the rows for "mean" and "normal"; `_fresh_bias` reads the
+                # entries for every init but "zeros" (their mean, for a callable init too).
+                reads = init != "zeros" if is_bias else init in ("mean", "normal")
+                bad = _non_finite(stats, ids) if reads else []
+                if bad:
+                    reader = f"init={init!r}" if isinstance(init, str) else "their mean"
+                    raise ValueError(
+                        f"Expected the {what} that {reader} reads to be finite: those of "
+                        "every token of `old_vocab` (dropped ones too, the padding row left "
+                        "out) start the added tokens'. Got NaN or Inf in those of "
+                        f"{_listed(bad, old_tokens, new_index)}: it would reach every added "
+                        "token. Fix those rows first, or pass init='zeros'."
+                    )
+                make = _fresh_bias if is_bias else _fresh_rows
+                fresh = make(stats, added.numel(), init, generator)
+                if not bool(fresh.isfinite().all()):
+                    raise ValueError(
+                        f"Expected `init` to give finite rows. Got NaN or Inf in the {what} it "
+                        "gave the added tokens."
+                    )
+            new = _grow(tokens, alignment, added, fresh)
+            if old_rows.numel():  # the constraint fix_rows registers, checked here
+                FixedRows._borrowing(reference, rows=alignment.new_rows).check_compatible(new)
+            holders = _holders(model, param)
+            name = f"{_name_of(model, holders[0][0])}.{holders[0][1]}"
+            tensors.append(_Grown(param, new, reference, name, holders))
+        new_bias = None
+        if logits_bias is not None:
+            bias_owner, bias_name, bias_value = logits_bias
+            zeros = bias_value.new_zeros((*bias_value.shape[:-1], added.numel()))  # as HF pads
             by_token = _grow(bias_value.movedim(-1, 0), alignment, added, zeros.movedim(-1, 0))
-        bias_owner.register_buffer(bias_name, by_token.movedim(0, -1).contiguous())
-    _set_vocab_size(model, rows, alignment.new_size)
-    for config, field, value in id_changes:
+            new_bias = (bias_owner, bias_name, by_token.movedim(0, -1).contiguous())
+    return _Expansion(
+        rows,
+        alignment.new_size,
+        alignment.new_rows,
+        tensors,
+        old_padding,
+        new_padding,
+        id_changes,
+        new_bias,
+    )
+
+
+def _apply_expansion(model: _Model, plan: _Expansion) -> _Model:
+    """Apply a `_Expansion` (`_plan_expansion` checked it: nothing here fails on user input)."""
+    for grown in plan.tensors:
+        replacement = nn.Parameter(grown.new)  # trains, also where the old one was frozen (PEFT)
+        for holder, attr in grown.holders:
+            setattr(holder, attr, replacement)
+            _set_rows(holder, plan.size)
+            if isinstance(holder, nn.Embedding) and holder.padding_idx == plan.old_padding:
+                holder.padding_idx = plan.new_padding  # every holder: BART's encoder and decoder
+    if plan.logits_bias is not None:
+        owner, bias_name, bias = plan.logits_bias
+        owner.register_buffer(bias_name, bias)
+    _set_vocab_size(model, plan.rows, plan.size)
+    for config, field, value in plan.id_changes:
         setattr(config, field, value)
-    if alignment.old_rows.numel():  # no shared token: nothing to hold
-        for name, reference in names:
-            fix_rows(model, reference, name=name, rows=alignment.new_rows)
-    _keep_constraints_through_hf_methods(model)
+    if plan.new_rows.numel():  # no shared token: nothing to hold
+        for grown in plan.tensors:
+            fix_rows(model, grown.reference, name=grown.name, rows=plan.new_rows)
+    keep_constraints_through_hf_methods(model)
     return model
+
+
+def _non_finite(values: Tensor, ids: Tensor) -> list[int]:
+    """The ids (``ids[i]`` names row ``i`` of ``values``) of the rows holding NaN or Inf."""
+    bad = ~values.isfinite()
+    if bad.dim() > 1:
+        bad = bad.flatten(1).any(dim=1)
+    return [int(i) for i in ids[bad.cpu()]] if bool(bad.any()) else []
+
+
+def _listed(ids: list[int], old_tokens: Sequence[Hashable], new_index: dict[Hashable, int]) -> str:
+    """The first tokens of old ``ids``, with their ids, for a message."""
+    listed = [
+        f"{old_tokens[i]!r} (id {i}{'' if old_tokens[i] in new_index else ', dropped'})"
+        for i in ids[:10]
+    ]
+    return ", ".join(listed) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
 
 
 def _final_logits_bias(model: nn.Module, rows: int) -> tuple[nn.Module, str, Tensor] | None:
@@ -628,8 +777,13 @@ def _resize_token_embeddings(model: nn.Module, *args: Any, **kwargs: Any) -> Any
         return type(model).resize_token_embeddings(model, *args, **kwargs)  # type: ignore[attr-defined]
 
 
-def _keep_constraints_through_hf_methods(model: nn.Module) -> None:
-    """Give the model its own ``tie_weights`` and ``resize_token_embeddings`` (module docstring).
+def keep_constraints_through_hf_methods(model: nn.Module) -> None:
+    """Give a constrained Hugging Face model its own ``tie_weights`` and ``resize_token_embeddings``.
+
+    They bake, call the model's class's method, and constrain the same rows again (module
+    docstring); with nothing constrained they are the class's methods. `expand_vocabulary`
+    calls it, and so may `fix_rows` (with the root it was given): a model constrained by name
+    keeps both methods working. A module without such a model under it is left as it is.
 
     The outermost modules under ``model`` (``model`` itself, or the model inside a wrapper
     such as PEFT's) whose class has both get them: an inner one (``LlamaModel`` inside
@@ -643,4 +797,4 @@ def _keep_constraints_through_hf_methods(model: nn.Module) -> None:
             object.__setattr__(model, name, functools.partial(method, model))
         return
     for child in model.children():
-        _keep_constraints_through_hf_methods(child)
+        keep_constraints_through_hf_methods(child)
