@@ -1,14 +1,16 @@
 """Sessions that check embedding-constraint.
 
-`nox` runs the everyday set: tests, lint, typecheck, docs and demo. They share one virtual
-environment per torch requirement (``.nox/shared-<torch>``), made on first use: torch, both
-Lightning packages, every extra and the pinned checkers. So torch is installed once, not once a
-session; the environment is made again when the torch requirement, ``pyproject.toml`` or the
-pinned checkers change. pip installs torch (so your pip configuration, a CPU-only index say,
-decides which build); uv, where it is on the PATH, installs the rest, else pip. The tests run
-on every core (pytest-xdist). `nox -s bench`
-runs the step benchmark and `nox -s bench_lm` the language-model benchmark (not part of
-the everyday set: they measure, they do not check).
+`nox` runs the everyday set: tests, lint, typecheck, docs and demo. All but the demo share one
+virtual environment per torch requirement (``.nox/shared-<torch>``), made on first use: torch,
+both Lightning packages, every extra and the pinned checkers. So torch is installed once, not
+once a session. The demo has a small one of its own (``.nox/demo-<torch>``): torch and this
+package with its demo extra. An environment is made again when the torch requirement,
+``pyproject.toml`` or (the shared one) the pinned checkers change. pip installs torch: on a
+Linux machine without an NVIDIA GPU, whose pip has no index of the user's own, from PyTorch's
+CPU-only index (PyPI's is the CUDA build), else as pip is configured (`torch_source`); uv,
+where it is on the PATH, installs the rest, else pip. The tests run on every core
+(pytest-xdist). `nox -s bench` runs the step benchmark and `nox -s bench_lm` the
+language-model benchmark (not part of the everyday set: they measure, they do not check).
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ import hashlib
 import os
 import re
 import shutil
+import subprocess
 import sys
+import urllib.request
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import nox
@@ -25,38 +30,115 @@ import nox
 nox.options.sessions = ["tests", "lint", "typecheck", "docs", "demo"]
 nox.options.error_on_missing_interpreters = True
 
-# An unpinned `torch` pulls a multi-GB CUDA build; pin the CPU build and let the
-# environment choose another spec (EMBEDDING_CONSTRAINT_TORCH="torch==2.6.0", say).
+# Pinned, so the checks do not change with a new release; the environment chooses another
+# spec (EMBEDDING_CONSTRAINT_TORCH="torch==2.6.0", say). Which build: see `torch_source`.
 TORCH = os.environ.get("EMBEDDING_CONSTRAINT_TORCH", "torch==2.13.0")
 LIGHTNING = ["pytorch-lightning>=2.2", "lightning>=2.2"]
 # Checkers pinned: a new release may format or infer differently, and CI must not change with it.
 RUFF = "ruff==0.17.6"
 MYPY = "mypy==2.4.1"
 ROOT = Path(__file__).resolve().parent
+# PyTorch's index of CPU-only builds, for machines without an NVIDIA GPU (see `torch_source`).
+CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+_PROBE_SECONDS = 10  # how long `_reachable` waits for the CPU index to answer
+# Where pip's own index settings live in the environment; a config file shows in `pip config list`.
+_PIP_INDEX_VARIABLES = ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS")
 
 
-def _python(session: nox.Session) -> str:
-    """The shared environment's python, made first if it is missing or out of date."""
-    wanted = "\n".join(
-        [TORCH, *LIGHTNING, RUFF, MYPY, "nox", (ROOT / "pyproject.toml").read_text()]
+def pip_index_configured(environ: Mapping[str, str], config: str) -> bool:
+    """Whether the user told pip where to find packages, in the environment or a config file.
+
+    Args:
+        environ: the environment variables (``os.environ``).
+        config: what ``pip config list`` prints (``global.index-url='...'`` lines).
+    """
+    if any(environ.get(name) for name in _PIP_INDEX_VARIABLES):
+        return True
+    option = r"^\S*\.(?:index[-_]url|extra[-_]index[-_]url|find[-_]links)="
+    return re.search(option, config, re.MULTILINE) is not None
+
+
+def torch_source(
+    *, gpu: bool, configured: bool, platform: str, reachable: Callable[[str], bool]
+) -> tuple[list[str], str]:
+    """Where pip gets torch: the arguments to add to ``pip install`` and why, for the log.
+
+    PyPI's Linux torch is the CUDA build (several GB); on a Linux machine without an NVIDIA GPU
+    whose pip has no index of the user's own, torch comes from PyTorch's CPU-only index instead,
+    where that answers.
+
+    Args:
+        gpu: whether the machine has an NVIDIA GPU.
+        configured: whether the user configured pip's index (`pip_index_configured`).
+        platform: ``sys.platform``.
+        reachable: tells whether a URL answers; called only when the choice needs it.
+    """
+    if gpu:
+        return [], "an NVIDIA GPU is here, so pip installs it as configured (a CUDA build)"
+    if configured:
+        return [], "pip's index is configured here, so pip installs it as configured"
+    if not platform.startswith("linux"):
+        return [], "not Linux, where PyPI's torch has no CUDA: pip installs it as configured"
+    if reachable(f"{CPU_INDEX}/torch/"):
+        # --index-url, not --extra-index-url: PyPI's CUDA build must not be a candidate at all.
+        cpu_only = ["--index-url", CPU_INDEX]
+        return cpu_only, f"no NVIDIA GPU here: the CPU-only build from {CPU_INDEX}"
+    return [], (
+        f"no NVIDIA GPU here, but {CPU_INDEX} did not answer within {_PROBE_SECONDS} s, so pip "
+        "installs it as configured: from PyPI, on Linux, that is the CUDA build (several GB)"
     )
-    stamp = hashlib.sha256(wanted.encode()).hexdigest()
-    env = ROOT / ".nox" / f"shared-{re.sub(r'[^A-Za-z0-9.]+', '-', TORCH)}"
+
+
+def _reachable(url: str) -> bool:
+    """Whether ``url`` answers within `_PROBE_SECONDS`."""
+    try:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, method="HEAD"), timeout=_PROBE_SECONDS
+        ):
+            return True
+    except OSError:  # no network, no name, a timeout, an HTTP error
+        return False
+
+
+def _install_torch(session: nox.Session, python: Path) -> None:
+    """Install TORCH with the pip of ``python``: from the CPU-only index where that fits."""
+    pip = [str(python), "-m", "pip"]
+    gpu = shutil.which("nvidia-smi") is not None or Path("/proc/driver/nvidia").exists()
+    # `pip config list` shows the config files' settings; it cannot fail in a way that matters.
+    listed = subprocess.run([*pip, "config", "list"], capture_output=True, text=True, check=False)
+    args, why = torch_source(
+        gpu=gpu,
+        configured=pip_index_configured(os.environ, listed.stdout),
+        platform=sys.platform,
+        reachable=_reachable,
+    )
+    session.log(f"{TORCH}: {why}.")
+    session.run(*pip, "install", "--progress-bar", "off", *args, TORCH, external=True)
+
+
+def _environment(session: nox.Session, name: str, wanted: list[str], rest: list[str]) -> str:
+    """The python of ``.nox/<name>-<torch>``, made first if it is missing or out of date.
+
+    Args:
+        session: the session that needs it.
+        name: the environment's name, before the torch requirement.
+        wanted: what it is made from; a change to any of it makes it again.
+        rest: what uv (else pip) installs after TORCH.
+    """
+    stamp = hashlib.sha256("\n".join(wanted).encode()).hexdigest()
+    env = ROOT / ".nox" / f"{name}-{re.sub(r'[^A-Za-z0-9.]+', '-', TORCH)}"
     python = env / "bin" / "python"
     done = env / "installed.sha256"
     if done.exists() and done.read_text() == stamp and python.exists():
         return str(python)
     uv = shutil.which("uv")
     session.log(
-        f"Making {env.relative_to(ROOT)} once for every session: {TORCH} first, with pip (so "
-        "nothing pulls an unpinned one), then with " + ("uv" if uv else "pip") + " both "
-        "Lightning packages, this project with its test, demo, docs and peft extras (peft "
-        "brings transformers), ruff and mypy."
+        f"Making {env.relative_to(ROOT)} once: {TORCH} first, with pip (so nothing pulls an "
+        "unpinned one), then with " + ("uv" if uv else "pip") + ": " + " ".join(rest)
     )
     session.run(sys.executable, "-m", "venv", "--clear", str(env), external=True)
     pip = [str(python), "-m", "pip", "install", "--progress-bar", "off"]
-    session.run(*pip, TORCH, external=True)
-    rest = ["-e", f"{ROOT}[test,demo,docs,peft]", *LIGHTNING, RUFF, MYPY, "nox"]
+    _install_torch(session, python)
     if uv:
         # Compiled now, as pip does: else every test process (the parallel workers, the DDP
         # ranks) would compile what it imports on its own.
@@ -66,6 +148,19 @@ def _python(session: nox.Session) -> str:
         session.run(*pip, *rest, external=True)
     done.write_text(stamp)
     return str(python)
+
+
+def _python(session: nox.Session) -> str:
+    """The shared environment's python: torch, both Lightning packages, every extra, checkers."""
+    wanted = [TORCH, *LIGHTNING, RUFF, MYPY, "nox", (ROOT / "pyproject.toml").read_text()]
+    rest = ["-e", f"{ROOT}[test,demo,docs,peft]", *LIGHTNING, RUFF, MYPY, "nox"]
+    return _environment(session, "shared", wanted, rest)
+
+
+def _demo_python(session: nox.Session) -> str:
+    """The demo's own environment: torch and this package with its demo extra, nothing else."""
+    wanted = [TORCH, "demo", (ROOT / "pyproject.toml").read_text()]
+    return _environment(session, "demo", wanted, ["-e", f"{ROOT}[demo]"])
 
 
 @nox.session(venv_backend="none")
@@ -103,7 +198,7 @@ def typecheck(session: nox.Session) -> None:
 @nox.session(venv_backend="none")
 def demo(session: nox.Session) -> None:
     """Run the produce demo: expand a vocabulary with and without the constraint."""
-    python = _python(session)
+    python = _demo_python(session)
     session.run(python, "examples/produce_demo.py", *session.posargs, external=True)
 
 

@@ -37,17 +37,19 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytorch_lightning as pl
 import torch
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from typing_extensions import override
 
 from embedding_constraint import EmbeddingConstraint
 from embedding_constraint.vocab import expand
+
+if TYPE_CHECKING:  # matplotlib is imported where the figure is drawn: `--help` runs without it
+    from matplotlib.axes import Axes
 
 FRUITS = ("apple", "orange", "banana", "strawberry", "mango", "pear")
 VEGETABLES = ("broccoli", "cabbage", "carrot", "cauliflower", "spinach", "parsnip")
@@ -651,6 +653,7 @@ def _panel(
 
 
 def _draw(summary: Summary, classifier: KindClassifier) -> None:
+    from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 

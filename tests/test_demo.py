@@ -218,3 +218,147 @@ def test_the_sweep_report_counts_the_seeds(demo: ModuleType, summary: Any) -> No
     assert "kept every old item in 1 of 2 seeds (old-item accuracy 50% to 100%)" in report
     assert "bit for bit unchanged in 2 of 2 seeds" in report
     assert "settled with their kind in 2 of 2" in report
+
+
+# Runs a script (argv[1], with the arguments after it) as if matplotlib were not installed: not
+# importable, and no distribution metadata (which Lightning's torchmetrics asks before importing).
+_WITHOUT_MATPLOTLIB = """
+import importlib.machinery, importlib.util, runpy, sys
+
+class PathFinder(importlib.machinery.PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name.partition(".")[0] == "matplotlib":
+            return None
+        return super().find_spec(name, path, target)
+
+    @classmethod
+    def find_distributions(cls, *args, **kwargs):
+        found = super().find_distributions(*args, **kwargs)
+        return (d for d in found if (d.metadata["Name"] or "").lower() != "matplotlib")
+
+sys.meta_path[:] = [
+    PathFinder if f is importlib.machinery.PathFinder else f for f in sys.meta_path
+]
+assert importlib.util.find_spec("matplotlib") is None
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_help_works_without_matplotlib(tmp_path: Path) -> None:
+    script = tmp_path / "without_matplotlib.py"
+    script.write_text(_WITHOUT_MATPLOTLIB)
+    result = subprocess.run(
+        [sys.executable, str(script), str(EXAMPLE), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("usage: produce_demo.py")
+    for flag in ("--outdir", "--epochs", "--seed", "--seeds"):
+        assert flag in result.stdout
+
+
+def test_the_matplotlib_block_blocks(tmp_path: Path) -> None:
+    script = tmp_path / "without_matplotlib.py"
+    script.write_text(_WITHOUT_MATPLOTLIB)
+    uses = tmp_path / "uses_matplotlib.py"
+    uses.write_text("import matplotlib.figure\n")
+    result = subprocess.run(
+        [sys.executable, str(script), str(uses)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "ModuleNotFoundError: No module named 'matplotlib'" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def noxfile() -> ModuleType:
+    pytest.importorskip("nox")  # the shared environment has it; a bare one may not
+    path = EXAMPLE.parents[1] / "noxfile.py"
+    spec = importlib.util.spec_from_file_location("noxfile_under_test", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _never_probed(url: str) -> bool:
+    raise AssertionError(f"probed {url} although the choice did not need it")
+
+
+@pytest.mark.parametrize(
+    ("gpu", "configured", "platform", "reason"),
+    [
+        (True, False, "linux", "an NVIDIA GPU is here"),
+        (True, True, "linux", "an NVIDIA GPU is here"),
+        (False, True, "linux", "pip's index is configured here"),
+        (False, False, "darwin", "not Linux"),
+        (False, False, "win32", "not Linux"),
+    ],
+)
+def test_torch_comes_from_pip_as_configured(
+    noxfile: ModuleType, gpu: bool, configured: bool, platform: str, reason: str
+) -> None:
+    args, why = noxfile.torch_source(
+        gpu=gpu, configured=configured, platform=platform, reachable=_never_probed
+    )
+    assert args == []
+    assert why.startswith(reason)
+    assert "pip installs it as configured" in why
+
+
+def test_torch_comes_from_the_cpu_index_on_a_linux_machine_without_a_gpu(
+    noxfile: ModuleType,
+) -> None:
+    probed: list[str] = []
+
+    def reachable(url: str) -> bool:
+        probed.append(url)
+        return True
+
+    args, why = noxfile.torch_source(
+        gpu=False, configured=False, platform="linux", reachable=reachable
+    )
+    assert args == ["--index-url", "https://download.pytorch.org/whl/cpu"]
+    assert probed == ["https://download.pytorch.org/whl/cpu/torch/"]
+    assert "https://download.pytorch.org/whl/cpu" in why
+
+
+def test_torch_falls_back_to_plain_pip_when_the_cpu_index_is_unreachable(
+    noxfile: ModuleType,
+) -> None:
+    args, why = noxfile.torch_source(
+        gpu=False, configured=False, platform="linux", reachable=lambda url: False
+    )
+    assert args == []
+    assert "https://download.pytorch.org/whl/cpu did not answer" in why
+    assert "CUDA build" in why
+
+
+@pytest.mark.parametrize(
+    ("environ", "config", "expected"),
+    [
+        ({}, "", False),
+        ({"PIP_DEFAULT_TIMEOUT": "60"}, "global.timeout='60'\n", False),
+        ({"PIP_INDEX_URL": "https://mirror/simple"}, "", True),
+        ({"PIP_EXTRA_INDEX_URL": "file:///x"}, "", True),
+        ({"PIP_FIND_LINKS": "/opt/wheels"}, "", True),
+        ({"PIP_INDEX_URL": ""}, "", False),
+        ({}, "global.index-url='https://mirror/simple'\n", True),
+        ({}, "global.cert='/c'\nglobal.extra-index-url='file:///x'\n", True),
+        ({}, "install.find-links='/opt/wheels'\n", True),
+        ({}, ":env:.find-links='/opt/wheels'\n", True),
+    ],
+)
+def test_pip_index_configured(
+    noxfile: ModuleType, environ: dict[str, str], config: str, expected: bool
+) -> None:
+    assert noxfile.pip_index_configured(environ, config) is expected
