@@ -546,3 +546,37 @@ def test_alignment_is_frozen() -> None:
     with pytest.raises(AttributeError):
         al.added = ()  # type: ignore[misc]
     assert al.new_size == len(NEW)
+
+
+@pytest.mark.parametrize("init", ["mean", "normal"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_a_non_finite_row_the_init_reads_is_refused_dropped_tokens_too(
+    init: str, bad: float
+) -> None:
+    old = nn.Embedding(4, 3)
+    with torch.no_grad():
+        old.weight[2, 1] = bad  # "c", a token the new vocabulary drops
+    before = old.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"init='(mean|normal)'.*1 rows: 'c' \(row 2\)"):
+        expand(old, ["a", "b", "c", "d"], ["a", "b", "d", "new"], init=init)  # type: ignore[arg-type]  # a str of the two
+    torch.testing.assert_close(old.weight.detach(), before, rtol=0, atol=0, equal_nan=True)
+    # Zeros read no old row; the row stays out of the new module, which is finite.
+    new = expand(old, ["a", "b", "c", "d"], ["a", "b", "d", "new"], init="zeros")
+    assert bool(new.weight.isfinite().all())
+
+
+def test_a_non_finite_padding_row_is_not_read_by_the_init() -> None:
+    old = nn.Embedding(3, 2, padding_idx=0)
+    with torch.no_grad():
+        old.weight[0] = float("nan")
+    new = expand(old, ["<pad>", "a", "b"], ["<pad>", "a", "b", "new"], init="mean")
+    assert bool(new.weight[1:].isfinite().all())  # the padding row is copied as it is
+
+
+def test_a_non_finite_head_bias_is_refused_where_the_init_reads_it() -> None:
+    old = nn.Linear(2, 3)
+    with torch.no_grad():
+        old.bias[1] = float("inf")
+    with pytest.raises(ValueError, match=r"`old_module.bias`.*'y' \(row 1\)"):
+        expand(old, ["x", "y", "z"], ["x", "z", "new"], init="mean")
+    assert bool(expand(old, ["x", "y", "z"], ["x", "z", "new"], init="zeros").bias.isfinite().all())

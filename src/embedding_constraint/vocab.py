@@ -334,8 +334,9 @@ def expand(
             not a ``torch.Generator``, or a callable ``init`` returns something not a tensor.
         ValueError: ``old_module`` is parametrized; a vocabulary is empty or has duplicates;
             ``len(old_vocab)`` differs from the module's row count; ``init`` is an unknown
-            name; the padding token is not in ``new_vocab``; or a callable ``init`` returns a
-            tensor of the wrong shape.
+            name; the padding token is not in ``new_vocab``; ``init`` is ``"mean"`` or
+            ``"normal"`` and an old row it reads (a dropped token's too; not the padding row)
+            holds NaN or Inf; or a callable ``init`` returns a tensor of the wrong shape.
 
     Examples:
 
@@ -350,6 +351,28 @@ def expand(
         >>> torch.equal(new.weight[[0, 2, 3]], old.weight[[1, 2, 0]])
         True
     """
+    return cast(_M, _build(_plan(old_module, old_vocab, new_vocab, init, generator)))
+
+
+@dataclass(frozen=True, eq=False)
+class _Expansion:
+    """A checked `expand`: the module it starts from and the new module's tensors."""
+
+    module: nn.Embedding | nn.EmbeddingBag | nn.Linear
+    rows: int
+    padding_idx: int | None
+    weight: Tensor
+    bias: Tensor | None
+
+
+def _plan(
+    old_module: object,
+    old_vocab: Sequence[Hashable],
+    new_vocab: Sequence[Hashable],
+    init: Init,
+    generator: torch.Generator | None,
+) -> _Expansion:
+    """Every check of `expand`, and the new module's tensors: nothing is built yet."""
     module = _check_module(old_module)
     _check_options(init, generator)
     alignment = _align(old_vocab, new_vocab, "old_vocab", "new_vocab")
@@ -360,19 +383,7 @@ def expand(
             f"Expected `old_vocab` to hold one token per row of the {kind} "
             f"({weight.shape[0]} rows). Got {alignment.old_size} tokens."
         )
-    padding_idx = None
-    new_padding_idx = None
-    if isinstance(module, nn.Embedding | nn.EmbeddingBag) and module.padding_idx is not None:
-        padding_idx = module.padding_idx
-        kept = (alignment.old_rows == padding_idx).nonzero().flatten()
-        if kept.numel() == 0:
-            raise ValueError(
-                f"Expected `new_vocab` to keep the padding token {old_vocab[padding_idx]!r} "
-                f"(row {padding_idx}, the {kind}'s padding_idx). Got a vocabulary without it; "
-                "add it to `new_vocab`, or expand a copy with padding_idx=None."
-            )
-        new_padding_idx = int(alignment.new_rows[kept[0]])
-
+    padding_idx, new_padding_idx = _padding(module, alignment, old_vocab)
     keep = torch.ones(alignment.new_size, dtype=torch.bool)
     keep[alignment.new_rows] = False
     added_rows = keep.nonzero().flatten()
@@ -382,39 +393,94 @@ def expand(
         if padding_idx is not None and weight.shape[0] > 1:
             # The padding row is not a token's embedding (often zeros): leave it out.
             stats = torch.cat((weight[:padding_idx], weight[padding_idx + 1 :]))
-        fresh = _fresh_rows(stats, count, init, generator) if count else None
+        fresh = None
+        if count:
+            if init in ("mean", "normal"):
+                _check_finite(stats, old_vocab, padding_idx, "`old_module.weight`", init)
+            fresh = _fresh_rows(stats, count, init, generator)
         new_weight = _grow(weight, alignment, added_rows, fresh)
         new_bias = None
         if isinstance(module, nn.Linear) and module.bias is not None:
             bias = module.bias.detach()
-            fresh_bias = _fresh_bias(bias, count, init, generator) if count else None
+            fresh_bias = None
+            if count:
+                if init != "zeros":
+                    _check_finite(bias, old_vocab, None, "`old_module.bias`", init)
+                fresh_bias = _fresh_bias(bias, count, init, generator)
             new_bias = _grow(bias, alignment, added_rows, fresh_bias)
+    return _Expansion(module, alignment.new_size, new_padding_idx, new_weight, new_bias)
 
+
+def _padding(
+    module: nn.Module, alignment: Alignment, old_vocab: Sequence[Hashable]
+) -> tuple[int | None, int | None]:
+    """An embedding's padding row in the old vocabulary and in the new one (both None
+    without one); refused if the new vocabulary drops the padding token."""
+    if not isinstance(module, nn.Embedding | nn.EmbeddingBag) or module.padding_idx is None:
+        return None, None
+    padding_idx = module.padding_idx
+    kept = (alignment.old_rows == padding_idx).nonzero().flatten()
+    if kept.numel() == 0:
+        raise ValueError(
+            f"Expected `new_vocab` to keep the padding token {old_vocab[padding_idx]!r} "
+            f"(row {padding_idx}, the {type(module).__name__}'s padding_idx). Got a "
+            "vocabulary without it; add it to `new_vocab`, or expand a copy with "
+            "padding_idx=None."
+        )
+    return padding_idx, int(alignment.new_rows[kept[0]])
+
+
+def _check_finite(
+    rows: Tensor, vocab: Sequence[Hashable], skipped: int | None, name: str, init: Init
+) -> None:
+    """Refuse NaN or Inf in the old rows an ``init`` reads: it would reach every added row.
+
+    ``skipped`` is the row left out of ``rows`` (the padding row), so that the message names
+    the tokens of the rows as ``vocab`` numbers them.
+    """
+    flat = rows.reshape(rows.shape[0], -1) if rows.dim() else rows.reshape(-1, 1)
+    bad = (~flat.isfinite()).any(dim=1).nonzero().flatten().tolist()
+    if not bad:
+        return
+    if skipped is not None:
+        bad = [r + (r >= skipped) for r in bad]
+    shown = ", ".join(f"{vocab[r]!r} (row {r})" for r in bad[:_SHOWN])
+    more = f" and {len(bad) - _SHOWN} more" if len(bad) > _SHOWN else ""
+    raise ValueError(
+        f"Expected finite values in the rows of {name} that init={init!r} reads (every old "
+        f"row, dropped tokens too: they would reach every added row). Got NaN or Inf in "
+        f"{len(bad)} rows: {shown}{more}. Replace them, or use init='zeros' or a callable."
+    )
+
+
+def _build(plan: _Expansion) -> nn.Module:
+    """The new module of `_plan`'s module's class and settings, holding its tensors."""
+    module = plan.module
     new: nn.Module
     if isinstance(module, nn.Embedding):
         new = nn.Embedding(
-            alignment.new_size,
+            plan.rows,
             module.embedding_dim,
-            padding_idx=new_padding_idx,
+            padding_idx=plan.padding_idx,
             max_norm=module.max_norm,
             norm_type=module.norm_type,
             scale_grad_by_freq=module.scale_grad_by_freq,
             sparse=module.sparse,
-            _weight=new_weight,
+            _weight=plan.weight,
             _freeze=not module.weight.requires_grad,
         )
     elif isinstance(module, nn.EmbeddingBag):
         new = nn.EmbeddingBag(
-            alignment.new_size,
+            plan.rows,
             module.embedding_dim,
             max_norm=module.max_norm,
             norm_type=module.norm_type,
             scale_grad_by_freq=module.scale_grad_by_freq,
             mode=module.mode,
             sparse=module.sparse,
-            _weight=new_weight,
+            _weight=plan.weight,
             include_last_offset=module.include_last_offset,
-            padding_idx=new_padding_idx,
+            padding_idx=plan.padding_idx,
         )
         new.weight.requires_grad_(module.weight.requires_grad)
     else:
@@ -422,16 +488,17 @@ def expand(
         # nothing from the global generator; both parameters are replaced right after.
         new = nn.Linear(
             module.in_features,
-            alignment.new_size,
-            bias=new_bias is not None,
+            plan.rows,
+            bias=plan.bias is not None,
             device="meta",
-            dtype=weight.dtype,
+            dtype=plan.weight.dtype,
         )
-        new.weight = nn.Parameter(new_weight, requires_grad=module.weight.requires_grad)
-        if new_bias is not None:
-            new.bias = nn.Parameter(new_bias, requires_grad=module.bias.requires_grad)
+        new.weight = nn.Parameter(plan.weight, requires_grad=module.weight.requires_grad)
+        if plan.bias is not None:
+            assert module.bias is not None  # a bias only where the old module has one
+            new.bias = nn.Parameter(plan.bias, requires_grad=module.bias.requires_grad)
     new.train(module.training)
-    return cast(_M, new)
+    return new
 
 
 def append(
