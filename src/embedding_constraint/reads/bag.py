@@ -190,21 +190,9 @@ def bag(
         input, offsets = input.to(common), offsets.to(common)
     if padding_idx is not None and padding_idx < 0:
         padding_idx += total
-    # Target rows: the free rows, one row for padding lookups, then the spare rows. Ids are
-    # mapped with lookups (`F.embedding`), which reject what Python-style indexing would wrap.
     free_rows = free.shape[0]
-    target_input = nn.functional.embedding(input, grad_row.unsqueeze(1)).squeeze(-1)
-    target_input = target_input + (target_input >= free_rows)
-    target_padding = None
-    if padding_idx is not None:
-        target_input = target_input.masked_fill(input == padding_idx, free_rows)
-        target_padding = free_rows
-    places = constraint.places(input)
-    slot_input = input if places is None else places.to(input.dtype)
-    # (For scattered rows, reading the padding row's place is a device sync on a GPU.)
-    slot_padding = None
-    if padding_idx is not None:
-        slot_padding = padding_idx if constraint.slot is None else int(constraint.slot[padding_idx])
+    target_input, target_padding = _target_ids(input, grad_row, free_rows, padding_idx)
+    slot_input, slot_padding = _slot_ids(constraint, input, padding_idx)
     options = (
         mode,
         include_last_offset,
@@ -217,12 +205,41 @@ def bag(
         free,
         joined,
         slot_input,
-        target_input.to(input.dtype),
+        target_input,
         offsets,
         per_sample_weights,
         options,
     )
     return out
+
+
+def _target_ids(
+    input: Tensor, grad_row: Tensor, free_rows: int, padding_idx: int | None
+) -> tuple[Tensor, int | None]:
+    """Each id's row in the backward's target table, and the table's padding row.
+
+    The table holds the free rows, then one row for the padding row's lookups (so that they
+    still do not count in a mean), then the spare rows for the fixed rows' lookups. Ids are
+    mapped with a lookup (`F.embedding`), which rejects what Python-style indexing would wrap.
+    """
+    target = nn.functional.embedding(input, grad_row.unsqueeze(1)).squeeze(-1)
+    target = target + (target >= free_rows)
+    if padding_idx is None:
+        return target.to(input.dtype), None
+    return target.masked_fill(input == padding_idx, free_rows).to(input.dtype), free_rows
+
+
+def _slot_ids(
+    constraint: FixedRows, input: Tensor, padding_idx: int | None
+) -> tuple[Tensor, int | None]:
+    """Each id's place in the block ``[reference; free]``, and the padding row's place."""
+    places = constraint.places(input)
+    slot_input = input if places is None else places.to(input.dtype)
+    if padding_idx is None:
+        return slot_input, None
+    # (For scattered rows, reading the padding row's place is a device sync on a GPU.)
+    slot = constraint.slot
+    return slot_input, padding_idx if slot is None else int(slot[padding_idx])
 
 
 def embedding_bag_forward(
