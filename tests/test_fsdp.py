@@ -444,7 +444,7 @@ def test_a_sharded_reference_stays_exact_and_gets_no_state(optimizer_name: str) 
 
 @pytest.mark.parametrize(
     ("strategy", "advice"),
-    [("FSDPStrategy", "Use ModelParallelStrategy"), ("DeepSpeedStrategy", "ModelParallelStrategy")],
+    [("FSDPStrategy", "Use ModelParallelStrategy")],
 )
 def test_flat_sharding_strategies_are_refused_pointing_to_model_parallel(
     strategy: str, advice: str

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,8 +40,14 @@ def test_the_command_prints_its_summary() -> None:
         check=True,
         timeout=300,
     )
-    lines = done.stdout.splitlines()
-    assert len(lines) == 4
+    # DeepSpeed, where it is installed (the deepspeed extra), logs its accelerator to stdout
+    # when transformers imports it: its lines are not the example's.
+    lines = [
+        line
+        for line in done.stdout.splitlines()
+        if not re.match(r"\[[\d-]+ [\d:,]+\] \[[A-Z]+\] \[", line)
+    ]
+    assert len(lines) == 4, done.stdout
     assert "old tokens moved to other ids" in lines[0]
     assert lines[2].endswith(": 0")
     assert lines[3].endswith("True")

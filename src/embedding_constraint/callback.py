@@ -42,8 +42,8 @@ class EmbeddingConstraint(EmbeddingConstraintHooks, Callback):
             ``max_norm``, or only one of them has a bias. At ``setup`` on several processes:
             the ranks hold different references or fixed rows (`check_same_on_every_rank`).
         RuntimeError: at ``setup``, when the strategy flattens parameters into shards of
-            its own (``FSDPStrategy``, DeepSpeed, XLA's FSDP); ``ModelParallelStrategy``
-            (FSDP2) is supported.
+            its own (``FSDPStrategy``, XLA's FSDP) or is DeepSpeed at ZeRO stage 3;
+            ``ModelParallelStrategy`` (FSDP2) and DeepSpeed at stages 0 to 2 are supported.
 
     Examples:
 

@@ -50,17 +50,15 @@ _TARGETS = (nn.Embedding, nn.EmbeddingBag, nn.Linear)
 # Strategies refused, and why. Each flattens the module's parameters into flat shards of its
 # own, so the stored free rows would no longer be the tensor the parametrization reads.
 # ModelParallelStrategy (FSDP2, `fully_shard` in configure_model) keeps each parameter a
-# DTensor of its own shape, and is supported.
+# DTensor of its own shape, and is supported. DeepSpeedStrategy is too at ZeRO stages 0 to 2,
+# which flatten a copy of the parameters for the optimizer, not the module's tensors
+# (`_check_zero_stage` refuses stage 3).
 _REFUSED_STRATEGIES = {
     "FSDPStrategy": (
         "FSDP1 flattens parameters into FlatParameters (with use_orig_params=True too: its "
         "views are rebuilt from the flat shard), which the constraint cannot read. Use "
         "ModelParallelStrategy (FSDP2) and call torch.distributed.fsdp.fully_shard in the "
         "LightningModule's configure_model: EmbeddingConstraint supports it."
-    ),
-    "DeepSpeedStrategy": (
-        "DeepSpeed partitions parameters into flat buffers of its own, which the constraint "
-        "cannot read. Use ModelParallelStrategy (FSDP2) or DDP."
     ),
     "XLAFSDPStrategy": (
         "XLA's FSDP flattens parameters into flat shards, which the constraint cannot read. "
@@ -111,6 +109,31 @@ def _article(word: str) -> str:
 def _shards_in_configure_model(strategy: type) -> bool:
     """Whether the strategy is Lightning's FSDP2 one, whose user calls ``fully_shard``."""
     return any(base.__name__ == "ModelParallelStrategy" for base in strategy.__mro__)
+
+
+def _zero_stage(strategy: object) -> int | None:
+    """The ZeRO stage of Lightning's ``DeepSpeedStrategy`` (None: another strategy).
+
+    DeepSpeed at stages 0 to 2 trains the stored free rows as any parameter (stages 1 and 2
+    partition the optimizer state and gradients of its flat copy, not the module's tensor).
+    """
+    if not any(base.__name__ == "DeepSpeedStrategy" for base in type(strategy).__mro__):
+        return None
+    config = getattr(strategy, "config", None) or {}
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
+def _check_zero_stage(strategy: object) -> None:
+    """Refuse ZeRO-3, whose partitions the bake at the end of the fit cannot write back."""
+    if _zero_stage(strategy) == 3:
+        raise RuntimeError(
+            "Expected DeepSpeedStrategy at ZeRO stage 0, 1 or 2. Got stage 3: ZeRO-3 "
+            "partitions the stored free rows across ranks, and the callback's bake at the end "
+            "of the fit (the plain weight in place of the free rows) cannot be written back "
+            "into DeepSpeed's partitions. Use stage 2 (or 1), or, under ZeRO-3, call fix_rows "
+            "before deepspeed.initialize yourself and read the trained model's plain state "
+            "dict inside deepspeed.zero.GatheredParameters (see docs/distributed.md)."
+        )
 
 
 def _rows_of(target: nn.Module) -> int:
@@ -394,9 +417,11 @@ class EmbeddingConstraintHooks:
             if base.__name__ in _REFUSED_STRATEGIES:
                 raise RuntimeError(
                     "Expected a strategy that keeps each parameter a tensor of its own (single "
-                    f"device, DDP, ModelParallelStrategy). Got {strategy.__name__}, which shards "
+                    "device, DDP, ModelParallelStrategy, DeepSpeedStrategy at ZeRO stages 0 to "
+                    f"2). Got {strategy.__name__}, which shards "
                     "them into flat buffers. " + _REFUSED_STRATEGIES[base.__name__]
                 )
+        _check_zero_stage(trainer.strategy)
         prefix = self._qualified_name(pl_module)
         self._check_other_callbacks(trainer)
         self._name = prefix

@@ -8,7 +8,8 @@
 #   bash tests/benchmarks/gpu_check.sh OUTDIR full     # everything: far longer
 #
 # The short run is what a lent GPU's 15 minutes hold: the output head with prefix and scattered
-# rows at the issue's size, the language-model benchmark in bfloat16 (issue #14), the tests.
+# rows at the issue's size, the language-model benchmark in bfloat16 (issue #14), a Lightning
+# DeepSpeedStrategy fit (issue #19), the tests.
 set -uo pipefail
 out=${1:-.}
 mode=${2:-short}
@@ -26,6 +27,40 @@ cuda_tests() {
         >"$out/cuda-tests.txt" 2>&1 || failed=1
     tail -15 "$out/cuda-tests.txt"
 }
+# Lightning's DeepSpeedStrategy (CUDA only, so not in the CPU tests) with EmbeddingConstraint:
+# ZeRO 1 and 2 fit and leave a plain module with the old rows exact; ZeRO-3 is refused at setup.
+# Skipped where deepspeed is not installed. Its output goes to deepspeed-lightning.txt.
+deepspeed_lightning() {
+    python3 -c "import deepspeed" 2>/dev/null || { echo "deepspeed: not installed, skipped"; return; }
+    timeout "$1" python3 - >"$out/deepspeed-lightning.txt" 2>&1 <<'PY' || failed=1
+import sys
+
+import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy
+
+sys.path.insert(0, "tests")
+from lightning_models import FLAVOURS, loader
+
+flavour = FLAVOURS["lightning.pytorch"]
+for stage in (1, 2, 3):
+    torch.manual_seed(123)
+    old = torch.nn.Embedding(6, 4)
+    model = flavour.model()
+    trainer = flavour.trainer(accelerator="gpu", strategy=DeepSpeedStrategy(stage=stage),
+                              callbacks=[flavour.callback(model.embedding, old)])
+    try:
+        trainer.fit(model, loader())
+    except RuntimeError as error:
+        assert stage == 3 and "ZeRO stage 0, 1 or 2" in str(error), error
+        print(f"stage {stage}: refused: {str(error)[:80]}")
+        continue
+    weight = model.embedding.weight
+    assert type(weight) is torch.nn.Parameter, type(weight)
+    assert torch.equal(weight[:6].cpu(), old.weight), "old rows moved"
+    print(f"stage {stage}: fit, plain, old rows exact")
+PY
+    tail -4 "$out/deepspeed-lightning.txt"
+}
 # Each step runs whatever the ones before it gave; the exit status says whether any failed.
 failed=0
 if [ "$mode" != full ]; then
@@ -41,10 +76,12 @@ if [ "$mode" != full ]; then
         --optimizers adamw --rounds 5 --warmup 2 --json "$out/gpu-lm.json" \
         2>>"$out/bench-stderr.txt" | tee "$out/gpu-lm.md" || failed=1
     grep -v -i warn "$out/bench-stderr.txt" | tail -8
+    deepspeed_lightning 90
     cuda_tests 150
     exit "$failed"
 fi
 cuda_tests 600
+deepspeed_lightning 180
 # Synced and pipelined step times against `free-only` (the floor), and kernel profiles.
 (cd "$out" && python3 "$OLDPWD/tests/benchmarks/profile_step.py" --gpu-size --fractions 0.99 0.5 \
     2>&1 | grep -v -e USDT -e Warning -e _warn_once) || failed=1

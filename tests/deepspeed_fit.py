@@ -1,0 +1,187 @@
+"""Train a constrained model with raw ``deepspeed.initialize`` (2 gloo processes) or in one.
+
+Run by tests/test_deepspeed.py as a script: ``--world 2`` spawns the ranks, which train at
+ZeRO stages 0 to 3 in turn on the CPU (``DS_ACCELERATOR=cpu``), then, at stage 3, save a ZeRO
+checkpoint and bake; the parent then consolidates the checkpoint with DeepSpeed's
+``zero_to_fp32`` and trains the same model in one process without DeepSpeed. Everything the
+test compares is saved under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
+
+import deepspeed  # type: ignore[import-untyped,import-not-found,unused-ignore]
+import torch
+from deepspeed.utils.zero_to_fp32 import (  # type: ignore[import-untyped,import-not-found,unused-ignore]
+    get_fp32_state_dict_from_zero_checkpoint,
+)
+from torch import Tensor, nn
+from torch.multiprocessing.spawn import spawn
+
+from embedding_constraint import bake, fix_rows, is_fixed
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from support import in_process_group
+
+VOCAB, DIM = 10, 4
+WORLD, BATCH, STEPS = 2, 4, 4  # BATCH per rank; one process takes WORLD * BATCH
+ROWS = [9, 0, 4, 2, 7, 5]  # the embedding's fixed rows; the head's are its first 6
+ADAMW: dict[str, Any] = {"lr": 0.05, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
+STAGES = (0, 1, 2, 3)
+
+
+class Net(nn.Module):
+    """An embedding and a classifier head with a bias, both partly fixed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(VOCAB, DIM)
+        self.head = nn.Linear(DIM, VOCAB)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        hidden = torch.tanh(self.embedding(tokens).mean(1))
+        return nn.functional.cross_entropy(self.head(hidden), tokens[:, 0])
+
+
+def references() -> dict[str, Tensor]:
+    """The fixed rows' values: one generator, so every process draws the same."""
+    generator = torch.Generator().manual_seed(7)
+    return {
+        "embedding.weight": torch.randn(len(ROWS), DIM, generator=generator),
+        "head.weight": torch.randn(6, DIM, generator=generator),
+        "head.bias": torch.randn(6, generator=generator),
+    }
+
+
+def build() -> Net:
+    torch.manual_seed(0)
+    net = Net()
+    refs = references()
+    fix_rows(net.embedding, refs["embedding.weight"], rows=ROWS)
+    old_head = nn.Linear(DIM, 6)
+    with torch.no_grad():
+        old_head.weight.copy_(refs["head.weight"])
+        old_head.bias.copy_(refs["head.bias"])
+    fix_rows(net.head, old_head)
+    return net
+
+
+def batches() -> list[Tensor]:
+    """The global batches: rank r trains on rows r * BATCH to (r + 1) * BATCH of each."""
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randint(0, VOCAB, (WORLD * BATCH, 3), generator=generator) for _ in range(STEPS)]
+
+
+def config(stage: int) -> dict[str, Any]:
+    """A DeepSpeed config that runs on the CPU without building ops, comparable to one process."""
+    zero: dict[str, Any] = {"stage": stage}
+    if stage == 3:
+        # Partition every parameter, however small (by default those under 100k elements
+        # stay whole on every rank, and nothing would be sharded here).
+        zero["stage3_param_persistence_threshold"] = 0
+    params = {**ADAMW, "betas": [0.9, 0.999], "torch_adam": True}
+    return {
+        "train_micro_batch_size_per_gpu": BATCH,
+        "gradient_accumulation_steps": 1,
+        # DeepSpeed clips at 1.0 by default; one process does not.
+        "gradient_clipping": 0.0,
+        "optimizer": {"type": "AdamW", "params": params},
+        "zero_optimization": zero,
+    }
+
+
+def plain_state(net: nn.Module) -> dict[str, Tensor]:
+    """The model's state dict, gathered from ZeRO-3's partitions (a no-op at stages 0 to 2)."""
+    with deepspeed.zero.GatheredParameters(list(net.parameters())):
+        return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def train_rank(rank: int, stage: int, out: Path) -> dict[str, Any]:
+    net = build()
+    engine, *_ = deepspeed.initialize(
+        model=net, model_parameters=net.parameters(), config=config(stage)
+    )
+    for tokens in batches():
+        loss = engine(tokens[rank * BATCH : (rank + 1) * BATCH])
+        engine.backward(loss)
+        engine.step()
+    result: dict[str, Any] = {"state_dict": plain_state(net)}
+    if stage == 3:
+        stored: Any = dict(net.embedding.named_parameters())["parametrizations.weight.original"]
+        result["partitioned"] = tuple(stored.shape), tuple(stored.ds_shape)
+        engine.save_checkpoint(str(out / "checkpoint"), tag="end")
+        # Read outside a forward, the constrained weight is gathered whole by the
+        # parametrization's own module hooks (the unconstrained head's is not).
+        result["read_outside_forward"] = net.embedding.weight.detach().clone()
+        try:
+            with deepspeed.zero.GatheredParameters(list(net.parameters())):
+                bake(net)
+        except (RuntimeError, ValueError) as error:  # a refusal, which the test reads
+            result["baked"] = {
+                "error": str(error),
+                "still_fixed": is_fixed(net.embedding) and is_fixed(net.head),
+            }
+        else:
+            result["baked"] = {
+                "plain": not is_fixed(net.embedding) and not is_fixed(net.head),
+                "state_dict": plain_state(net),
+            }
+    return result
+
+
+def rank_main(rank: int, out: Path) -> None:
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(WORLD))
+    # The shared-memory all-reduce is DeepSpeed's for inference; building it compiles C++ for a
+    # minute on a cold cache, and training does not use it.
+    # (`deepspeed.comm.torch` as an attribute is torch itself: deepspeed.comm imports it.)
+    comm: Any = importlib.import_module("deepspeed.comm.torch")
+    comm.build_shm_op = lambda: None
+
+    def body() -> dict[int, Any]:
+        deepspeed.init_distributed(dist_backend="gloo")
+        return {stage: train_rank(rank, stage, out) for stage in STAGES}
+
+    results = in_process_group(body, "gloo", str(out / "store"), rank, WORLD)
+    torch.save(results, out / f"rank{rank}.pt")
+
+
+def one_process() -> dict[str, Tensor]:
+    """The same training in one process, plain PyTorch: the whole batch, torch's AdamW."""
+    net = build()
+    optimizer = torch.optim.AdamW(net.parameters(), **ADAMW)
+    for tokens in batches():
+        optimizer.zero_grad()
+        net(tokens).backward()
+        optimizer.step()
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    spawn(rank_main, args=(args.out,), nprocs=WORLD)  # type: ignore[no-untyped-call]
+    consolidated = get_fp32_state_dict_from_zero_checkpoint(str(args.out / "checkpoint"), "end")
+    torch.save(
+        {
+            "single": one_process(),
+            "references": references(),
+            "rows": ROWS,
+            "consolidated": dict(consolidated),
+        },
+        args.out / "parent.pt",
+    )
+
+
+if __name__ == "__main__":
+    main()
