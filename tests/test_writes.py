@@ -55,7 +55,10 @@ WRITERS: dict[str, Callable[[nn.Embedding], object]] = {
     "data.zero_": lambda emb: emb.weight.data.zero_(),
     "view.fill_": lambda emb: _no_grad(lambda: emb.weight[3:].fill_(2.0)),
     "detach().mul_": lambda emb: emb.weight.detach().mul_(3.0),
-    "data = ...": lambda emb: setattr(emb.weight, "data", torch.full((8, 3), 4.0)),
+    "data = ... (the fixed rows as they are)": lambda emb: setattr(
+        emb.weight, "data", _free_rows_set(emb.weight.detach(), 4.0)
+    ),
+    "data += ... (zero in the fixed rows)": lambda emb: _add_to_data(emb),
     "copy_": lambda emb: _no_grad(lambda: emb.weight.copy_(torch.arange(24.0).view(8, 3))),
 }
 
@@ -63,6 +66,23 @@ WRITERS: dict[str, Callable[[nn.Embedding], object]] = {
 def _no_grad(write: Callable[[], object]) -> None:
     with torch.no_grad():
         write()
+
+
+FREE_IN_BOTH = [3, 5, 7]  # rows free in both layouts of ROWS
+
+
+def _free_rows_set(weight: Tensor, value: float) -> Tensor:
+    """A copy of ``weight`` with rows 3, 5 and 7 (free in both layouts) set to ``value``."""
+    written = weight.clone()
+    written[FREE_IN_BOTH] = value
+    return written
+
+
+def _add_to_data(emb: nn.Embedding) -> None:
+    """PEFT's LoRA merge, ``weight.data += delta``, with a delta that is zero in the fixed rows."""
+    delta = torch.zeros(8, 3)
+    delta[FREE_IN_BOTH] = torch.arange(9.0).view(3, 3)
+    emb.weight.data += delta
 
 
 @pytest.mark.parametrize("where", ROWS)
@@ -243,6 +263,74 @@ def test_the_weights_gradient_is_refused_with_the_stored_rows_name() -> None:
     weight.sum().backward()  # type: ignore[no-untyped-call]
     assert weight.grad is not None
     assert torch.equal(weight.grad, torch.ones(8, 3))
+
+
+def _set_data(emb: nn.Embedding) -> None:
+    emb.weight.data = torch.full((8, 3), 4.0)
+
+
+def _subtract_from_data(emb: nn.Embedding) -> None:
+    emb.weight.data -= torch.ones(8, 3)
+
+
+def _scale_a_view_of_data(emb: nn.Embedding) -> None:
+    data = emb.weight.data[:5]
+    data *= 2.0
+
+
+# Writes through `.data` that say what the whole tensor is now (an assignment, Python's `+=` on
+# `.data`, PEFT's merge), changing fixed rows: refused, since holding those rows loses the change.
+DATA_ASSIGNMENTS: dict[str, Callable[[nn.Embedding], object]] = {
+    "data = ...": _set_data,
+    "data -= ...": _subtract_from_data,
+    "view of data *= ...": _scale_a_view_of_data,
+    "TrainableTokens merge on an old row": lambda emb: setattr(
+        emb.weight,
+        "data",
+        emb.weight.data.index_copy(0, torch.tensor([1, 3]), torch.ones(2, 3)),
+    ),
+}
+
+
+@pytest.mark.parametrize("where", ROWS)
+@pytest.mark.parametrize("writer", DATA_ASSIGNMENTS)
+def test_a_data_assignment_that_changes_fixed_rows_is_refused_and_the_module_keeps_its_rows(
+    writer: str, where: str
+) -> None:
+    emb, reference, fixed = _constrained(ROWS[where])
+    before, version = stored(emb).detach().clone(), stored(emb)._version
+    changed = {
+        "data = ...": 3,
+        "data -= ...": 3,
+        "view of data *= ...": 3 if where == "prefix" else 2,
+        "TrainableTokens merge on an old row": 1,
+    }[writer]
+    with pytest.raises(ValueError, match=rf"changes {changed} fixed rows? .*bake\(model\) first"):
+        DATA_ASSIGNMENTS[writer](emb)
+    assert torch.equal(stored(emb), before)  # nothing was copied
+    _assert_held(emb, reference, fixed)
+    assert stored(emb)._version == version
+
+
+def test_the_refusal_names_the_rows_and_what_stays_merged() -> None:
+    emb, _, _ = _constrained([1, 4, 6])
+    with pytest.raises(ValueError, match="bake") as refused:
+        emb.weight.data += torch.ones(8, 3)
+    message = str(refused.value)
+    assert "changes 3 fixed rows (rows 1, 4, 6)" in message
+    assert "layers merged before this one stay merged" in message
+
+
+def test_in_place_methods_on_data_and_on_the_weight_still_hold_the_fixed_rows() -> None:
+    # Re-initialisation and EMA-style writes are not refused: the fixed rows are set back.
+    emb, reference, fixed = _constrained([1, 4, 6])
+    emb.weight.data.normal_()
+    emb.weight.data[1].zero_()
+    with torch.no_grad():
+        emb.weight += 1.0
+        emb.weight.data.mul_(2.0)
+    _assert_held(emb, reference, fixed)
+    assert not torch.equal(stored(emb), torch.zeros(5, 3))
 
 
 def test_a_write_of_another_shape_is_refused_and_the_module_keeps_its_rows() -> None:

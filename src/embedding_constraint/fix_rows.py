@@ -298,7 +298,9 @@ def fix_rows(
     ``module.<name>`` and its ``state_dict()`` entry are then computed from the reference and
     the stored rows; what code writes into them in place (``nn.init``, ``reset_parameters()``,
     an EMA update through the state dict, ``.data = ...``) reaches the stored rows, and a write
-    to a fixed row is undone (`embedding_constraint.write_through`).
+    to a fixed row is undone (`embedding_constraint.write_through`), except an assignment
+    through ``.data`` (``weight.data = x``, ``weight.data += d``: PEFT's merge) that changes a
+    fixed row, which is refused: bake first.
 
     ``name`` may be dotted (``"transformer.wte.weight"``). Every module under ``module``
     that holds the same Parameter (an output head tied to the embedding) reads the
@@ -549,7 +551,7 @@ def _bake_checked(
         sharers = [
             (holder, holder_attr)
             for holder in module.modules()
-            if holder is not owner and parametrize.is_parametrized(holder)
+            if holder is not owner and holds_parametrizations(holder)
             for holder_attr in list(holder.parametrizations)  # type: ignore[arg-type]
             if parametrization_list(holder, holder_attr) is plist
         ]
@@ -621,12 +623,22 @@ def _reorder_parameters(module: nn.Module, order: tuple[str, ...]) -> None:
     params.update(ordered)
 
 
+def holds_parametrizations(module: nn.Module) -> bool:
+    """Whether ``module`` holds parametrizations of its own.
+
+    ``parametrize.is_parametrized`` also answers yes for a wrapper that forwards attribute
+    reads to a parametrized module inside it (PEFT's ``ModulesToSaveWrapper`` reads
+    ``parametrizations`` of its active copy): the tensors are that module's, not the wrapper's.
+    """
+    return isinstance(module._modules.get("parametrizations"), nn.ModuleDict)
+
+
 def _fixed_names(module: nn.Module) -> list[str]:
     """The dotted names of every tensor under ``module`` that `FixedRows` constrains."""
     return [
         f"{prefix}.{attr}" if prefix else attr
         for prefix, holder in module.named_modules()
-        if parametrize.is_parametrized(holder)
+        if holds_parametrizations(holder)
         for attr in list(holder.parametrizations)
         if isinstance(parametrization_list(holder, attr)[0], FixedRows)
     ]
@@ -670,5 +682,13 @@ def _bake_check(module: nn.Module, name: str) -> tuple[nn.Module, str, Parametri
             "here would leave that module reading a tensor of the wrong size. Bake from the "
             "root module that holds both, with the dotted name: "
             "bake(model, name='embedding.weight')."
+        )
+    if hasattr(plist.original, "ds_id"):  # the mark DeepSpeed's ZeRO-3 leaves on its Parameters
+        raise ValueError(
+            f"Expected {name!r} to be a tensor that DeepSpeed's ZeRO-3 does not partition. Got "
+            "one it does: the baked weight, of another shape than the free rows, cannot be "
+            "written back into DeepSpeed's partitions. Take the trained model's plain state "
+            "dict inside deepspeed.zero.GatheredParameters(model.parameters()) (its keys and "
+            "values are a plain model's) and load it into a plain model instead."
         )
     return owner, attr, plist

@@ -24,9 +24,9 @@ from __future__ import annotations
 from typing import cast
 
 from torch import nn
-from torch.nn.utils import parametrize
 from torch.nn.utils.parametrize import ParametrizationList
 
+from embedding_constraint.fix_rows import holds_parametrizations
 from embedding_constraint.fixed_rows import FixedRows
 
 __all__ = ["declare_constrained_ties"]
@@ -34,7 +34,7 @@ __all__ = ["declare_constrained_ties"]
 
 def _constrained_names(module: nn.Module) -> dict[str, str]:
     """``{name: "parametrizations.<name>.original"}`` for each tensor `fix_rows` constrains."""
-    if not parametrize.is_parametrized(module):
+    if not holds_parametrizations(module):  # (not a wrapper that forwards to one)
         return {}
     plists = module.parametrizations
     assert isinstance(plists, nn.ModuleDict)

@@ -10,6 +10,14 @@ every operation, but after an operation writes into it (or into a view of it) it
 copied into the stored rows, and its fixed rows are set back to the reference. Writing to a fixed
 row is thereby undone: the rows are held.
 
+But for a write through ``.data`` that states what the tensor is now: an assignment
+(``weight.data = merged``, as PEFT's merges do) or an in-place operator on ``.data``
+(``weight.data += delta``, PEFT's LoRA merge). Where such a write changes a fixed row, holding the
+row would silently lose that change (an adapter merged into old tokens), so it is refused before
+anything is copied; the module keeps its values. In-place methods (``nn.init``,
+``reset_parameters()``, ``.data.normal_()``) and writes into the tensor itself (EMA updates through
+``state_dict()``) re-initialise or update the free rows and hold the fixed ones, as before.
+
 What user code does to a plain weight's gradient goes to the free rows' gradient:
 ``register_hook`` on the tensor is a hook on the stored rows (it sees the full gradient, zero in
 the fixed rows); reading or setting its ``.grad`` (``clip_grad_norm_([emb.weight])``) is refused
@@ -97,6 +105,7 @@ class WriteThrough(Tensor):
 
     _source: weakref.ref[ParametrizationList]
     _view_of: WriteThrough | None  # the full tensor this one is a view of; None: itself
+    _of_data: bool  # a view reached through `.data`: its in-place operators assign
 
     @property
     def _root(self) -> WriteThrough:
@@ -124,7 +133,7 @@ class WriteThrough(Tensor):
             out = func(*args, **kwargs)
         written = _written(kind, args, kwargs)
         for target in written:
-            target._root._write_back()
+            target._root._write_back(keep_fixed=name == "data.__set__")
         if written or kind != "read":
             return out
         # Only a view shares the memory (and `.data`, `detach()`, which autograd does not call
@@ -132,10 +141,14 @@ class WriteThrough(Tensor):
         shares = name in ("data.__get__", "detach")
         if isinstance(out, Tensor) and not out._is_view() and not shares:
             return out
-        return _wrap_views(out, args, kwargs)
+        return _wrap_views(out, args, kwargs, of_data=name == "data.__get__")
 
-    def _write_back(self) -> None:
-        """Copy this full tensor's free rows into the stored rows; set its fixed rows back."""
+    def _write_back(self, *, keep_fixed: bool = False) -> None:
+        """Copy this full tensor's free rows into the stored rows; set its fixed rows back.
+
+        With ``keep_fixed`` (an assignment through ``.data``), refuse, before copying anything,
+        a tensor whose fixed rows differ from the reference.
+        """
         plist = self._source()
         if plist is None:  # the module is gone: nothing to write to
             return
@@ -150,6 +163,8 @@ class WriteThrough(Tensor):
                     f"Got one of shape {tuple(self.shape)}; the module keeps its values."
                 )
             reference = constraint.reference_for(self)
+            if keep_fixed:
+                _refuse_changed_fixed_rows(self, reference, constraint)
             if constraint.free_rows is None:
                 free.copy_(self[constraint.num_fixed :])
                 self[: constraint.num_fixed] = reference
@@ -208,6 +223,29 @@ class WriteThrough(Tensor):
         return plain(self).__reduce_ex__(protocol)  # type: ignore[no-untyped-call]
 
 
+def _assigning(operator: str) -> Callable[[WriteThrough, Any], Any]:
+    """``Tensor.<operator>`` (``__iadd__``, ...), which on a view from ``.data`` assigns: the
+    first half of ``weight.data += delta``, with the fixed rows checked (torch sees ``add_``)."""
+    plain_operator = getattr(Tensor, operator)
+
+    def assign(self: WriteThrough, other: Any) -> Any:
+        if not getattr(self, "_of_data", False):
+            return plain_operator(self, other)
+        with DisableTorchFunctionSubclass():
+            out = plain_operator(self, other)
+        self._root._write_back(keep_fixed=True)
+        return out
+
+    assign.__name__ = operator
+    return assign
+
+
+# Python's augmented assignments; indexing (`data[i] = v`) writes rows, as `setitem` does.
+for _operator in sorted(_INPLACE_OPERATORS - {"__setitem__"}):
+    if hasattr(Tensor, _operator):
+        setattr(WriteThrough, _operator, _assigning(_operator))
+
+
 def _no_grad_message(tensor: WriteThrough) -> str:
     return (
         "Expected the gradient of the stored rows. Got a read of .grad on a constrained tensor "
@@ -215,6 +253,26 @@ def _no_grad_message(tensor: WriteThrough) -> str:
         "and never gets a gradient of its own. The gradient is on "
         "module.parametrizations.<name>.original, which module.parameters() yields: clip "
         "or inspect those (clip_grad_norm_(module.parameters(), ...))."
+    )
+
+
+def _refuse_changed_fixed_rows(written: Tensor, reference: Tensor, constraint: FixedRows) -> None:
+    """Raise if the fixed rows of ``written`` (a plain read) differ from ``reference``."""
+    rows = constraint.fixed_row_indices().to(written.device)
+    changed = (written.index_select(0, rows) != reference).flatten(1).any(1)
+    count = int(changed.sum())
+    if count == 0:
+        return
+    named = rows[changed].tolist()
+    shown = ", ".join(str(r) for r in named[:5]) + (", ..." if count > 5 else "")
+    raise ValueError(
+        "Expected a write through .data that keeps the fixed rows of the constrained tensor. "
+        f"Got one that changes {count} fixed row{'s' if count > 1 else ''} (rows {shown}): a "
+        "merge of an adapter on old tokens, as PEFT's merge_and_unload does. Those rows are "
+        "held to the reference, so the change would be lost; nothing was written, the module "
+        "keeps its values. bake(model) first (embedding_constraint.bake: the weights become "
+        "plain Parameters), then merge. PEFT merges layer by layer: layers merged before this "
+        "one stay merged, and merge_and_unload() after bake merges the rest."
     )
 
 
@@ -246,8 +304,9 @@ def _written(kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[W
     return [t for t in targets if isinstance(t, WriteThrough)]
 
 
-def _wrap_views(out: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """``out``, with each tensor that shares a `WriteThrough` argument's memory made one too."""
+def _wrap_views(out: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *, of_data: bool) -> Any:
+    """``out``, with each tensor that shares a `WriteThrough` argument's memory made one too
+    (reached through ``.data``: ``of_data``, or a view of such a tensor)."""
     inputs = [
         t for value in (*args, *kwargs.values()) for t in _tensors(value) if type(t) is WriteThrough
     ]
@@ -260,7 +319,10 @@ def _wrap_views(out: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if type(value) is not Tensor or not roots:
             return value
         found = roots.get(_storage(value))
-        return value if found is None else _make(value, found._source, found._root)
+        if found is None:
+            return value
+        through_data = of_data or getattr(found, "_of_data", False)
+        return _make(value, found._source, found._root, of_data=through_data)
 
     if isinstance(out, tuple | list):
         return type(out)(wrap(v) for v in out)
@@ -268,7 +330,11 @@ def _wrap_views(out: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 
 
 def _make(
-    tensor: Tensor, source: weakref.ref[ParametrizationList], root: WriteThrough | None
+    tensor: Tensor,
+    source: weakref.ref[ParametrizationList],
+    root: WriteThrough | None,
+    *,
+    of_data: bool = False,
 ) -> WriteThrough:
     # The tensor itself becomes one (it is a fresh result, no one else's): `as_subclass` would
     # add an alias, one more node in every backward through it.
@@ -276,6 +342,7 @@ def _make(
     made.__class__ = WriteThrough
     made._source = source
     made._view_of = root
+    made._of_data = of_data
     return made
 
 
