@@ -138,24 +138,75 @@ def _moved_id(
 
 def _remapped_ids(
     model: nn.Module, old_tokens: Sequence[Hashable], rows: int, new_index: dict[Hashable, int]
-) -> list[tuple[object, str, int | list[int]]]:
+) -> list[tuple[object, str, object]]:
     """The (config, field, new value) of every token id in the config and generation config.
+
+    Besides `_TOKEN_ID_FIELDS`: the generation config's other ``*_token_id`` fields (Whisper's
+    ``no_timestamps_token_id``; only ``generate`` reads them), and in every config the token
+    maps Whisper's generation config holds (``lang_to_id``, ``task_to_id``: any ``*_to_id``
+    dict), ``forced_decoder_ids`` (``[position, id]`` pairs) and the id lists of
+    ``bad_words_ids``, ``force_words_ids`` and ``sequence_bias``.
 
     Raises:
         ValueError: see `_moved_id`.
     """
-    changes: list[tuple[object, str, int | list[int]]] = []
-    for _, config in _configs(model):
-        for field in _TOKEN_ID_FIELDS:
-            value = getattr(config, field, None)
-            if isinstance(value, int) and not isinstance(value, bool):
-                changes.append(
-                    (config, field, _moved_id(value, field, old_tokens, rows, new_index))
-                )
-            elif isinstance(value, list) and all(type(i) is int for i in value):
-                moved = [_moved_id(i, field, old_tokens, rows, new_index) for i in value]
+
+    def move(i: int, field: str) -> int:
+        return _moved_id(i, field, old_tokens, rows, new_index)
+
+    def ids(value: object) -> bool:
+        return isinstance(value, list) and all(type(i) is int for i in value)
+
+    changes: list[tuple[object, str, object]] = []
+    for label, config in _configs(model):
+        for field, value in list(getattr(config, "__dict__", {}).items()):
+            moved: object = None
+            generation = label == "generation_config" and field.endswith("_token_id")
+            if field in _TOKEN_ID_FIELDS or generation:
+                if type(value) is int:
+                    moved = move(value, field)
+                elif ids(value):
+                    moved = [move(i, field) for i in value]
+            elif field.endswith("_to_id") and isinstance(value, dict):
+                moved = {
+                    k: move(i, f"{field}[{k!r}]") if type(i) is int else i for k, i in value.items()
+                }
+            elif field == "forced_decoder_ids" and isinstance(value, list):
+                moved = [
+                    [pair[0], move(pair[1], field)]
+                    if isinstance(pair, list | tuple) and len(pair) == 2 and type(pair[1]) is int
+                    else pair
+                    for pair in value
+                ]
+            elif field in ("bad_words_ids", "force_words_ids") and isinstance(value, list):
+                moved = _moved_nested(value, field, move)
+            elif field == "sequence_bias" and isinstance(value, dict):
+                moved = {
+                    tuple(_moved_nested(list(k), field, move)) if isinstance(k, tuple) else k: b
+                    for k, b in value.items()
+                }
+            elif field == "sequence_bias" and isinstance(value, list):
+                moved = [
+                    [_moved_nested(entry[0], field, move), *entry[1:]]
+                    if isinstance(entry, list | tuple) and entry and isinstance(entry[0], list)
+                    else entry
+                    for entry in value
+                ]
+            if moved is not None:
                 changes.append((config, field, moved))
     return changes
+
+
+def _moved_nested(value: list[Any], field: str, move: Any) -> list[Any]:
+    """``value`` with every int in it, at any depth of lists, moved by ``move``."""
+    return [
+        move(i, field)
+        if type(i) is int
+        else _moved_nested(i, field, move)
+        if isinstance(i, list)
+        else i
+        for i in value
+    ]
 
 
 def _configs(model: nn.Module) -> list[tuple[str, object]]:
@@ -192,6 +243,8 @@ def _check_unmoved_ids(
         for field, value in getattr(config, "__dict__", {}).items():
             if field in _TOKEN_ID_FIELDS or not field.endswith(("_token_id", "_token_index")):
                 continue
+            if label == "generation_config" and field.endswith("_token_id"):
+                continue  # `_remapped_ids` moves it
             for i in value if isinstance(value, list) else [value]:
                 if type(i) is not int or not 0 <= i < rows:
                     continue
@@ -251,39 +304,89 @@ def _given_token_ids(module: nn.Module) -> bool:
     return "input_ids" in parameters
 
 
-def _check_per_token_tensors(
-    model: nn.Module, head: nn.Module | None, moved: list[Tensor], rows: int, size: int
-) -> None:
-    """Refuse a per-token tensor in or beside the output head that is not among ``moved``.
+# The methods by which transformers names a model's tables indexed by token ids, beside its
+# input embedding: each module's own input embedding (Marian's untied decoder keeps its own)
+# and Gemma 3n's and Gemma 4's per-layer table, which their resize_token_embeddings resizes.
+_TABLE_GETTERS = (
+    "get_input_embeddings",
+    "get_decoder_input_embeddings",
+    "get_per_layer_input_embeddings",
+)
 
-    ESM's head is a bias-free nn.Linear whose module holds the per-token bias; BERT's holds
-    it too, but as the head's own bias, which moves. The head and the modules that hold it
-    are searched, their own Parameters and buffers only.
+
+def _id_tables(
+    model: nn.Module, embedding: nn.Module, head: nn.Module | None
+) -> list[nn.Embedding]:
+    """The model's other nn.Embedding tables indexed by the same token ids, once each.
+
+    Found by `_TABLE_GETTERS` on every module; a table sharing the embedding's or the head's
+    weight is moved with it already.
+    """
+    taken = [embedding.weight, *((head.weight,) if head is not None else ())]
+    tables: list[nn.Embedding] = []
+    for module in model.modules():
+        for getter in _TABLE_GETTERS:
+            method = getattr(module, getter, None)
+            if not callable(method):
+                continue
+            try:
+                table = method()
+            except (AttributeError, NotImplementedError, ValueError, TypeError):
+                continue  # Marian's decoder getter refuses where the embedding is shared
+            if not isinstance(table, nn.Embedding) or not isinstance(table.weight, Tensor):
+                continue
+            if any(table.weight is t for t in taken):
+                continue
+            taken.append(table.weight)
+            tables.append(table)
+    return tables
+
+
+def _check_per_token_tensors(
+    model: nn.Module, head: nn.Module | None, moved: list[Tensor], sizes: set[int]
+) -> None:
+    """Refuse a per-token tensor that is not among ``moved``.
+
+    Searched: the whole model's lookup tables (nn.Embedding, nn.EmbeddingBag), buffers and
+    Parameters a module holds as its own attribute (not an nn.Linear's, a convolution's or a
+    norm's weight and bias: a layer of the model's width may have as many rows as there are
+    tokens); and every tensor of the head and of the modules holding it (ESM's head bias
+    beside a bias-free head). One entry per token: the first dimension, or the only one larger
+    than 1, is one of ``sizes`` (the row counts of the moved tensors).
 
     Raises:
-        ValueError: such a tensor has one entry per old row (its first dimension, or its only
-            one larger than 1).
+        ValueError: such a tensor exists.
     """
-    if head is None:
-        return
-    owners = [head, *(m for m in model.modules() if any(c is head for c in m.children()))]
-    for owner in owners:
+    near_head = [] if head is None else [head]
+    near_head += [m for m in model.modules() if any(c is head for c in m.children())]
+    layers = (nn.Linear, nn.modules.conv._ConvNd, nn.LayerNorm, nn.RMSNorm)
+    for prefix, owner in model.named_modules():
+        searched = (
+            any(owner is m for m in near_head)
+            or isinstance(owner, nn.Embedding | nn.EmbeddingBag)
+            or not isinstance(owner, layers)
+        )
+        if not searched:
+            continue
         for kind, tensors in (("Parameter", owner._parameters), ("buffer", owner._buffers)):
             for attr, tensor in tensors.items():
                 if tensor is None or tensor.dim() == 0 or any(tensor is t for t in moved):
                     continue
-                if tensor.shape[0] == rows or tensor.shape[-1] == tensor.numel() == rows:
-                    prefix = _name_of(model, owner)
+                count = next(
+                    (n for n in sizes if n in (tensor.shape[0], tensor.numel())),
+                    None,
+                )
+                if count is not None and (tensor.shape[0] == count or tensor.shape[-1] == count):
                     name = f"{prefix}.{attr}" if prefix else attr
-                    grown = f" and resizing to {size}" if size != rows else ""
                     raise ValueError(
-                        "Expected the output head and the modules holding it to have no "
-                        "per-token tensor but the ones expand_vocabulary moves (the head's "
-                        f"weight and bias, final_logits_bias). Got {name}, a {kind} of shape "
-                        f"{tuple(tensor.shape)}, one entry per row of the head ({rows}): it "
-                        f"would need re-sorting{grown} with the head's rows, which "
-                        "expand_vocabulary does not do. Make it the head's bias, or resize it "
-                        "yourself."
+                        "Expected the model to have no per-token tensor but the ones "
+                        "expand_vocabulary moves (the input embedding, the output head's "
+                        "weight and bias, final_logits_bias, the tables transformers' "
+                        f"{', '.join(_TABLE_GETTERS)} name). Got {name}, a {kind} of shape "
+                        f"{tuple(tensor.shape)}, one entry per token ({count}): it would need "
+                        "re-sorting and resizing with the vocabulary, which expand_vocabulary "
+                        "does not do for it. Resize the model yourself (resize_token_embeddings "
+                        "and a re-sort of that tensor), or make that tensor another size."
                     )
 
 
@@ -397,9 +500,16 @@ def expand_vocabulary(
     dropped (so are rows past the end of ``old_vocab``, which name no token); an added
     token's row is initialised by ``init`` and trains. A tied model stays tied (one
     Parameter, constrained once); an untied head is constrained with its own old rows.
-    ``config.vocab_size``, the token ids in the config and generation config
-    (``pad_token_id``, ``bos_token_id``, ...), the embedding's ``padding_idx`` and a
-    ``final_logits_bias`` (BART's) follow the new vocabulary.
+    The model's other tables indexed by the same token ids (an untied Marian decoder's
+    embedding, Gemma 3n's and Gemma 4's ``embed_tokens_per_layer``: the ones transformers'
+    ``get_input_embeddings`` of any module, ``get_decoder_input_embeddings`` and
+    ``get_per_layer_input_embeddings`` name) are re-sorted, grown and constrained as the input
+    embedding. ``config.vocab_size`` and the other vocabulary-size fields
+    (``decoder_vocab_size``, ``vocab_size_per_layer_input``) with the modules' copies of them
+    (XLM's ``n_words``), the token ids in the config and generation config
+    (``pad_token_id``, ``bos_token_id``, ..., Whisper's ``lang_to_id``, ``task_to_id``,
+    ``forced_decoder_ids``, ``no_timestamps_token_id``, ``bad_words_ids``), the embedding's
+    ``padding_idx`` and a ``final_logits_bias`` (BART's) follow the new vocabulary.
 
     The modules are resized in place, so their class, hooks and other attributes stay.
     Train with anything (a plain loop, ``transformers.Trainer``, Lightning, accelerate);
@@ -444,7 +554,10 @@ def expand_vocabulary(
             M2M100); another ``*_token_id`` / ``*_token_index`` config field (ESM's
             ``mask_token_id``) names a token that moves or is dropped; the head or a module
             holding it has another per-token tensor (ESM's head bias beside a bias-free
-            head); a module outside ``model`` shares its embedding (an inner model was
+            head), or a lookup table, buffer or module's own Parameter elsewhere has one
+            entry per token; a second token table has fewer rows than ``old_vocab`` has
+            tokens; a config's ``*vocab*offset*`` (Gemma 3n's image tokens) starts another
+            vocabulary below the new size; a module outside ``model`` shares its embedding (an inner model was
             passed); or the embedding is sparse or has ``max_norm``. Everything is checked
             before the first change: the model is left unchanged.
 
@@ -489,7 +602,7 @@ class _Expansion:
     tensors: list[_Grown]
     old_padding: int | None
     new_padding: int | None
-    id_changes: list[tuple[object, str, int | list[int]]]
+    id_changes: list[tuple[object, str, object]]
     logits_bias: tuple[nn.Module, str, Tensor] | None  # its owner, name and new value
 
 
@@ -506,8 +619,12 @@ def _plan_expansion(
         TypeError, ValueError: see `expand_vocabulary`.
     """
     embedding, head = _vocabulary_modules(model)
-    for holder, _ in _holders(model, embedding.weight):
-        _check_lookup_options(holder)
+    tables = _id_tables(model, embedding, head)
+    for table in tables:
+        _check_table(model, table)
+    for lookup in (embedding, *tables):
+        for holder, _ in _holders(model, lookup.weight):
+            _check_lookup_options(holder)
     _check_options(init, generator)
     old_tokens = _tokens(old_vocab, "old_vocab")
     new_tokens = _tokens(new_vocab, "new_vocab")
@@ -540,19 +657,33 @@ def _plan_expansion(
                 "padding_idx too (position ids count from it, as in RoBERTa and M2M100), so "
                 "moving it would change every position. Keep the padding token's id."
             )
+    for table in tables:
+        if table.weight.shape[0] < alignment.old_size:
+            raise ValueError(
+                f"Expected {_name_of(model, table)}, a table indexed by the model's token ids, "
+                f"to have a row for each of the {alignment.old_size} tokens of `old_vocab`. Got "
+                f"{table.weight.shape[0]} rows: expand_vocabulary cannot move the tokens past "
+                "them. Pass only the tokens it has rows for, or resize it first."
+            )
     id_changes = _remapped_ids(model, old_tokens, rows, new_index)
     _check_unmoved_ids(model, old_tokens, rows, new_index)
+    _check_vocab_offsets(model, alignment.new_size)
+    sizes = {rows, *(t.weight.shape[0] for t in tables)}
+    size_changes = _vocab_size_fields(model, sizes, alignment.new_size)
     logits_bias = _final_logits_bias(model, rows)
     moved = [embedding.weight, *((head.weight, head.bias) if head is not None else ())]
+    moved += [t.weight for t in tables]
     if logits_bias is not None:
         moved.append(logits_bias[0].get_buffer(logits_bias[1]))
-    _check_per_token_tensors(model, head, moved, rows, alignment.new_size)
+    _check_per_token_tensors(model, head, moved, sizes)
 
     keep = torch.ones(alignment.new_size, dtype=torch.bool)
     keep[alignment.new_rows] = False
     added = keep.nonzero().flatten()
     old_rows = alignment.old_rows
     grown = [(embedding.weight, "input embedding's rows")]
+    grown += [(t.weight, f"rows of {_name_of(model, t)}") for t in tables]
+    lookups = [embedding.weight, *(t.weight for t in tables)]
     if head is not None and not tied:
         grown.append((head.weight, "output head's rows"))
     if head is not None and head.bias is not None:
@@ -574,7 +705,7 @@ def _plan_expansion(
             if added.numel():
                 ids = torch.arange(alignment.old_size)
                 stats = tokens
-                if old_padding is not None and param is embedding.weight and rows > 1:
+                if old_padding is not None and any(param is w for w in lookups) and rows > 1:
                     # The padding row is not a token's embedding (often zeros): leave it out.
                     stats = torch.cat((tokens[:old_padding], tokens[old_padding + 1 :]))
                     ids = torch.cat((ids[:old_padding], ids[old_padding + 1 :]))
@@ -617,7 +748,7 @@ def _plan_expansion(
         tensors,
         old_padding,
         new_padding,
-        id_changes,
+        id_changes + size_changes,
         new_bias,
     )
 
@@ -634,7 +765,7 @@ def _apply_expansion(model: _Model, plan: _Expansion) -> _Model:
     if plan.logits_bias is not None:
         owner, bias_name, bias = plan.logits_bias
         owner.register_buffer(bias_name, bias)
-    _set_vocab_size(model, plan.rows, plan.size)
+    _set_vocab_size(model, plan.rows, plan.size, plan.id_changes)
     for config, field, value in plan.id_changes:
         setattr(config, field, value)
     if plan.new_rows.numel():  # no shared token: nothing to hold
@@ -681,17 +812,98 @@ def _final_logits_bias(model: nn.Module, rows: int) -> tuple[nn.Module, str, Ten
     return None
 
 
-def _set_vocab_size(model: nn.Module, old: int, size: int) -> None:
-    """Set the vocabulary size in the config, and on the models that keep it as an attribute."""
+def _set_vocab_size(
+    model: nn.Module, old: int, size: int, changes: list[tuple[object, str, object]]
+) -> None:
+    """Set the vocabulary size in the config, and on the modules that keep a copy of it.
+
+    A module's copy: an own attribute (``__dict__``: a wrapper, PEFT's, forwards attribute
+    reads to its model) named as a vocabulary-size field the plan changes, or as an alias of
+    one (XLM's ``n_words``), holding that field's old value (``vocab_size``: ``old``).
+    """
     config = getattr(model, "config", None)
     text = getattr(config, "get_text_config", None)
+    copies = {"vocab_size": old}
     for target in (config, text() if callable(text) else None):
         if target is not None and hasattr(target, "vocab_size"):
             target.vocab_size = size
-    # Own attributes only (`__dict__`): a wrapper (PEFT's) forwards attribute reads to its model.
+    for target, field, _ in changes:
+        if "vocab_size" not in field:
+            continue
+        copies[field] = getattr(target, field)
+        aliases = getattr(target, "attribute_map", {})
+        copies.update({alias: copies[field] for alias, to in aliases.items() if to == field})
+    for target in (config, text() if callable(text) else None):
+        aliases = getattr(target, "attribute_map", {})
+        copies.update({alias: old for alias, to in aliases.items() if to == "vocab_size"})
     for module in model.modules():
-        if module.__dict__.get("vocab_size") == old:
-            module.__dict__["vocab_size"] = size
+        for name, value in copies.items():
+            if type(module.__dict__.get(name)) is int and module.__dict__[name] == value:
+                module.__dict__[name] = size
+
+
+def _vocab_size_fields(
+    model: nn.Module, sizes: set[int], size: int
+) -> list[tuple[object, str, object]]:
+    """The (config, field, ``size``) of the other vocabulary-size fields of the config and text
+    config: a ``*vocab_size*`` field (Marian's ``decoder_vocab_size``, Gemma 3n's
+    ``vocab_size_per_layer_input``) holding the row count of a moved tensor (``sizes``)."""
+    changes: list[tuple[object, str, object]] = []
+    for label, config in _configs(model):
+        if label == "generation_config":
+            continue
+        for field, value in getattr(config, "__dict__", {}).items():
+            vocab_size = field != "vocab_size" and "vocab_size" in field
+            if vocab_size and type(value) is int and value in sizes:
+                changes.append((config, field, size))
+    return changes
+
+
+def _check_vocab_offsets(model: nn.Module, size: int) -> None:
+    """Refuse a config (a sub-config too) that starts another vocabulary inside the new one.
+
+    Gemma 3n's ``vision_config.vocab_offset``: the ids from it on are image tokens, so an
+    added token there would be read as one.
+
+    Raises:
+        ValueError: a ``*vocab*offset*`` field is below the new vocabulary's size.
+    """
+    seen: list[object] = []
+
+    def visit(config: object, label: str) -> None:
+        if any(config is c for c in seen):
+            return
+        seen.append(config)
+        for field, value in getattr(config, "__dict__", {}).items():
+            if hasattr(value, "to_dict") and hasattr(value, "__dict__"):
+                visit(value, f"{label}.{field}")
+            elif "vocab" in field and "offset" in field and type(value) is int and value < size:
+                raise ValueError(
+                    f"Expected no other vocabulary to start inside the new one ({size} "
+                    f"tokens). Got {label}.{field} = {value}: the ids from {value} on are "
+                    "another vocabulary's (image or audio tokens), which added tokens would "
+                    "join. Expand the text model alone, or move that vocabulary yourself."
+                )
+
+    config = getattr(model, "config", None)
+    if config is not None:
+        visit(config, "config")
+
+
+def _check_table(model: nn.Module, table: nn.Embedding) -> None:
+    """Refuse a second token table that expand_vocabulary cannot resize (as the embedding)."""
+    _check_plain(model, table, f"table {_name_of(model, table)}")
+    weight = table.weight
+    if not weight.is_floating_point() or weight.is_meta:
+        raise ValueError(
+            f"Expected {_name_of(model, table)}, a table indexed by token ids, to hold floating "
+            f"point values. Got a {weight.dtype} weight{' on the meta device' if weight.is_meta else ''}."
+        )
+    if _held_outside(model, weight, "_parameters"):
+        raise ValueError(
+            f"Expected {_name_of(model, table)}'s weight to be held only by modules under "
+            "`model`. Got one that a module outside it holds too: pass the whole model."
+        )
 
 
 @contextmanager
