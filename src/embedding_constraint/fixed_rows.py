@@ -39,6 +39,7 @@ __all__ = [
     "constrained",
     "fast_readable",
     "gathered",
+    "meta_on_some_rank",
     "parametrization_list",
     "shard_like",
     "sharded",
@@ -158,8 +159,33 @@ def sharded(*tensors: Tensor | None) -> bool:
 
 
 def gathered(tensor: Tensor) -> Tensor:
-    """``tensor`` whole: a ``DTensor``'s full tensor (a collective: every rank must call it)."""
-    return tensor.full_tensor() if _is_dtensor(tensor) else tensor
+    """``tensor`` whole: a ``DTensor``'s full tensor (a collective: every rank must call it).
+
+    On the meta device on any rank (see `meta_on_some_rank`), a meta tensor of its shape on
+    every rank, with no other collective.
+    """
+    if not _is_dtensor(tensor):
+        return tensor
+    if meta_on_some_rank(tensor):
+        return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+    return tensor.full_tensor()
+
+
+def meta_on_some_rank(tensor: DTensor) -> bool:
+    """Whether ``tensor``'s shard lies on the meta device on any rank of its mesh.
+
+    One all-reduce of a flag, which every rank of the mesh makes, a meta one too: a rank
+    with values then does not wait in a gather that a meta rank (accelerate's
+    ``cpu_ram_efficient_loading`` keeps the model there on all ranks but the first) would
+    skip, since a collective on the meta device sends nothing.
+    """
+    import torch.distributed as dist
+
+    mesh = tensor.device_mesh
+    flag = torch.tensor([int(tensor.is_meta)], device=mesh.device_type)
+    for dim in range(mesh.ndim):
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
+    return bool(flag.item())
 
 
 def shard_like(tensor: Tensor, like: Tensor) -> Tensor:
@@ -535,10 +561,10 @@ class FixedRows(nn.Module):
         (not `hold_reference_as_parameter`) is cast alike for the forward, and stays exact.
         """
         reference = self.reference
+        if free.is_meta:  # shapes only (see `_apply`); nothing gathered
+            return torch.empty(reference.shape, dtype=free.dtype, device="meta")
         if _is_dtensor(reference):  # sharded alone (free rows in another FSDP2 group)
-            reference = reference.full_tensor()
-        if free.is_meta:  # shapes only (see `_apply`)
-            return reference.to("meta", free.dtype)
+            reference = gathered(reference)
         return reference if reference.dtype == free.dtype else reference.to(free.dtype)
 
     def _read(self, free: Tensor) -> Tensor:
@@ -560,11 +586,17 @@ class FixedRows(nn.Module):
     def _forward_sharded(self, free: DTensor) -> Tensor:
         """`forward` for free rows sharded by FSDP2: gather them, read, shard the result.
 
-        A read outside the forward (a state dict, an evaluation between steps) pays one
-        all-gather of the free rows, as reading an unconstrained sharded weight whole does. The
-        steps are differentiable: a gradient reaches the free rows' shards.
+        A read outside the forward (a state dict, an evaluation between steps) needs the
+        rows of the weight's shard on this rank, which in general lie in other ranks' shards
+        of the free rows: it pays one all-gather of them, and first one all-reduce of a flag
+        (`meta_on_some_rank`). Where a rank holds its shard on the meta device, every rank
+        reads a meta ``DTensor`` of the weight's shape and layout instead, and gathers
+        nothing. The steps are differentiable: a gradient reaches the free rows' shards.
         """
         self._release_if_left(free)
+        if meta_on_some_rank(free):
+            shapes = torch.empty(free.shape, dtype=free.dtype, device="meta")
+            return shard_like(self._read(shapes), free)
         return shard_like(self._read(free.full_tensor()), free)
 
     @_keeps_state
@@ -797,6 +829,8 @@ class FixedRows(nn.Module):
             raise ValueError(
                 f"Expected a saved reference of shape {tuple(self.reference.shape)}. Got {got}."
             )
+        if reference.is_meta or self.reference.is_meta:  # shapes only: no values to take
+            return
         self.reference.copy_(reference)
         self._extremes = _extremes(self.reference)
         same_rows = (rows is None and self.rows is None) or (

@@ -17,7 +17,13 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrize import ParametrizationList
 
-from embedding_constraint.fixed_rows import FixedRows, gathered, parametrization_list, shard_like
+from embedding_constraint.fixed_rows import (
+    FixedRows,
+    gathered,
+    parametrization_list,
+    shard_like,
+    sharded,
+)
 from embedding_constraint.write_through import plain, write_through
 
 __all__ = ["plain_parameter_order", "register_plain_hooks", "remove_plain_hooks"]
@@ -52,6 +58,11 @@ def _full_tensor(plist: ParametrizationList, state_dict: dict[str, Any], key: st
     # (Leaving inference mode turns gradients on: no_grad inside it.)
     with torch.inference_mode(False), torch.no_grad():
         full = write_through(plist().detach(), plist)  # in-place writers reach the rows
+    # Stamped after the read, which may give the reference memory of its own (a new tensor,
+    # `FixedRows._release_if_left`): a tied holder then shares the tensor, on every rank alike,
+    # and a sharded read (a collective) is made as often on each.
+    reference = plist[0].reference
+    stamp = (id(state_dict), original._version, reference._version)
     _BUILT[plist] = (stamp, weakref.ref(full))
     return full
 
@@ -126,19 +137,93 @@ class _PlainStateDict:
         key = prefix + self.name
         plist = parametrization_list(module, self.name)
         inner = f"{prefix}parametrizations.{self.name}."
+        own = state_dict.get(inner + "original")
+        incoming = plain(state_dict[key]) if key in state_dict else None
+        whole_into_shards = sharded(plist.original) and not sharded(incoming)
+        if whole_into_shards and (key in state_dict or own is None or own is plist.original):
+            # Whole (or absent) into sharded rows: the first rank's, on every rank.
+            state_dict.pop(key, None)
+            self._load_from_first_rank(
+                constraint, plist, state_dict, key, inner, incoming, missing_keys, error_msgs
+            )
+            return
         if key not in state_dict:
-            if inner + "original" not in state_dict:  # not a state dict in torch's own format
+            if own is None:  # not a state dict in torch's own format
                 missing_keys.append(key)
                 self._keep_own(constraint, plist, state_dict, inner)
             return
         # Under FSDP2 a DTensor of the plain tensor: checked and routed whole (a collective;
         # every rank loads), then laid out as the stored rows are.
-        value = gathered(plain(state_dict.pop(key)))
+        value = state_dict.pop(key)
+        self._route(constraint, plist, state_dict, key, inner, gathered(plain(value)), error_msgs)
+
+    def _load_from_first_rank(
+        self,
+        constraint: FixedRows,
+        plist: ParametrizationList,
+        state_dict: dict[str, Any],
+        key: str,
+        inner: str,
+        value: object,
+        missing_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Load the plain tensor that the first rank of the free rows' mesh holds, on every rank.
+
+        For a whole tensor (or none) loaded into free rows that FSDP2 shards: torch's
+        ``set_model_state_dict(..., broadcast_from_rank0=True)`` gives the plain key to rank 0
+        alone (it broadcasts only the keys it finds among the module's parameters, which are
+        the constraint's), and a full state dict (``full_state_dict=True``) reaches every rank
+        whole. Every rank makes the same collectives, whichever it got: a broadcast of what the
+        first rank holds (its shape and dtype, or that it holds none), then of the tensor; each
+        rank checks its fixed rows and keeps its shard of the free rows.
+        """
+        like = plist.original
+        announced: list[object] = [None]
+        if isinstance(value, Tensor):
+            announced = [(tuple(value.shape), value.dtype)]
+        elif value is not None:
+            announced = [type(value).__name__]
+        _broadcast_from_first(like, objects=announced)
+        (what,) = announced
+        if what is None:
+            missing_keys.append(key)
+            self._keep_own(constraint, plist, state_dict, inner)
+            return
+        expected = (constraint.num_fixed + like.shape[0], *like.shape[1:])
+        shape, dtype = what if isinstance(what, tuple) else (None, None)
+        if shape is None or tuple(shape) != expected:  # refused on every rank alike
+            got = what if shape is None else tuple(shape)
+            error_msgs.append(
+                f"size mismatch for {key}: expected a tensor of shape {expected}, got {got}."
+            )
+            self._keep_own(constraint, plist, state_dict, inner)
+            return
+        device = torch.device(like.device_mesh.device_type)  # type: ignore[attr-defined]
+        if isinstance(value, Tensor) and _first_on_mesh(like):
+            whole = value.detach().to(device).contiguous()
+        else:
+            whole = torch.empty(shape, dtype=dtype, device=device)
+        _broadcast_from_first(like, tensor=whole)
+        self._route(constraint, plist, state_dict, key, inner, whole, error_msgs)
+
+    def _route(
+        self,
+        constraint: FixedRows,
+        plist: ParametrizationList,
+        state_dict: dict[str, Any],
+        key: str,
+        inner: str,
+        value: object,
+        error_msgs: list[str],
+    ) -> None:
+        """Check the whole ``value`` and put its free rows where torch loads the stored ones."""
         problem = self._problem(constraint, plist, key, value)
         if problem is not None:
             error_msgs.append(problem)
             self._keep_own(constraint, plist, state_dict, inner)
             return
+        assert isinstance(value, Tensor)
         with torch.no_grad():
             free = (
                 value[constraint.num_fixed :]
@@ -156,8 +241,18 @@ class _PlainStateDict:
             got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             return f"size mismatch for {key}: expected a tensor of shape {expected}, got {got}."
         with torch.no_grad():
-            fixed_at = constraint.fixed_row_indices().to(value.device)
             reference = gathered(constraint.reference)
+            if reference.is_meta:
+                return (
+                    f"Expected the reference of {key!r} to hold values. Got one on the meta "
+                    "device: prepare_fully_shard made it a parameter, which moving the module to "
+                    "the meta device emptied (accelerate's cpu_ram_efficient_loading does, before "
+                    "fully_shard). Keep the reference whole there: do not call "
+                    "prepare_fully_shard."
+                )
+            if value.is_meta:
+                return f"Expected a tensor with values for {key!r}. Got one on the meta device."
+            fixed_at = constraint.fixed_row_indices().to(value.device)
             incoming = value.index_select(0, fixed_at)
             # In the narrower of the two dtypes: a checkpoint of a run in a lower precision
             # holds the reference rounded to it (Lightning loads it before it converts the
@@ -187,6 +282,30 @@ class _PlainStateDict:
             state_dict[inner + "original"] = plist.original
         for buffer_name, buffer in constraint.state_dict(prefix=inner + "0.").items():
             state_dict[buffer_name] = buffer
+
+
+def _first_on_mesh(like: Tensor) -> bool:
+    """Whether this rank is the first of ``like``'s (a ``DTensor``'s) mesh."""
+    return all(c == 0 for c in like.device_mesh.get_coordinate() or [])  # type: ignore[attr-defined]
+
+
+def _broadcast_from_first(
+    like: Tensor, *, objects: list[object] | None = None, tensor: Tensor | None = None
+) -> None:
+    """Broadcast ``objects`` or ``tensor`` in place from the first rank of ``like``'s mesh.
+
+    Along each dimension of the mesh in turn, from its first coordinate: after the last, every
+    rank holds what the first (all coordinates 0) held.
+    """
+    import torch.distributed as dist
+
+    mesh = like.device_mesh  # type: ignore[attr-defined]
+    for dim in range(mesh.ndim):
+        group = mesh.get_group(dim)
+        if objects is not None:
+            dist.broadcast_object_list(objects, group=group, group_src=0)
+        if tensor is not None:
+            dist.broadcast(tensor, group=group, group_src=0)
 
 
 def _ours(hook: Any) -> _PlainStateDict | None:

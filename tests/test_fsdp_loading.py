@@ -1,0 +1,80 @@
+"""Loading into a constrained model under FSDP2 the ways LLM stacks load (2 gloo processes).
+
+``fsdp_loading_fit.py`` runs every case once per test session (a minute or two) and saves each
+rank's result; each test here reads one case. The process group's timeout is 60 s: a rank
+waiting in a collective that another rank skips fails its case instead of hanging the run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).with_name("fsdp_loading_fit.py")
+LAYOUTS = ["prefix", "scattered", "prefix-sharded", "scattered-sharded"]
+CASES = ["broadcast", "broadcast-lenient", "full", "dcp-2-to-1-save", "dcp-1-to-2"]
+META_CASES = ["meta-read", "accelerate"]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, str]]:
+    """Each rank's results, then the one process's (rank 0, rank 1, single)."""
+    out = tmp_path_factory.mktemp("fsdp-loading")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(out)],
+        check=False, env=env, timeout=900, capture_output=True,
+    )  # fmt: skip
+    return [
+        torch.load(path) if path.exists() else {}
+        for path in (out / "rank0.pt", out / "rank1.pt", out / "single.pt")
+    ]
+
+
+def _case(results: list[dict[str, str]], name: str) -> None:
+    got = [ranked.get(name, "not run (an earlier case failed)") for ranked in results[:2]]
+    assert got == ["ok", "ok"], got
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", CASES)
+def test_loading_under_fsdp2(results: list[dict[str, str]], case: str, layout: str) -> None:
+    """broadcast_from_rank0 (strict and not), a full state dict on every rank, distributed
+    checkpoints across world sizes: exact on both ranks, a changed fixed row refused on both."""
+    _case(results, f"{case}/{layout}")
+
+
+@pytest.mark.parametrize("layout", ["prefix", "scattered"])
+@pytest.mark.parametrize("case", META_CASES)
+def test_loading_with_the_other_ranks_on_the_meta_device(
+    results: list[dict[str, str]], case: str, layout: str
+) -> None:
+    """accelerate's cpu_ram_efficient_loading: every rank reads state_dict() (a meta rank and a
+    rank with values alike), then fsdp2_load_full_state_dict loads rank 0's weights exactly."""
+    _case(results, f"{case}/{layout}")
+
+
+@pytest.mark.xfail(strict=True, reason="a reference sharded by prepare_fully_shard and moved to "
+                   "the meta device with the module: the refusal is not yet made on every rank "
+                   "alike (a collective mismatch aborts rank 0)")  # fmt: skip
+@pytest.mark.parametrize("layout", ["prefix-sharded", "scattered-sharded"])
+@pytest.mark.parametrize("case", META_CASES)
+def test_a_sharded_reference_on_the_meta_device_is_refused_on_every_rank(
+    results: list[dict[str, str]], case: str, layout: str
+) -> None:
+    _case(results, f"{case}/{layout}")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_checkpoint_of_two_ranks_loads_in_one_process(
+    results: list[dict[str, str]], layout: str
+) -> None:
+    """Plain keys in the checkpoint; the values, fixed rows included, exact."""
+    assert results[2].get(f"dcp-2-to-1/{layout}") == "ok", results[2]
