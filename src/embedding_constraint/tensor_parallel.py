@@ -1,0 +1,389 @@
+"""Tensor parallelism (``parallelize_module``) of constrained modules, with exact fixed rows.
+
+Torch's ``RowwiseParallel`` and ``ColwiseParallel`` re-register every parameter of a module
+under its ``named_parameters()`` name, which for a constrained module is the dotted
+``parametrizations.weight.original``: ``parallelize_module`` fails there (``KeyError:
+parameter name can't contain "."``). `parallelize_fixed` is the call to make instead: it
+checks the plan, bakes each constrained tensor into the plain weight, lets
+``parallelize_module`` shard that as usual, and constrains each rank's shard again with
+`_FixedShard`: the fixed rows that fall into the rank's slice, at the reference's values.
+
+Under tensor parallelism the stored parameter is torch's ``DTensor`` shard of the whole weight
+(fixed rows included, as an unconstrained weight's), so optimizers, ``clip_grad_norm_`` and
+distributed checkpoints see the layout they see without the constraint. The fixed rows in it get
+a zero gradient and are never read: the weight reads the reference there. `bake_parallelized`
+turns the result into a plain sharded weight.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from fnmatch import fnmatch
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    PrepareModuleInput,
+    PrepareModuleInputOutput,
+    PrepareModuleOutput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+from torch.nn.utils import parametrize
+
+from embedding_constraint.fix_rows import bake, fixed_tensors
+from embedding_constraint.fixed_rows import FixedRows, parametrization_list
+from embedding_constraint.state_dict import plain_parameter_order
+
+__all__ = ["bake_parallelized", "parallelize_fixed"]
+
+# The state-dict hooks of each module that `parallelize_fixed` constrained, by tensor name.
+_HOOKS: weakref.WeakKeyDictionary[nn.Module, dict[str, _PlainKeys]] = weakref.WeakKeyDictionary()
+# Styles that change no parameter: a constrained module under them keeps its constraint as is.
+_INPUT_OUTPUT_ONLY = (PrepareModuleInput, PrepareModuleOutput, PrepareModuleInputOutput)
+
+
+class _FixedShard(nn.Module):
+    """The parametrization of one rank's shard: the reference at the fixed rows it holds.
+
+    ``rows`` are the fixed rows' positions in the rank's local shard, ``reference`` their
+    values there (the reference laid out like the weight: a vocabulary slice of it for a
+    ``Shard(0)`` weight, the local columns for ``Shard(1)``). The stored rows at those
+    positions get a zero gradient and are never read.
+    """
+
+    reference: Tensor
+    rows: Tensor
+
+    def __init__(self, owner: nn.Module, rows: Tensor, reference: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("reference", reference, persistent=False)
+        self._owner = weakref.ref(owner)
+
+    def forward(self, stored: Tensor) -> Tensor:
+        if not isinstance(stored, DTensor):
+            raise TypeError(
+                "Expected the stored rows of a tensor-parallel constrained weight to be a "
+                f"DTensor. Got a {type(stored).__name__}: the module was changed after "
+                "parallelize_fixed."
+            )
+        owner = self._owner()
+        if stored.device_mesh.ndim != 1 or getattr(owner, "_is_fsdp_managed_module", False):
+            raise ValueError(
+                "Expected tensor parallelism alone on a constrained weight. Got fully_shard "
+                "over the tensor-parallel module (2-D FSDP2 x tensor parallel), which is not "
+                "supported: shard with fully_shard alone, or with parallelize_fixed alone."
+            )
+        local = stored.to_local()
+        pinned = local.index_put((self.rows,), self.reference.to(local.dtype))
+        return DTensor.from_local(
+            pinned,
+            stored.device_mesh,
+            stored.placements,
+            run_check=False,
+            shape=stored.shape,
+            stride=stored.stride(),
+        )
+
+    def right_inverse(self, value: Tensor) -> Tensor:
+        return value
+
+    def pin(self, stored: DTensor) -> None:
+        """Write the reference into the stored fixed rows (before a bake)."""
+        with torch.no_grad():
+            local = stored.to_local()
+            local[self.rows] = self.reference.to(local.dtype)
+
+    def extra_repr(self) -> str:
+        return f"fixed_here={self.rows.numel()}"
+
+
+@dataclass(frozen=True)
+class _Target:
+    """One constrained tensor to parallelize: where it is and which style shards it."""
+
+    name: str
+    owner: nn.Module
+    attr: str
+    order: tuple[str, ...]
+
+
+def _styles(
+    module: nn.Module, plan: ParallelStyle | Mapping[str, ParallelStyle], prefix: str = ""
+) -> Iterator[tuple[str, nn.Module, ParallelStyle]]:
+    """Each (name, module, style) that ``parallelize_module(module, mesh, plan)`` applies.
+
+    The same matching as torch's: plan keys are dotted paths of ``fnmatch`` patterns, one
+    pattern per level of ``named_children``.
+    """
+    if isinstance(plan, ParallelStyle):
+        yield prefix, module, plan
+        return
+    for path, style in plan.items():
+        if path == "":
+            yield prefix, module, style
+            continue
+        token, _, rest = path.partition(".")
+        for child_name, child in module.named_children():
+            if fnmatch(child_name, token):
+                child_prefix = f"{prefix}.{child_name}" if prefix else child_name
+                yield from _styles(child, {rest: style} if rest else style, child_prefix)
+
+
+def _check_style(name: str, module: nn.Module, style: ParallelStyle) -> None:
+    """Refuse a style that cannot shard a constrained ``module`` (named ``name``)."""
+    plain = parametrize.type_before_parametrizations(module)
+    kind = plain.__name__
+    layout = f"{type(style).__name__} on the constrained {kind} {name!r}"
+    if isinstance(style, RowwiseParallel | ColwiseParallel):
+        if plain not in (nn.Embedding, nn.Linear):
+            raise ValueError(
+                f"Expected a constrained nn.Embedding or nn.Linear under {type(style).__name__} "
+                f"(the modules torch's style shards). Got {layout}."
+            )
+        return
+    if isinstance(style, SequenceParallel | _INPUT_OUTPUT_ONLY):
+        return
+    raise ValueError(
+        "Expected RowwiseParallel, ColwiseParallel, SequenceParallel or PrepareModuleInput/"
+        f"Output on a constrained module. Got {layout}: a style that parallelize_fixed does "
+        "not know may lay out the weight in a way the fixed rows cannot follow."
+    )
+
+
+def _targets(
+    module: nn.Module, device_mesh: object, plan: object
+) -> tuple[list[_Target], dict[str, FixedRows]]:
+    """Check everything `parallelize_fixed` checks, changing nothing."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"Expected `module` to be a torch.nn.Module. Got {type(module).__name__}.")
+    if not isinstance(device_mesh, DeviceMesh):
+        raise TypeError(
+            "Expected `device_mesh` to be a 1-D DeviceMesh, the tensor-parallel one. "
+            f"Got {type(device_mesh).__name__}."
+        )
+    if device_mesh.ndim != 1:
+        raise ValueError(
+            "Expected `device_mesh` to be a 1-D DeviceMesh, the tensor-parallel one "
+            f"(mesh['tensor_parallel'] of a 2-D mesh). Got a {device_mesh.ndim}-D DeviceMesh."
+        )
+    if not isinstance(plan, ParallelStyle | Mapping) or (
+        isinstance(plan, Mapping)
+        and not all(isinstance(k, str) and isinstance(v, ParallelStyle) for k, v in plan.items())
+    ):
+        raise TypeError(
+            "Expected `parallelize_plan` to be a ParallelStyle or a dict of module names to "
+            f"ParallelStyles, as parallelize_module takes. Got {type(plan).__name__}."
+        )
+    styles = {id(m): (n, m, s) for n, m, s in _styles(module, plan)}
+    targets, constraints = [], {}
+    for name, constraint in fixed_tensors(module):
+        owner_name, _, attr = name.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        plist = parametrization_list(owner, attr)
+        if isinstance(plist.original, DTensor):
+            raise ValueError(  # noqa: TRY004 - as fix_rows refuses a DTensor
+                f"Expected {name!r} not to be sharded yet. Got a DTensor: fully_shard or "
+                "parallelize_module ran before parallelize_fixed. Constrain, then parallelize."
+            )
+        if len(plist) != 1:
+            kinds = [type(p).__name__ for p in plist]
+            raise ValueError(
+                f"Expected {name!r} to be constrained by FixedRows alone. Got {kinds}."
+            )
+        held = [
+            m for m in module.modules()
+            if parametrize.is_parametrized(m)
+            for a in list(m.parametrizations)  # type: ignore[arg-type]
+            if parametrization_list(m, a) is plist
+        ]  # fmt: skip
+        applied = [styles[id(m)] for m in held if id(m) in styles]
+        if applied and len(held) > 1:
+            raise ValueError(
+                f"Expected {name!r} to be read by one module under tensor parallelism. Got it "
+                f"tied to {len(held)} modules (an output head tied to the embedding, say): "
+                "parallelize_module gives each module a parameter of its own, which unties them. "
+                "Untie the head, or leave these modules out of the plan."
+            )
+        for style_name, style_module, style in applied:
+            _check_style(style_name, style_module, style)
+        if applied:
+            targets.append(_Target(name, owner, attr, plain_parameter_order(owner)))
+            constraints[name] = constraint
+    return targets, constraints
+
+
+def _fixed_here(stored: DTensor, fixed: Tensor) -> tuple[Tensor, Tensor]:
+    """The fixed rows in this rank's shard of ``stored``: (local positions, their values).
+
+    Torch's own chunking decides which rows a rank holds: a mask of the fixed rows, sharded
+    as the weight's rows are (each rank takes its chunk, no collective).
+    """
+    local = stored.to_local()
+    (placement,) = stored.placements
+    if isinstance(placement, Shard) and placement.dim == 0:
+        mask = torch.zeros(stored.shape[0], dtype=torch.bool, device=local.device)
+        mask[fixed.to(local.device)] = True
+        mine = distribute_tensor(mask, stored.device_mesh, [Shard(0)], src_data_rank=None)
+        rows = mine.to_local().nonzero().flatten()
+    else:  # Replicate, or another dimension split: every row, its local part
+        rows = fixed.to(local.device)
+    return rows, local[rows].detach().clone()
+
+
+def parallelize_fixed(
+    module: nn.Module,
+    device_mesh: DeviceMesh,
+    parallelize_plan: ParallelStyle | Mapping[str, ParallelStyle],
+    *,
+    src_data_rank: int | None = 0,
+) -> nn.Module:
+    r"""``parallelize_module`` for a module with constrained tensors: the fixed rows stay exact.
+
+    Call it in place of ``torch.distributed.tensor.parallel.parallelize_module``, after
+    `fix_rows` (every rank calls it). Each constrained tensor that the plan shards is baked
+    into the plain weight, sharded by torch's style and constrained again on every rank: the
+    rank's shard reads the reference at the fixed rows it holds (the vocabulary slice of the
+    fixed rows, for ``RowwiseParallel`` on an ``nn.Embedding`` and ``ColwiseParallel`` on an
+    ``nn.Linear`` head). ``module.state_dict()`` keeps the plain keys, with ``DTensor`` values
+    laid out as the unconstrained weight's. Make the optimizer afterwards.
+
+    Args:
+        module (nn.Module): the root module, constrained with `fix_rows`.
+        device_mesh (DeviceMesh): the 1-D tensor-parallel mesh.
+        parallelize_plan (ParallelStyle or dict): as ``parallelize_module`` takes it.
+        src_data_rank (int or None, optional): as ``parallelize_module`` takes it. Default: 0.
+
+    Returns:
+        nn.Module: ``module``, parallelized in place.
+
+    Raises:
+        TypeError: ``module`` is not an ``nn.Module`` or the plan is not a plan.
+        ValueError: the mesh is not 1-D; a constrained tensor is sharded already, is tied to
+            another module (parallelize_module would untie them), is stacked under another
+            parametrization, or the plan gives its module a style other than
+            ``RowwiseParallel``/``ColwiseParallel`` (on ``nn.Embedding``/``nn.Linear``),
+            ``SequenceParallel`` or ``PrepareModuleInput``/``Output``. Nothing is changed.
+    """
+    targets, constraints = _targets(module, device_mesh, parallelize_plan)
+    fixed = {t.name: constraints[t.name].fixed_row_indices() for t in targets}
+    # Nothing below can fail on user input: the module changes only from here on.
+    for target in targets:
+        bake(module, name=target.name)
+    plan = (
+        parallelize_plan if isinstance(parallelize_plan, ParallelStyle) else dict(parallelize_plan)
+    )
+    parallelize_module(module, device_mesh, plan, src_data_rank=src_data_rank)
+    for target in targets:
+        stored = getattr(target.owner, target.attr)  # torch's new Parameter, a DTensor
+        assert isinstance(stored, DTensor)
+        rows, reference = _fixed_here(stored, fixed[target.name])
+        parametrize.register_parametrization(
+            target.owner, target.attr, _FixedShard(target.owner, rows, reference)
+        )
+        _PlainKeys(target.attr, target.order).register(target.owner)
+    return module
+
+
+class _PlainKeys:
+    """State-dict hooks: ``<prefix><attr>`` holds the constrained weight (a DTensor)."""
+
+    def __init__(self, attr: str, order: tuple[str, ...]) -> None:
+        self.attr, self.order = attr, order
+
+    def register(self, module: nn.Module) -> None:
+        self.handles = (
+            # The object itself: torch marks the hook, which a bound method cannot take.
+            module.register_state_dict_post_hook(self),  # type: ignore[no-untyped-call]
+            module.register_load_state_dict_pre_hook(self.load),  # type: ignore[no-untyped-call]
+        )
+        _HOOKS.setdefault(module, {})[self.attr] = self
+
+    def remove(self, module: nn.Module) -> None:
+        for handle in self.handles:
+            handle.remove()
+        del _HOOKS[module][self.attr]
+
+    def __call__(
+        self, module: nn.Module, state_dict: dict[str, Any], prefix: str, metadata: Any
+    ) -> None:
+        inner = f"{prefix}parametrizations.{self.attr}."
+        if inner + "original" not in state_dict:
+            return
+        mine = {k: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(prefix)]}
+        with torch.no_grad():
+            mine[prefix + self.attr] = getattr(module, self.attr).detach()
+        for key in [prefix + p for p in self.order if prefix + p in mine]:
+            state_dict[key] = mine.pop(key)
+        state_dict.update((k, v) for k, v in mine.items() if not k.startswith(inner))
+
+    def load(
+        self,
+        module: nn.Module,
+        state_dict: dict[str, Any],
+        prefix: str,
+        metadata: Any,
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        key, inner = prefix + self.attr, f"{prefix}parametrizations.{self.attr}.original"
+        if key not in state_dict:
+            return
+        value = state_dict.pop(key)
+        constraint = parametrization_list(module, self.attr)[0]
+        assert isinstance(constraint, _FixedShard)
+        if isinstance(value, DTensor):
+            local = value.to_local()
+            if local.shape[0] > 0 and not torch.equal(
+                local[constraint.rows].to(constraint.reference.dtype), constraint.reference
+            ):
+                error_msgs.append(
+                    f"Expected the fixed rows of {key!r} to equal the reference (they are held "
+                    "fixed). Got other values in this rank's shard."
+                )
+                state_dict[inner] = parametrization_list(module, self.attr).original
+                return
+        state_dict[inner] = value
+
+
+def bake_parallelized(module: nn.Module) -> nn.Module:
+    """Replace every tensor-parallel constrained weight under ``module`` by a plain one.
+
+    The stored ``DTensor`` Parameter becomes the module's weight again, with the reference in
+    its fixed rows: the model trains on as an unconstrained tensor-parallel one. Every rank
+    calls it; make a new optimizer afterwards (the fixed rows train from then on).
+
+    Raises:
+        ValueError: nothing under ``module`` was constrained by `parallelize_fixed`.
+    """
+    found = [
+        (m, attr)
+        for m in module.modules()
+        if parametrize.is_parametrized(m)
+        for attr in list(m.parametrizations)  # type: ignore[arg-type]
+        if isinstance(parametrization_list(m, attr)[0], _FixedShard)
+    ]
+    if not found:
+        raise ValueError(
+            "Expected a tensor constrained by parallelize_fixed under `module`. Got none."
+        )
+    for owner, attr in found:
+        plist = parametrization_list(owner, attr)
+        constraint = plist[0]
+        assert isinstance(constraint, _FixedShard)
+        assert isinstance(plist.original, DTensor)
+        constraint.pin(plist.original)
+        _HOOKS[owner][attr].remove(owner)
+        parametrize.remove_parametrizations(owner, attr, leave_parametrized=False)
+    return module

@@ -1,0 +1,263 @@
+"""Tensor parallelism (`parallelize_fixed`): exact fixed rows on every rank, free rows as one process.
+
+Two CPU processes (gloo) train a vocabulary-parallel model side by side with one process
+(``tp_fit.py``), in plain PyTorch and through Lightning's ``ModelParallelStrategy``; in-process
+tests on a one-rank group check the refusals.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    RowwiseParallel,
+    parallelize_module,
+)
+
+from embedding_constraint import fix_rows
+from embedding_constraint.tensor_parallel import bake_parallelized, parallelize_fixed
+
+SCRIPT = Path(__file__).with_name("tp_fit.py")
+sys.path.insert(0, str(SCRIPT.parent))
+
+import tp_fit
+
+Runs = tuple[list[dict[str, Any]], dict[str, Any]]
+
+
+def _run(command: list[str]) -> None:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}  # the ranks' own output is not under test
+    done = subprocess.run(
+        command, check=False, env=env, timeout=300, capture_output=True, text=True
+    )
+    if done.returncode:  # show why, not only that
+        output = f"{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+        raise AssertionError(f"{command} failed ({done.returncode}):\n{output}")
+
+
+def _load(out: Path, world: int) -> list[dict[str, Any]]:
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    """Every layout of `tp_fit`, on 2 tensor-parallel ranks and in one process, once."""
+    out = tmp_path_factory.mktemp("tp")
+    _run([sys.executable, str(SCRIPT), "--world", "2", "--out", str(out / "tp")])
+    _run([sys.executable, str(SCRIPT), "--world", "1", "--out", str(out / "single")])
+    (single,) = _load(out / "single", 1)
+    return _load(out / "tp", 2), single
+
+
+def _fixed(layout: str) -> dict[str, tuple[list[int], torch.Tensor]]:
+    """Each constrained tensor's fixed rows and their values, in row order."""
+    rows = tp_fit.LAYOUTS[layout][0]
+    embedding, head = tp_fit.references(rows)
+    at = list(range(embedding.shape[0])) if rows is None else rows
+    order = sorted(range(len(at)), key=at.__getitem__)
+    head_order = sorted(range(len(tp_fit.HEAD_ROWS)), key=tp_fit.HEAD_ROWS.__getitem__)
+    return {
+        "tok_embeddings.weight": (sorted(at), embedding[order]),
+        "output.weight": (sorted(tp_fit.HEAD_ROWS), head.weight.detach()[head_order]),
+        "output.bias": (sorted(tp_fit.HEAD_ROWS), head.bias.detach()[head_order]),
+    }
+
+
+def _check(state: dict[str, torch.Tensor], single: dict[str, torch.Tensor], layout: str) -> None:
+    assert list(state) == list(single)  # plain keys, plain order
+    for key, (rows, reference) in _fixed(layout).items():
+        assert torch.equal(state[key][rows], reference), key
+    for key, value in state.items():
+        # Partial sums meet in another order across ranks than within one process.
+        torch.testing.assert_close(value, single[key], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(tp_fit.LAYOUTS))
+def test_tensor_parallel_trains_exactly_and_bakes(runs: Runs, layout: str) -> None:
+    ranks, single = runs
+    for rank in ranks:
+        assert "error" not in rank[layout], rank[layout].get("error")
+        result, alone = rank[layout], single[layout]
+        torch.testing.assert_close(result["losses"], alone["losses"], rtol=1e-5, atol=1e-5)
+        _check(result["trained"], alone["trained"], layout)
+        # Baked: a plain tensor-parallel weight, which trains on as one process's plain one.
+        assert result["plain"] == alone["plain"]
+        torch.testing.assert_close(result["after"], alone["after"], rtol=1e-5, atol=1e-5)
+    assert all(
+        torch.equal(v, ranks[1][layout]["trained"][k])
+        for k, v in ranks[0][layout]["trained"].items()
+    )
+
+
+@pytest.mark.slow
+def test_each_rank_holds_its_vocabulary_slice_of_the_fixed_rows(runs: Runs) -> None:
+    ranks, _ = runs
+    rows, reference = _fixed("vocab-replicated-logits")["tok_embeddings.weight"]
+    for rank, result in enumerate(ranks):
+        held = result["vocab-replicated-logits"]["held"]["tok_embeddings"]
+        assert held["stored_type"] == "DTensor"
+        assert held["stored_local"] == (5, 4)
+        assert held["weight_placements"] == ["S(0)"]
+        assert held["keys"] == ["weight"]  # plain keys while constrained
+        mine = [i for i, row in enumerate(rows) if rank * 5 <= row < rank * 5 + 5]
+        assert held["rows"] == [rows[i] - rank * 5 for i in mine]
+        assert torch.equal(held["reference"], reference[mine])
+    # Split by the embedding dimension, every rank holds every fixed row, its columns.
+    for rank, result in enumerate(ranks):
+        held = result["embedding-dim"]["held"]["tok_embeddings"]
+        assert held["rows"] == rows
+        assert held["weight_placements"] == ["S(1)"]
+        assert torch.equal(held["reference"], reference[:, rank * 2 : rank * 2 + 2])
+
+
+@pytest.mark.slow
+def test_model_parallel_strategy_tensor_parallel_matches_one_process(
+    runs: Runs, tmp_path: Path
+) -> None:
+    _, single = runs
+    _run([sys.executable, str(SCRIPT), "--world", "2", "--lightning", "--out", str(tmp_path)])
+    alone = single["vocab-replicated-logits"]
+    for result in _load(tmp_path, 2):
+        torch.testing.assert_close(result["losses"], alone["losses"], rtol=1e-5, atol=1e-5)
+        _check(result["trained"], alone["trained"], "vocab-replicated-logits")
+        _check(result["after_bake"], alone["trained"], "vocab-replicated-logits")
+        assert result["held"]["output"]["stored_local"] == (5, 4)
+
+
+# -- refusals, in one process ------------------------------------------------------------
+
+
+@pytest.fixture
+def group(tmp_path: Path) -> Iterator[None]:
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1
+    )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+class _Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.embedding.weight
+
+
+def _snapshot(model: nn.Module) -> dict[str, Any]:
+    return {
+        "types": [type(m) for m in model.modules()],
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+    }
+
+
+def _same(model: nn.Module, before: dict[str, Any]) -> bool:
+    after = _snapshot(model)
+    return (
+        after["types"] == before["types"]
+        and list(after["params"]) == list(before["params"])
+        and all(torch.equal(v, before["params"][k]) for k, v in after["params"].items())
+    )
+
+
+@pytest.mark.usefixtures("group")
+def test_parallelize_module_after_fix_rows_fails_inside_torch() -> None:
+    """The crash `parallelize_fixed` replaces (torch's partition walks dotted names)."""
+    model = nn.Sequential(fix_rows(nn.Embedding(10, 4), torch.zeros(3, 4)))
+    mesh = init_device_mesh("cpu", (1,))
+    with pytest.raises(KeyError, match="parameter name can"):
+        parallelize_module(model, mesh, {"0": RowwiseParallel(input_layouts=Replicate())})
+
+
+@pytest.mark.usefixtures("group")
+@pytest.mark.parametrize(
+    ("build", "plan", "error", "match"),
+    [
+        (
+            lambda: fix_rows(_Tied(), torch.zeros(3, 4), name="embedding.weight"),
+            {"embedding": RowwiseParallel(input_layouts=Replicate()), "head": ColwiseParallel()},
+            ValueError,
+            "tied to 2 modules.*unties them",
+        ),
+        (
+            lambda: nn.Sequential(fix_rows(nn.EmbeddingBag(10, 4), torch.zeros(3, 4))),
+            {"0": RowwiseParallel(input_layouts=Replicate())},
+            ValueError,
+            "Got RowwiseParallel on the constrained EmbeddingBag '0'",
+        ),
+        (
+            lambda: nn.Sequential(fix_rows(nn.Embedding(10, 4), torch.zeros(3, 4))),
+            {"0": object()},
+            TypeError,
+            "Expected `parallelize_plan` to be a ParallelStyle",
+        ),
+    ],
+    ids=["tied", "embedding-bag", "not-a-plan"],
+)
+def test_unsupported_layouts_are_refused_before_anything_changes(
+    build: Any, plan: Any, error: type[Exception], match: str
+) -> None:
+    model = build()
+    before = _snapshot(model)
+    with pytest.raises(error, match=match):
+        parallelize_fixed(model, init_device_mesh("cpu", (1,)), plan)
+    assert _same(model, before)
+
+
+@pytest.mark.usefixtures("group")
+def test_a_2d_mesh_and_a_parallelized_module_are_refused() -> None:
+    model = nn.Sequential(fix_rows(nn.Embedding(10, 4), torch.zeros(3, 4)))
+    plan = {"0": RowwiseParallel(input_layouts=Replicate())}
+    with pytest.raises(ValueError, match=r"1-D DeviceMesh.*Got a 2-D DeviceMesh"):
+        parallelize_fixed(model, init_device_mesh("cpu", (1, 1)), plan)
+    mesh = init_device_mesh("cpu", (1,))
+    parallelize_fixed(model, mesh, plan)
+    with pytest.raises(ValueError, match="Expected a tensor constrained by parallelize_fixed"):
+        bake_parallelized(nn.Linear(2, 2))
+
+
+@pytest.mark.usefixtures("group")
+def test_state_dict_is_plain_and_loading_checks_the_fixed_rows() -> None:
+    reference = torch.randn(3, 4)
+    model = nn.Sequential(fix_rows(nn.Embedding(10, 4), reference, rows=[7, 1, 4]))
+    parallelize_fixed(
+        model, init_device_mesh("cpu", (1,)), {"0": RowwiseParallel(input_layouts=Replicate())}
+    )
+    state = model.state_dict()
+    assert list(state) == ["0.weight"]
+    assert torch.equal(state["0.weight"].full_tensor()[[7, 1, 4]], reference)
+    model.load_state_dict(state)  # its own state loads
+    with torch.no_grad():
+        state["0.weight"].to_local()[1] += 1
+    with pytest.raises(RuntimeError, match=r"fixed rows of '0\.weight' to equal the reference"):
+        model.load_state_dict(state)
+    weight = model[0].weight
+    assert isinstance(weight, DTensor)
+    assert torch.equal(weight.full_tensor()[[7, 1, 4]], reference)
+
+
+@pytest.mark.usefixtures("group")
+def test_fully_shard_over_tensor_parallel_is_refused_at_the_first_forward() -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("dp", "tp"))
+    model = nn.Sequential(fix_rows(nn.Embedding(10, 4), torch.zeros(3, 4)))
+    parallelize_fixed(model, mesh["tp"], {"0": RowwiseParallel(input_layouts=Replicate())})
+    fully_shard(model, mesh=mesh["dp"])
+    with pytest.raises(ValueError, match=r"2-D FSDP2 x tensor parallel\), which is not supported"):
+        model(torch.arange(10))

@@ -1,0 +1,281 @@
+"""Train a constrained model under tensor parallelism (`parallelize_fixed`), then bake it and train on.
+
+Run by tests/test_tensor_parallel.py as a script: ``--world 2`` spawns 2 gloo ranks that
+parallelize the model (a vocabulary-parallel embedding and head, as torchtitan lays them out),
+``--world 1`` trains the same constrained model in one process. Both ranks of a tensor-parallel
+group see the whole batch. ``--lightning`` fits through Lightning's
+``ModelParallelStrategy(tensor_parallel_size=2)`` instead (its launcher runs this command again
+for the other rank). A layout that raises saves its error, so that the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import traceback
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    RowwiseParallel,
+    loss_parallel,
+)
+from torch.multiprocessing.spawn import spawn
+
+from embedding_constraint import bake, fix_rows
+from embedding_constraint.fixed_rows import parametrization_list
+from embedding_constraint.tensor_parallel import bake_parallelized, parallelize_fixed
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from support import in_process_group
+
+VOCAB, DIM, HIDDEN = 10, 4, 6
+WORLD, BATCH, STEPS, MORE = 2, 8, 3, 2
+ROWS = [9, 0, 4, 2, 7, 5]  # the embedding's fixed rows, scattered over both ranks' slices
+HEAD_ROWS = [8, 3]  # the head's (weight and bias: a reference module)
+# name: (the embedding's fixed rows, the embedding's style, the head's output layout)
+LAYOUTS: dict[str, tuple[list[int] | None, str, str]] = {
+    "vocab-replicated-logits": (ROWS, "rowwise", "replicate"),
+    "vocab-loss-parallel": (ROWS, "rowwise", "loss-parallel"),
+    "prefix": (None, "rowwise", "replicate"),
+    "embedding-dim": (ROWS, "colwise", "replicate"),
+}
+
+
+class Titan(nn.Module):
+    """A token embedding, a feed-forward block and an output head, named as torchtitan does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(VOCAB, DIM)
+        self.w1 = nn.Linear(DIM, HIDDEN)
+        self.w2 = nn.Linear(HIDDEN, DIM)
+        self.output = nn.Linear(DIM, VOCAB)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        hidden = self.tok_embeddings(tokens)
+        hidden = hidden + self.w2(torch.tanh(self.w1(hidden)))
+        logits: Tensor = self.output(hidden)
+        return logits
+
+
+def loss_of(logits: Tensor, tokens: Tensor) -> Tensor:
+    return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+
+
+def references(rows: list[int] | None) -> tuple[Tensor, nn.Linear]:
+    """The fixed rows' values: one generator, so every process draws the same."""
+    generator = torch.Generator().manual_seed(7)
+    embedding = torch.randn(len(ROWS if rows is None else rows), DIM, generator=generator)
+    head = nn.Linear(DIM, len(HEAD_ROWS))
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(len(HEAD_ROWS), DIM, generator=generator))
+        head.bias.copy_(torch.randn(len(HEAD_ROWS), generator=generator))
+    return embedding, head
+
+
+def build(layout: str) -> Titan:
+    rows = LAYOUTS[layout][0]
+    torch.manual_seed(0)
+    model = Titan()
+    embedding, head = references(rows)
+    fix_rows(model.tok_embeddings, embedding, rows=rows)
+    fix_rows(model.output, head, rows=HEAD_ROWS)  # weight and bias
+    return model
+
+
+def plan(layout: str) -> dict[str, ParallelStyle]:
+    """torchtitan's plan: the embedding split by vocabulary, the head by its output rows."""
+    _, embedding, logits = LAYOUTS[layout]
+    styles: dict[str, ParallelStyle] = {
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate())
+        if embedding == "rowwise"
+        else ColwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+        "w1": ColwiseParallel(),
+        "w2": RowwiseParallel(),
+    }
+    if logits == "loss-parallel":  # logits stay split by vocabulary; the loss takes them so
+        styles["output"] = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
+    else:
+        styles["output"] = ColwiseParallel(output_layouts=Replicate())
+    return styles
+
+
+def batches(steps: int, seed: int) -> Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (steps, BATCH, 5), generator=generator)
+
+
+def step_loss(model: nn.Module, tokens: Tensor, layout: str) -> Tensor:
+    split = isinstance(model.get_submodule("output").weight, DTensor)
+    with loss_parallel() if LAYOUTS[layout][2] == "loss-parallel" and split else nullcontext():
+        loss = loss_of(model(tokens), tokens)
+        loss.backward()  # type: ignore[no-untyped-call]  # untyped in torch
+    return loss
+
+
+def train(model: nn.Module, steps: int, seed: int, layout: str) -> list[float]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
+    losses = []
+    for tokens in batches(steps, seed):
+        optimizer.zero_grad()
+        loss = step_loss(model, tokens, layout)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)  # over DTensors under TP
+        optimizer.step()
+        losses.append(float(loss.full_tensor() if isinstance(loss, DTensor) else loss))
+    return losses
+
+
+def full_state(model: nn.Module) -> dict[str, Tensor]:
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    return {k: v.detach().clone() for k, v in state.items() if isinstance(v, Tensor)}
+
+
+def held(model: nn.Module) -> dict[str, Any]:
+    """What this rank holds of each constrained tensor while it is constrained."""
+    out: dict[str, Any] = {}
+    for name in ("tok_embeddings", "output"):
+        module = model.get_submodule(name)
+        plist = parametrization_list(module, "weight")
+        stored, weight, constraint = plist.original, module.weight, plist[0]
+        assert isinstance(stored, DTensor)
+        assert isinstance(weight, DTensor)
+        out[name] = {
+            "stored_type": type(stored).__name__,
+            "stored_local": tuple(stored.to_local().shape),
+            "rows": cast(Tensor, constraint.rows).tolist(),
+            "reference": cast(Tensor, constraint.reference).clone(),
+            "keys": list(module.state_dict()),
+            "weight_placements": [str(p) for p in weight.placements],
+        }
+    return out
+
+
+def fit(layout: str, world: int, mesh: DeviceMesh | None) -> dict[str, Any]:
+    """Train, bake, train on; what the test compares."""
+    model = build(layout)
+    if world > 1:
+        assert mesh is not None
+        parallelize_fixed(model, mesh, plan(layout))
+    result: dict[str, Any] = {"losses": train(model, STEPS, seed=3, layout=layout)}
+    result["trained"] = full_state(model)
+    if world > 1:
+        result["held"] = held(model)
+        bake_parallelized(model)
+    else:
+        bake(model)
+    result["plain"] = [n for n, _ in model.named_parameters()]
+    result["more_losses"] = train(model, MORE, seed=5, layout=layout)
+    result["after"] = full_state(model)
+    return result
+
+
+def fit_all(world: int) -> dict[str, Any]:
+    mesh = init_device_mesh("cpu", (world,)) if world > 1 else None
+    results: dict[str, Any] = {}
+    for layout in LAYOUTS:
+        try:
+            results[layout] = fit(layout, world, mesh)
+        except Exception as error:  # noqa: BLE001 - the test shows it, the others go on
+            results[layout] = {"error": "".join(traceback.format_exception(error))[-3000:]}
+    return results
+
+
+def run_rank(rank: int, world: int, out: Path) -> None:
+    def body() -> None:
+        torch.save(fit_all(world), out / f"rank{rank}.pt")
+
+    in_process_group(body, "gloo", str(out / "group"), rank, world)
+
+
+def lightning_fit(out: Path) -> None:
+    """Fit `Titan` with ModelParallelStrategy(tensor_parallel_size=2), constrained in __init__."""
+    import lightning as L
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch.utils.data import DataLoader, TensorDataset
+
+    layout = "vocab-replicated-logits"
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = build(layout)
+            self.losses: list[float] = []
+
+        def configure_model(self) -> None:
+            mesh = self.device_mesh
+            assert mesh is not None
+            parallelize_fixed(self.model, mesh["tensor_parallel"], plan(layout))
+
+        def training_step(self, batch: list[Tensor], index: int) -> Tensor:
+            loss = loss_of(self.model(batch[0]), batch[0])
+            self.losses.append(float(loss.detach()))
+            return loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(self.parameters(), lr=0.05, weight_decay=0.1)
+
+        def on_train_end(self) -> None:
+            self.trained = full_state(self.model)
+            self.held = held(self.model)
+
+    module = Module()
+    tokens = batches(STEPS, seed=3).reshape(-1, 5)
+    loader = DataLoader(TensorDataset(tokens), batch_size=BATCH, shuffle=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=WORLD,
+        strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=WORLD),
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=0.5,
+        use_distributed_sampler=False,  # the ranks of a tensor-parallel group see one batch
+    )
+    trainer.fit(module, loader)
+    bake_parallelized(module.model)
+    result = {
+        "losses": module.losses,
+        "trained": module.trained,
+        "held": module.held,
+        "after_bake": full_state(module.model),
+    }
+    torch.save(result, out / f"rank{trainer.global_rank}.pt")
+    del trainer, module  # the DTensors hold the group: free them, then end it on every rank
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--world", type=int, choices=[1, WORLD], required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--lightning", action="store_true")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.lightning:
+        lightning_fit(args.out)
+    elif args.world == 1:
+        torch.save(fit_all(1), args.out / "rank0.pt")
+    else:
+        spawn(run_rank, args=(WORLD, args.out), nprocs=WORLD)  # type: ignore[no-untyped-call]
+
+
+if __name__ == "__main__":
+    main()
