@@ -247,7 +247,7 @@ def lightning_fit(out: Path) -> None:
         use_distributed_sampler=False,  # the ranks of a tensor-parallel group see one batch
     )
     trainer.fit(module, loader)
-    bake_parallelized(module.model)
+    bake(module.model)  # hands the tensor-parallel weights to bake_parallelized
     result = {
         "losses": module.losses,
         "trained": module.trained,

@@ -480,7 +480,9 @@ def bake(module: nn.Module, *, name: str | None = None) -> nn.Module:
     Parameter object is the one that was constrained, now of the full shape, with the fixed
     rows equal to the reference. Tied modules still share it afterwards.
 
-    A module that FSDP2 manages is baked by `embedding_constraint.fsdp.bake_fully_sharded`
+    A module whose weights `parallelize_fixed` sharded is baked by
+    `embedding_constraint.tensor_parallel.bake_parallelized`. A module that FSDP2 manages is
+    baked by `embedding_constraint.fsdp.bake_fully_sharded`
     (every rank must call it). A class derived from the parametrized one (FSDP2's
     ``FSDPParametrizedEmbedding``) is kept, without the parametrized class (``FSDPEmbedding``).
 
@@ -504,6 +506,9 @@ def bake(module: nn.Module, *, name: str | None = None) -> nn.Module:
     if name is not None:
         _split(name)  # a str, before anything else is asked of it
     names = [name] if name is not None else _fixed_names(module)
+    parallel = sys.modules.get("embedding_constraint.tensor_parallel")  # loaded if ever used
+    if not names and parallel is not None and parallel.parallelized(module):
+        return parallel.bake_parallelized(module)  # type: ignore[no-any-return]
     if not names:
         raise ValueError(
             "Expected a tensor constrained by fix_rows under `module`. Got none: its "

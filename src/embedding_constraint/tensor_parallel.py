@@ -357,23 +357,29 @@ class _PlainKeys:
         state_dict[inner] = value
 
 
-def bake_parallelized(module: nn.Module) -> nn.Module:
-    """Replace every tensor-parallel constrained weight under ``module`` by a plain one.
-
-    The stored ``DTensor`` Parameter becomes the module's weight again, with the reference in
-    its fixed rows: the model trains on as an unconstrained tensor-parallel one. Every rank
-    calls it; make a new optimizer afterwards (the fixed rows train from then on).
-
-    Raises:
-        ValueError: nothing under ``module`` was constrained by `parallelize_fixed`.
-    """
-    found = [
+def parallelized(module: nn.Module) -> list[tuple[nn.Module, str]]:
+    """Each module and tensor name under ``module`` that `parallelize_fixed` constrained."""
+    return [
         (m, attr)
         for m in module.modules()
         if parametrize.is_parametrized(m)
         for attr in list(m.parametrizations)  # type: ignore[arg-type]
         if isinstance(parametrization_list(m, attr)[0], _FixedShard)
     ]
+
+
+def bake_parallelized(module: nn.Module) -> nn.Module:
+    """Replace every tensor-parallel constrained weight under ``module`` by a plain one.
+
+    The stored ``DTensor`` Parameter becomes the module's weight again, with the reference in
+    its fixed rows: the model trains on as an unconstrained tensor-parallel one. Every rank
+    calls it (`bake` calls it for such a module); make a new optimizer afterwards (the fixed
+    rows train from then on).
+
+    Raises:
+        ValueError: nothing under ``module`` was constrained by `parallelize_fixed`.
+    """
+    found = parallelized(module)
     if not found:
         raise ValueError(
             "Expected a tensor constrained by parallelize_fixed under `module`. Got none."
