@@ -74,3 +74,19 @@ def test_profile_smoke_run_times_every_variant_and_writes_a_profile(tmp_path: Pa
     for row in rows:
         assert all(float(cell) > 0 for cell in row[3:])  # synced, flushed, pipelined
     assert "embedding" in (tmp_path / "profile-fixed-prefix-0.9.txt").read_text()
+
+
+def test_write_through_benchmark_smoke_run_prints_its_ratios() -> None:
+    script = Path(__file__).parent / "benchmarks" / "bench_write_through.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--quick"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    lines = result.stdout.splitlines()
+    assert lines[1] == "| variant | ms per step | ratio to raw-read |"
+    rows = {line.split(" | ")[0].strip("| "): line for line in lines[3:]}
+    assert set(rows) == {"plain", "raw-read", "write-through"}
+    assert rows["raw-read"].endswith("| 1.000 |")
