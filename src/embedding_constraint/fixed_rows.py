@@ -207,9 +207,9 @@ class _ScatterRows(torch.autograd.Function):
     Equal to ``cat((reference, free)).index_select(0, slot)`` (the composable read that
     `FixedRows.forward` uses under transforms) with one copy of the weight instead of two:
     one gather by ``slot`` from ``joined``, the block ``[reference; free]`` when the two share
-    it (see `FixedRows._joined`), else the two copied to their rows. (The gather is the faster:
-    on the CPU, 3 to 8 times for 8192 x 256, where the weight fits the caches.) Its backward is
-    one ``index_select``, itself differentiable: double backward works.
+    it (see `FixedRows._joined`), else the two copied to their rows (the gather is the faster;
+    docs/performance.md). Its backward is one ``index_select``, itself differentiable: double
+    backward works.
     """
 
     @staticmethod
