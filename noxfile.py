@@ -24,8 +24,11 @@ import sys
 import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import nox
+import nox.project
+from packaging.requirements import Requirement
 
 nox.options.sessions = ["tests", "lint", "typecheck", "docs", "demo"]
 nox.options.error_on_missing_interpreters = True
@@ -43,6 +46,28 @@ CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 _PROBE_SECONDS = 10  # how long `_reachable` waits for the CPU index to answer
 # Where pip's own index settings live in the environment; a config file shows in `pip config list`.
 _PIP_INDEX_VARIABLES = ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS")
+
+
+def floor_torch(pyproject: Mapping[str, Any]) -> str:
+    """The lowest torch the package declares, pinned: ``torch>=2.6`` gives ``torch==2.6``.
+
+    Args:
+        pyproject: ``pyproject.toml`` read (``nox.project.load_toml``).
+    """
+    torches = [
+        Requirement(dependency)
+        for dependency in pyproject["project"]["dependencies"]
+        if Requirement(dependency).name == "torch"
+    ]
+    lowest = [
+        spec.version for torch in torches for spec in torch.specifier if spec.operator == ">="
+    ]
+    if len(torches) != 1 or len(lowest) != 1:
+        raise ValueError(
+            "Expected pyproject.toml's [project] dependencies to hold one torch requirement with "
+            f"one lower bound (torch>=X). Got {[str(torch) for torch in torches]}."
+        )
+    return f"torch=={lowest[0]}"
 
 
 def pip_index_configured(environ: Mapping[str, str], config: str) -> bool:
@@ -100,8 +125,8 @@ def _reachable(url: str) -> bool:
         return False
 
 
-def _install_torch(session: nox.Session, python: Path) -> None:
-    """Install TORCH with the pip of ``python``: from the CPU-only index where that fits."""
+def _install_torch(session: nox.Session, python: Path, torch: str = TORCH) -> None:
+    """Install ``torch`` (TORCH) with the pip of ``python``: from the CPU-only index if it fits."""
     pip = [str(python), "-m", "pip"]
     gpu = shutil.which("nvidia-smi") is not None or Path("/proc/driver/nvidia").exists()
     # `pip config list` shows the config files' settings; it cannot fail in a way that matters.
@@ -112,33 +137,36 @@ def _install_torch(session: nox.Session, python: Path) -> None:
         platform=sys.platform,
         reachable=_reachable,
     )
-    session.log(f"{TORCH}: {why}.")
-    session.run(*pip, "install", "--progress-bar", "off", *args, TORCH, external=True)
+    session.log(f"{torch}: {why}.")
+    session.run(*pip, "install", "--progress-bar", "off", *args, torch, external=True)
 
 
-def _environment(session: nox.Session, name: str, wanted: list[str], rest: list[str]) -> str:
+def _environment(
+    session: nox.Session, name: str, wanted: list[str], rest: list[str], torch: str = TORCH
+) -> str:
     """The python of ``.nox/<name>-<torch>``, made first if it is missing or out of date.
 
     Args:
         session: the session that needs it.
         name: the environment's name, before the torch requirement.
         wanted: what it is made from; a change to any of it makes it again.
-        rest: what uv (else pip) installs after TORCH.
+        rest: what uv (else pip) installs after ``torch``.
+        torch: the torch requirement it is made with (TORCH unless a session says otherwise).
     """
     stamp = hashlib.sha256("\n".join(wanted).encode()).hexdigest()
-    env = ROOT / ".nox" / f"{name}-{re.sub(r'[^A-Za-z0-9.]+', '-', TORCH)}"
+    env = ROOT / ".nox" / f"{name}-{re.sub(r'[^A-Za-z0-9.]+', '-', torch)}"
     python = env / "bin" / "python"
     done = env / "installed.sha256"
     if done.exists() and done.read_text() == stamp and python.exists():
         return str(python)
     uv = shutil.which("uv")
     session.log(
-        f"Making {env.relative_to(ROOT)} once: {TORCH} first, with pip (so nothing pulls an "
+        f"Making {env.relative_to(ROOT)} once: {torch} first, with pip (so nothing pulls an "
         "unpinned one), then with " + ("uv" if uv else "pip") + ": " + " ".join(rest)
     )
     session.run(sys.executable, "-m", "venv", "--clear", str(env), external=True)
     pip = [str(python), "-m", "pip", "install", "--progress-bar", "off"]
-    _install_torch(session, python)
+    _install_torch(session, python, torch)
     if uv:
         # Compiled now, as pip does: else every test process (the parallel workers, the DDP
         # ranks) would compile what it imports on its own.
@@ -153,7 +181,7 @@ def _environment(session: nox.Session, name: str, wanted: list[str], rest: list[
 def _python(session: nox.Session) -> str:
     """The shared environment's python: torch, both Lightning packages, every extra, checkers."""
     wanted = [TORCH, *LIGHTNING, RUFF, MYPY, "nox", (ROOT / "pyproject.toml").read_text()]
-    rest = ["-e", f"{ROOT}[test,demo,docs,peft]", *LIGHTNING, RUFF, MYPY, "nox"]
+    rest = ["-e", f"{ROOT}[test,demo,docs,peft,deepspeed]", *LIGHTNING, RUFF, MYPY, "nox"]
     return _environment(session, "shared", wanted, rest)
 
 
@@ -172,6 +200,32 @@ def tests(session: nox.Session) -> None:
     workers = ["--numprocesses", "auto", "--dist", "worksteal"]
     session.run(
         _python(session),
+        "-m",
+        "pytest",
+        *workers,
+        *session.posargs,
+        env={"TORCHINDUCTOR_COMPILE_THREADS": "1"},
+        external=True,
+    )
+
+
+@nox.session(venv_backend="none")
+def floor(session: nox.Session) -> None:
+    """Run the test suite on the lowest torch that pyproject.toml declares (`floor_torch`).
+
+    Not in the everyday set: it makes an environment of its own (``.nox/floor-torch-<X>``), with
+    that torch (as `_install_torch` chooses; from PyPI, on Linux, the CUDA build: 7 GB in all),
+    both Lightning packages and the test, demo, peft and deepspeed extras (the tests need each), not
+    the checkers or the docs extra.
+    """
+    torch = floor_torch(nox.project.load_toml(ROOT / "pyproject.toml"))
+    # torch again with the rest, so that uv (else pip) keeps it rather than resolving another.
+    rest = [torch, "-e", f"{ROOT}[test,demo,peft,deepspeed]", *LIGHTNING]
+    wanted = [torch, *rest, (ROOT / "pyproject.toml").read_text()]
+    python = _environment(session, "floor", wanted, rest, torch)
+    workers = ["--numprocesses", "auto", "--dist", "worksteal"]
+    session.run(
+        python,
         "-m",
         "pytest",
         *workers,

@@ -24,7 +24,7 @@ import math
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +42,8 @@ from embedding_constraint.fix_rows import (
 )
 from embedding_constraint.fixed_rows import FixedRows
 from embedding_constraint.vocab import (
+    _INITS,
+    Alignment,
     Init,
     _align,
     _check_options,
@@ -56,6 +58,11 @@ if TYPE_CHECKING:
 __all__ = ["expand_vocabulary"]
 
 _Model = TypeVar("_Model", bound="PreTrainedModel")
+
+# How `expand_vocabulary` starts added tokens: `vocab.expand`'s inits, and "pieces" (the mean of
+# the rows of the pieces the old tokenizer splits a token's text into), which needs a tokenizer.
+ExpansionInit: TypeAlias = Init | Literal["pieces"]
+_PIECES = "pieces"
 
 # The config fields that name a token by its id: they follow their token to its new id.
 _TOKEN_ID_FIELDS = (
@@ -95,6 +102,98 @@ def _tokens(vocab: object, name: str) -> object:
     for token, i in vocab.items():
         tokens[i] = token
     return tokens
+
+
+def _is_tokenizer(vocab: object) -> bool:
+    """Whether ``vocab`` can split text (a transformers tokenizer, slow or fast)."""
+    return all(
+        callable(getattr(vocab, name, None))
+        for name in ("get_vocab", "encode", "convert_tokens_to_string")
+    )
+
+
+def _check_init(init: object, generator: object, old_vocab: object) -> None:
+    """Refuse an unknown ``init``, and ``"pieces"`` without the old tokenizer to split with.
+
+    Raises:
+        TypeError, ValueError: see `expand_vocabulary`.
+    """
+    names = ", ".join(map(repr, (*_INITS, _PIECES)))
+    if isinstance(init, str) and init not in (*_INITS, _PIECES):
+        raise ValueError(f"Expected `init` to be one of {names} or a callable. Got {init!r}.")
+    if not isinstance(init, str) and not callable(init):
+        raise TypeError(
+            f"Expected `init` to be one of {names} or a callable. Got {type(init).__name__}."
+        )
+    if init == _PIECES and not _is_tokenizer(old_vocab):
+        raise TypeError(
+            "Expected `old_vocab` to be the old tokenizer (with get_vocab, encode and "
+            "convert_tokens_to_string) for init='pieces', which splits each added token's "
+            f"text into the old tokenizer's pieces. Got {type(old_vocab).__name__}: pass the "
+            "tokenizer itself, or another init ('mean')."
+        )
+    _check_options("mean" if init == _PIECES else init, generator)
+
+
+def _added_pieces(
+    old_vocab: Any, new_vocab: Any, added: Sequence[Hashable], old_size: int, padding: int | None
+) -> list[list[int] | None]:
+    """For each added token, the old ids of the pieces the old tokenizer splits its text into.
+
+    The text is ``convert_tokens_to_string([token])`` of the new tokenizer (of the old one when
+    ``new_vocab`` is not a tokenizer), so a byte-level ``"Ġab"`` is ``" ab"``, split with its
+    space. None (fall back to the mean) for a special token of the new tokenizer (its spelling
+    says nothing of its use), and where the split is empty or holds a special token of the old
+    tokenizer (``[UNK]``: an unknown piece), the padding id or an id past ``old_size``.
+
+    Raises:
+        TypeError: an added token is not a string.
+    """
+    speller = new_vocab if _is_tokenizer(new_vocab) else old_vocab
+    special = (
+        set(getattr(new_vocab, "all_special_tokens", None) or ()) if speller is new_vocab else set()
+    )
+    unusable = {*(getattr(old_vocab, "all_special_ids", None) or ()), padding}
+    found: list[list[int] | None] = []
+    for token in added:
+        if not isinstance(token, str):
+            raise TypeError(
+                "Expected the added tokens to be strings for init='pieces' (their text is split "
+                f"by the old tokenizer). Got {type(token).__name__} {token!r}."
+            )
+        if token in special:
+            found.append(None)
+            continue
+        ids = list(
+            old_vocab.encode(speller.convert_tokens_to_string([token]), add_special_tokens=False)
+        )
+        usable = all(type(i) is int and 0 <= i < old_size and i not in unusable for i in ids)
+        found.append(ids if ids and usable else None)
+    return found
+
+
+def _rows_from_pieces(
+    tokens: Tensor,
+    stats: Tensor,
+    pieces: list[list[int] | None],
+    is_bias: bool,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """The added rows (or bias entries) of init="pieces": the mean of the pieces' old rows
+    (``tokens``, by old id), in float32 at least; the rest as init="mean" makes them from
+    ``stats``."""
+    wide = torch.promote_types(tokens.dtype, torch.float32)
+    fresh = tokens.new_empty((len(pieces), *tokens.shape[1:]))
+    for i, ids in enumerate(pieces):
+        if ids is not None:
+            rows = tokens.index_select(0, torch.tensor(ids, device=tokens.device))
+            fresh[i] = rows.to(wide).mean(dim=0).to(tokens.dtype)
+    fallback = [i for i, ids in enumerate(pieces) if ids is None]
+    if fallback:
+        make = _fresh_bias if is_bias else _fresh_rows
+        at = torch.tensor(fallback, device=tokens.device)
+        fresh.index_copy_(0, at, make(stats, len(fallback), "mean", generator))
+    return fresh
 
 
 def _name_of(model: nn.Module, target: nn.Module) -> str:
@@ -489,7 +588,7 @@ def expand_vocabulary(
     old_vocab: object,
     new_vocab: object,
     *,
-    init: Init = "mean",
+    init: ExpansionInit = "mean",
     generator: torch.Generator | None = None,
 ) -> _Model:
     r"""Grow ``model``'s vocabulary to ``new_vocab``, holding the old tokens' rows fixed.
@@ -526,9 +625,17 @@ def expand_vocabulary(
         old_vocab: the model's vocabulary: a tokenizer (its ``get_vocab()``), a token -> id
             mapping, or a sequence of tokens in id order.
         new_vocab: the new vocabulary, in one of the same forms.
-        init (str or callable, optional): how added tokens' rows start; see
-            `embedding_constraint.vocab.expand`. Default: ``"mean"``, the approach of
-            transformers' ``mean_resizing``.
+        init (str or callable, optional): how added tokens' rows start: ``"mean"``,
+            ``"normal"``, ``"zeros"`` or a callable, as in `embedding_constraint.vocab.expand`,
+            or ``"pieces"``: each added token's rows (input embedding, untied head, head bias,
+            the other token tables) are the mean of the old rows of the pieces the old
+            tokenizer splits the token's text into (``old_vocab`` must be that tokenizer). The
+            text is the new tokenizer's ``convert_tokens_to_string([token])`` (the old one's
+            where ``new_vocab`` is a list or mapping), so a byte-level ``"Ġab"`` is split as
+            ``" ab"``. A token it cannot split (a special token of the new tokenizer, an empty
+            split, a piece that is ``[UNK]`` or another special token of the old one) starts as
+            ``"mean"`` starts it. Default: ``"mean"``, the approach of transformers'
+            ``mean_resizing``.
         generator (torch.Generator, optional): the random source of ``init``. Default: the
             global generator of the weight's device.
 
@@ -539,13 +646,15 @@ def expand_vocabulary(
         TypeError: ``model`` has no ``get_input_embeddings``, its input embedding is not an
             ``nn.Embedding`` or its head not an ``nn.Linear``, a weight is not floating
             point, a vocabulary is not one of the forms above, ``final_logits_bias`` is a
-            Parameter rather than a buffer, or see `embedding_constraint.vocab.expand` for
-            ``init`` and ``generator``.
+            Parameter rather than a buffer, ``init="pieces"`` is given an ``old_vocab`` that
+            is not a tokenizer or a ``new_vocab`` that adds a token that is not a string, or
+            see `embedding_constraint.vocab.expand` for ``init`` and ``generator``.
         ValueError: the embedding or head is already constrained (an earlier
             ``expand_vocabulary``: bake first, then expand from the vocabulary it has now) or
             has another parametrization (``weight_norm``), or a hook computes its weight; a
             row of a kept token holds NaN or Inf, or one that ``init`` reads (``"mean"`` and
-            ``"normal"`` read every old token's, dropped ones included), or ``init`` gives
+            ``"normal"`` read every old token's, dropped ones included; ``"pieces"`` the
+            pieces', and every old token's where a token falls back), or ``init`` gives
             NaN or Inf; a weight is on the meta device; ``old_vocab`` has more tokens than the embedding has rows, or gaps in
             its ids; the head has another row count than the embedding; a vocabulary is
             empty or has duplicates; ``new_vocab`` drops the padding token or a token named
@@ -610,7 +719,7 @@ def _plan_expansion(
     model: nn.Module,
     old_vocab: object,
     new_vocab: object,
-    init: Init,
+    init: ExpansionInit,
     generator: torch.Generator | None,
 ) -> _Expansion:
     """Check everything `expand_vocabulary` checks and compute its new tensors; change nothing.
@@ -625,7 +734,7 @@ def _plan_expansion(
     for lookup in (embedding, *tables):
         for holder, _ in _holders(model, lookup.weight):
             _check_lookup_options(holder)
-    _check_options(init, generator)
+    _check_init(init, generator, old_vocab)
     old_tokens = _tokens(old_vocab, "old_vocab")
     new_tokens = _tokens(new_vocab, "new_vocab")
     alignment = _align(old_tokens, new_tokens, "old_vocab", "new_vocab")
@@ -688,6 +797,11 @@ def _plan_expansion(
         grown.append((head.weight, "output head's rows"))
     if head is not None and head.bias is not None:
         grown.append((head.bias, "output head's bias entries"))
+    pieces = None
+    if init == _PIECES:
+        pieces = _added_pieces(
+            old_vocab, new_vocab, alignment.added, alignment.old_size, old_padding
+        )
     tensors = []
     with torch.no_grad():
         for param, what in grown:
@@ -709,6 +823,11 @@ def _plan_expansion(
                     # The padding row is not a token's embedding (often zeros): leave it out.
                     stats = torch.cat((tokens[:old_padding], tokens[old_padding + 1 :]))
                     ids = torch.cat((ids[:old_padding], ids[old_padding + 1 :]))
+                if pieces is not None:
+                    _check_pieces_finite(tokens, stats, ids, pieces, what, old_tokens, new_index)
+                    fresh = _rows_from_pieces(tokens, stats, pieces, is_bias, generator)
+                    tensors.append(_grown(model, param, tokens, reference, alignment, added, fresh))
+                    continue
                 # `_fresh_rows` reads the rows for "mean" and "normal"; `_fresh_bias` reads the
                 # entries for every init but "zeros" (their mean, for a callable init too).
                 reads = init != "zeros" if is_bias else init in ("mean", "normal")
@@ -723,18 +842,13 @@ def _plan_expansion(
                         "token. Fix those rows first, or pass init='zeros'."
                     )
                 make = _fresh_bias if is_bias else _fresh_rows
-                fresh = make(stats, added.numel(), init, generator)
+                fresh = make(stats, added.numel(), cast(Init, init), generator)  # not pieces
                 if not bool(fresh.isfinite().all()):
                     raise ValueError(
                         f"Expected `init` to give finite rows. Got NaN or Inf in the {what} it "
                         "gave the added tokens."
                     )
-            new = _grow(tokens, alignment, added, fresh)
-            if old_rows.numel():  # the constraint fix_rows registers, checked here
-                FixedRows._borrowing(reference, rows=alignment.new_rows).check_compatible(new)
-            holders = _holders(model, param)
-            name = f"{_name_of(model, holders[0][0])}.{holders[0][1]}"
-            tensors.append(_Grown(param, new, reference, name, holders))
+            tensors.append(_grown(model, param, tokens, reference, alignment, added, fresh))
         new_bias = None
         if logits_bias is not None:
             bias_owner, bias_name, bias_value = logits_bias
@@ -751,6 +865,54 @@ def _plan_expansion(
         id_changes + size_changes,
         new_bias,
     )
+
+
+def _grown(
+    model: nn.Module,
+    param: Tensor,
+    tokens: Tensor,
+    reference: Tensor,
+    alignment: Alignment,
+    added: Tensor,
+    fresh: Tensor | None,
+) -> _Grown:
+    """``param`` grown: ``tokens`` (its old tokens' rows) re-sorted, ``fresh`` added; checked
+    against the constraint fix_rows will register."""
+    new = _grow(tokens, alignment, added, fresh)
+    if alignment.old_rows.numel():
+        FixedRows._borrowing(reference, rows=alignment.new_rows).check_compatible(new)
+    holders = _holders(model, param)
+    name = f"{_name_of(model, holders[0][0])}.{holders[0][1]}"
+    return _Grown(param, new, reference, name, holders)
+
+
+def _check_pieces_finite(
+    tokens: Tensor,
+    stats: Tensor,
+    ids: Tensor,
+    pieces: list[list[int] | None],
+    what: str,
+    old_tokens: Sequence[Hashable],
+    new_index: dict[Hashable, int],
+) -> None:
+    """Refuse NaN or Inf in the rows init="pieces" reads: the pieces' (``tokens``, by old id),
+    and where a token falls back to the mean, every row of ``stats`` (``ids`` names them).
+
+    Raises:
+        ValueError: one of those rows holds NaN or Inf.
+    """
+    read = sorted({i for found in pieces if found is not None for i in found})
+    bad = set(_non_finite(tokens[read], torch.tensor(read, dtype=torch.int64)) if read else [])
+    if any(found is None for found in pieces):
+        bad.update(_non_finite(stats, ids))
+    if bad:
+        raise ValueError(
+            f"Expected the {what} that init='pieces' reads to be finite: those of the pieces "
+            "the old tokenizer splits the added tokens into, and, where a token has none, those "
+            "of every token of `old_vocab` (dropped ones too, the padding row left out). Got "
+            f"NaN or Inf in those of {_listed(sorted(bad), old_tokens, new_index)}: it would "
+            "reach the added tokens. Fix those rows first, or pass init='zeros'."
+        )
 
 
 def _apply_expansion(model: _Model, plan: _Expansion) -> _Model:
