@@ -1,0 +1,171 @@
+"""Hugging Face on several processes: a model grown with `expand_vocabulary`, 2 gloo ranks.
+
+``transformers.Trainer`` with DDP under ``torchrun`` (``hf_ddp_fit.py``), and accelerate's FSDP2
+preparation, ``fsdp2_prepare_model``, called on each rank (``hf_fsdp2_fit.py``: accelerate
+refuses an FSDP plugin on the CPU, so the real Trainer + FSDP2 path runs in
+``tests/benchmarks/gpu_check.sh``). Each script runs once per test session (seconds) and saves
+each rank's matrices; the tests compare them. The process groups time out after 60 s, so a rank
+left waiting fails its run instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+pytest.importorskip("transformers")
+
+from hf_ddp_fit import ADDED_AT, KEPT, KEPT_AT, NEW_VOCAB, tiny_llama
+
+from embedding_constraint import is_fixed
+
+pytestmark = pytest.mark.slow
+HERE = Path(__file__).parent
+TIED = {"tied": True, "untied": False, "tied-pair": True, "untied-ram-efficient": False}
+
+
+def _torchrun(script: str, out: Path) -> str:
+    """Run ``script`` on 2 ranks; its output, for the test that fails."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2", str(HERE / script), "--out", str(out)]  # fmt: skip
+    done = subprocess.run(
+        command, env=env, timeout=240, capture_output=True, text=True, check=False
+    )
+    return (done.stdout + done.stderr)[-3000:]
+
+
+def _originals(tied: bool) -> dict[str, Tensor]:
+    """The old model's matrices (each rank builds the same one)."""
+    model = tiny_llama(tied)
+    return {
+        "input": model.get_input_embeddings().weight.detach(),
+        "head": model.get_output_embeddings().weight.detach(),
+    }
+
+
+def _load_plain(path: Path) -> Any:
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(path)
+    assert not is_fixed(model, "model.embed_tokens.weight")
+    assert not is_fixed(model, "lm_head.weight")
+    return model
+
+
+def _assert_old_rows_kept(matrices: dict[str, Tensor], tied: bool) -> None:
+    for key, original in _originals(tied).items():
+        assert torch.equal(matrices[key][KEPT_AT], original[KEPT]), key
+
+
+# transformers.Trainer, DDP.
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("hf-ddp")
+    return out, _torchrun("hf_ddp_fit.py", out)
+
+
+@pytest.mark.parametrize("case", ["tied", "untied"])
+def test_trainer_with_ddp_keeps_the_old_rows_and_trains_the_new(
+    ddp: tuple[Path, str], case: str
+) -> None:
+    out, log = ddp
+    ranks = [out / f"{case}-rank{r}.pt" for r in (0, 1)]
+    assert all(path.exists() for path in ranks), log
+    rank0, rank1 = (torch.load(path) for path in ranks)
+    for key in ("input", "head"):
+        assert torch.equal(rank0["trained"][key], rank1["trained"][key]), key  # ranks equal
+        moved = rank0["trained"][key][ADDED_AT] - rank0["expanded"][key][ADDED_AT]
+        assert moved.abs().amin(dim=1).gt(0).all(), key  # every added row trained
+    _assert_old_rows_kept(rank0["trained"], TIED[case])
+    _assert_old_rows_kept(rank1["trained"], TIED[case])
+    # save_model and the Trainer's checkpoint: plain, loaded without this library's help.
+    for saved in (out / case / "model", out / case / "checkpoint-3"):
+        plain = _load_plain(saved)
+        matrices = {
+            "input": plain.get_input_embeddings().weight.detach(),
+            "head": plain.get_output_embeddings().weight.detach(),
+        }
+        tied = plain.get_input_embeddings().weight is plain.get_output_embeddings().weight
+        assert tied == TIED[case]
+        for key, value in matrices.items():
+            assert torch.equal(value, rank0["trained"][key]), (saved.name, key)
+        _assert_old_rows_kept(matrices, TIED[case])
+
+
+# accelerate's FSDP2 preparation.
+
+
+@pytest.fixture(scope="module")
+def fsdp2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    pytest.importorskip("accelerate")
+    out = tmp_path_factory.mktemp("hf-fsdp2")
+    return out, _torchrun("hf_fsdp2_fit.py", out)
+
+
+def _fsdp2_case(fsdp2: tuple[Path, str], case: str) -> None:
+    out, log = fsdp2
+    errors = [out / f"{case}-rank{r}.err" for r in (0, 1)]
+    assert not any(path.exists() for path in errors), [p.read_text() for p in errors if p.exists()]
+    ranks = [out / f"{case}-rank{r}.pt" for r in (0, 1)]
+    assert all(path.exists() for path in ranks), log
+    rank0, rank1 = (torch.load(path) for path in ranks)
+    tied = TIED[case]
+    # Plain keys: those of a plain model of the new vocabulary.
+    plain_keys = set(tiny_llama(tied, vocab=len(NEW_VOCAB)).state_dict())
+    assert set(rank0["state"]) == set(rank1["state"]) == plain_keys
+    for key, value in rank0["state"].items():
+        assert torch.equal(value, rank1["state"][key]), key  # ranks equal
+    matrices = {"input": rank0["state"]["model.embed_tokens.weight"],
+                "head": rank0["state"]["lm_head.weight"]}  # fmt: skip
+    _assert_old_rows_kept(matrices, tied)
+    for key, value in matrices.items():
+        moved = value[ADDED_AT] - rank0["expanded"][key][ADDED_AT]
+        assert moved.abs().amin(dim=1).gt(0).all(), key  # every added row trained
+    # The model saved as the Trainer saves it under FSDP2: plain, the same values.
+    plain = _load_plain(out / case)
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, rank0["state"][key]), key
+    assert (plain.get_input_embeddings().weight is plain.get_output_embeddings().weight) == tied
+
+
+@pytest.mark.parametrize("case", ["untied", "tied-pair"])
+def test_accelerate_fsdp2_prepare_model_keeps_the_old_rows(
+    fsdp2: tuple[Path, str], case: str
+) -> None:
+    """``fsdp2_prepare_model`` shards each decoder layer, the embedding, the tail and the root;
+    a few steps keep the old rows exact on both ranks; the full state dict has plain keys.
+    ``tied-pair``: the tied embedding and head sharded as one group first."""
+    _fsdp2_case(fsdp2, case)
+
+
+@pytest.mark.xfail(strict=True, reason="cpu_ram_efficient_loading: fsdp2_prepare_model calls "
+                   "model.tie_weights() on the meta model, whose constrained tie_weights bakes "
+                   "and constrains again, refused on the meta device (ValueError, every rank)")  # fmt: skip
+def test_accelerate_fsdp2_with_cpu_ram_efficient_loading(fsdp2: tuple[Path, str]) -> None:
+    """Rank 1's added rows start apart from rank 0's; rank 0's weights reach it."""
+    out, _ = fsdp2
+    rank0, rank1 = (torch.load(out / f"untied-ram-efficient-rank{r}.pt") for r in (0, 1))
+    assert not torch.equal(rank0["expanded"]["input"], rank1["expanded"]["input"])
+    _fsdp2_case(fsdp2, "untied-ram-efficient")
+
+
+@pytest.mark.xfail(strict=True, reason="accelerate detects a tie by `input_embed.weight is "
+                   "output_embed.weight`, never true of a computed weight: it shards the "
+                   "embedding apart from the head that shares its stored rows, and fully_shard "
+                   "fails inside torch (TypeError), on every rank; with cpu_ram_efficient_loading "
+                   "the tie_weights refusal comes first")  # fmt: skip
+@pytest.mark.parametrize("case", ["tied", "tied-ram-efficient"])
+def test_accelerate_fsdp2_on_a_tied_model_left_to_accelerate(
+    fsdp2: tuple[Path, str], case: str
+) -> None:
+    _fsdp2_case(fsdp2, case)
