@@ -828,3 +828,93 @@ def test_model_parallel_strategy_with_the_embedding_sharded_on_its_own(
             torch.testing.assert_close(value, single["state_dict"][key], rtol=1e-5, atol=1e-5)
     mean = sum(rank["val_loss"] for rank in ranks) / len(ranks)
     torch.testing.assert_close(mean, single["val_loss"], rtol=1e-4, atol=1e-5)
+
+
+def _assert_baked_into_plain_fsdp2(result: dict[str, Any]) -> None:
+    for name, mro in result["classes"].items():
+        plain = "Embedding" if name == "tok_embeddings" else "Linear"
+        assert mro[:3] == [f"FSDP{plain}", "FSDPModule", plain], name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "layout",
+    ["offload-reshard", "offload-keep", "accumulate-reshard", "accumulate-keep",
+     "clip-reshard", "clip-keep"],
+)  # fmt: skip
+def test_per_module_with_offload_accumulation_or_clipping_trains_as_one_process(
+    per_module: PerModule, layout: str
+) -> None:
+    """CPUOffloadPolicy, micro-batches without sync, clip_grad_norm_ over DTensors: before the
+    bake and after, as one process trains the constrained model (fixed rows no parameters)."""
+    import fsdp_per_module_fit as fit
+
+    _, single = per_module
+    for result in _check_per_module(per_module, layout):
+        _assert_baked_into_plain_fsdp2(result)
+        if layout.startswith("accumulate"):
+            # Each micro-batch but the last left every shard without a gradient: not synced.
+            assert result["unsynced"] == [True] * ((fit.STEPS + fit.MORE) * (fit.MICRO - 1))
+        if layout.startswith("clip"):
+            # One process's total norm over the same parameters: the fixed rows are none.
+            norms = result["norms"] + result["more_norms"]
+            expected = single[layout]["norms"] + single[layout]["more_norms"]
+            assert len(norms) == fit.STEPS + fit.MORE
+            torch.testing.assert_close(norms, expected, rtol=1e-5, atol=0)
+            assert min(norms) > fit.MAX_NORM  # every step clipped
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "layout", ["bf16-reshard", "bf16-keep", "bf16-all-reshard", "bf16-all-keep"]
+)
+def test_per_module_mixed_precision_trains_as_the_unconstrained_model(
+    per_module: PerModule, layout: str
+) -> None:
+    """MixedPrecisionPolicy(bfloat16 parameters, float32 reduction), alone and with CPU offload,
+    accumulation without sync and clipping (``bf16-all-*``): the fixed rows exact in float32,
+    the rest as an unconstrained FSDP2 model under the same policy trains (the oracle), whose
+    fixed rows get no gradient (so no share of the clip's norm) and keep their values.
+
+    The oracle gathers and multiplies the same bfloat16 values, so no bfloat16 rounding parts
+    the two: only float32 sums taken in another order (the norm over other tensors), measured
+    at 3e-8. 1e-5, as against one process in float32, leaves room and catches a wrong row.
+    """
+    import fsdp_per_module_fit as fit
+
+    ranks, single = per_module
+    assert layout not in single  # one process has no policy: the oracle is the reference
+    tie, _, _, rows = fit.LAYOUTS[layout]
+    refs = fit.references(layout)
+    fixed = {"tok_embeddings.weight": rows} | ({} if tie else {"output.weight": fit.HEAD_ROWS})
+    for result in (rank[layout] for rank in ranks):
+        assert "error" not in result, result.get("error")
+        oracle = result["oracle"]
+        for key, value in result["initial"].items():
+            assert torch.equal(oracle["initial"][key], value), key  # one model, two ways
+        for kept in (result["stored"], result["baked_stored"]):  # FSDP2's shards
+            assert set(kept.values()) == {"torch.float32"}
+        for key, at in fixed.items():
+            assert result["trained"][key].dtype == torch.float32
+            assert torch.equal(result["trained"][key][at], refs[key]), key
+            assert torch.equal(oracle["trained"][key][at], refs[key]), key  # frozen indeed
+            # Trained on after the bake, as the oracle's unfrozen rows.
+            assert not torch.equal(result["after"][key][at], refs[key]), key
+        for stage in ("trained", "after"):
+            assert list(result[stage]) == list(oracle[stage])  # plain keys, plain order
+            for key, value in result[stage].items():
+                torch.testing.assert_close(
+                    value, oracle[stage][key], rtol=1e-5, atol=1e-5, msg=f"{stage} {key}"
+                )
+        torch.testing.assert_close(result["val_loss"], oracle["val_loss"], rtol=1e-5, atol=0)
+        norms, expected = result["norms"], oracle["norms"]
+        torch.testing.assert_close(norms, expected, rtol=1e-5, atol=0)
+        torch.testing.assert_close(result["more_norms"], oracle["more_norms"], rtol=1e-5, atol=0)
+        if layout.startswith("bf16-all"):
+            assert len(norms) == fit.STEPS
+            assert min(norms + result["more_norms"]) > fit.MAX_NORM  # every step clipped
+            assert result["unsynced"] == [True] * ((fit.STEPS + fit.MORE) * (fit.MICRO - 1))
+        _assert_baked_into_plain_fsdp2(result)
+    for stage in ("trained", "after"):
+        for key, value in ranks[0][layout][stage].items():
+            assert torch.equal(ranks[1][layout][stage][key], value), f"ranks differ in {key}"
