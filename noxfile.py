@@ -181,7 +181,7 @@ def _environment(
 def _python(session: nox.Session) -> str:
     """The shared environment's python: torch, both Lightning packages, every extra, checkers."""
     wanted = [TORCH, *LIGHTNING, RUFF, MYPY, "nox", (ROOT / "pyproject.toml").read_text()]
-    rest = ["-e", f"{ROOT}[test,demo,docs,peft,deepspeed]", *LIGHTNING, RUFF, MYPY, "nox"]
+    rest = ["-e", f"{ROOT}[test,demo,docs,peft,deepspeed,trl]", *LIGHTNING, RUFF, MYPY, "nox"]
     return _environment(session, "shared", wanted, rest)
 
 

@@ -362,3 +362,14 @@ def test_pip_index_configured(
     noxfile: ModuleType, environ: dict[str, str], config: str, expected: bool
 ) -> None:
     assert noxfile.pip_index_configured(environ, config) is expected
+
+
+def test_the_floor_session_pins_the_lowest_torch_pyproject_declares(noxfile: ModuleType) -> None:
+    project = {"project": {"dependencies": ["numpy", "torch>=2.8"]}}
+    assert noxfile.floor_torch(project) == "torch==2.8"
+    with pytest.raises(ValueError, match="one lower bound"):
+        noxfile.floor_torch({"project": {"dependencies": ["torch<3"]}})
+    with pytest.raises(ValueError, match="one torch requirement"):
+        noxfile.floor_torch({"project": {"dependencies": ["numpy"]}})
+    real = noxfile.nox.project.load_toml(EXAMPLE.parents[1] / "pyproject.toml")
+    assert noxfile.floor_torch(real).startswith("torch==")
