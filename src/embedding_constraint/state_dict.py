@@ -104,15 +104,9 @@ class _PlainStateDict:
         """Save: replace the parametrization's entries by the full tensor."""
         if self._constraint(module) is None:
             return
-        inner = f"{prefix}parametrizations.{self.name}."
-        # This module's entries are the last ones written: take them out, put them back in order.
         plist = parametrization_list(module, self.name)
         full = _full_tensor(plist, state_dict, prefix + self.name)
-        mine = {k: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(prefix)]}
-        mine[prefix + self.name] = full
-        for key in [prefix + p for p in self.parameter_order if prefix + p in mine]:
-            state_dict[key] = mine.pop(key)
-        state_dict.update((k, v) for k, v in mine.items() if not k.startswith(inner))
+        put_plain_entry(state_dict, prefix, self.name, full, self.parameter_order)
 
     def load(
         self,
@@ -318,6 +312,23 @@ def register_plain_hooks(module: nn.Module, name: str, parameter_order: Sequence
     hooks = _PlainStateDict(name, parameter_order)
     module.register_state_dict_post_hook(hooks)  # type: ignore[no-untyped-call]
     module.register_load_state_dict_pre_hook(hooks.load)  # type: ignore[no-untyped-call]
+
+
+def put_plain_entry(
+    state_dict: dict[str, Any], prefix: str, name: str, value: Tensor, order: tuple[str, ...]
+) -> None:
+    """Put ``value`` under the plain key ``prefix + name`` in place of the parametrization's
+    entries (``prefix + "parametrizations." + name + "."``), the module's entries in the order
+    a plain module writes them (``order``: its parameter names, see `plain_parameter_order`).
+
+    The module's entries are the last ones written: they are taken out and put back in order.
+    """
+    inner = f"{prefix}parametrizations.{name}."
+    mine = {k: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(prefix)]}
+    mine[prefix + name] = value
+    for key in [prefix + p for p in order if prefix + p in mine]:
+        state_dict[key] = mine.pop(key)
+    state_dict.update((k, v) for k, v in mine.items() if not k.startswith(inner))
 
 
 def plain_parameter_order(module: nn.Module) -> tuple[str, ...]:

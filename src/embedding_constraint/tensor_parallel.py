@@ -41,7 +41,7 @@ from torch.nn.utils import parametrize
 
 from embedding_constraint.fix_rows import bake, fixed_tensors
 from embedding_constraint.fixed_rows import FixedRows, parametrization_list
-from embedding_constraint.state_dict import plain_parameter_order
+from embedding_constraint.state_dict import plain_parameter_order, put_plain_entry
 
 __all__ = ["bake_parallelized", "parallelize_fixed"]
 
@@ -319,12 +319,9 @@ class _PlainKeys:
         inner = f"{prefix}parametrizations.{self.attr}."
         if inner + "original" not in state_dict:
             return
-        mine = {k: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(prefix)]}
         with torch.no_grad():
-            mine[prefix + self.attr] = getattr(module, self.attr).detach()
-        for key in [prefix + p for p in self.order if prefix + p in mine]:
-            state_dict[key] = mine.pop(key)
-        state_dict.update((k, v) for k, v in mine.items() if not k.startswith(inner))
+            value = getattr(module, self.attr).detach()
+        put_plain_entry(state_dict, prefix, self.attr, value, self.order)
 
     def load(
         self,
