@@ -32,11 +32,13 @@ Run from the repository root (2 processes, gloo, on the CPU)::
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -88,21 +90,53 @@ class Traffic:
 TRAFFIC = Traffic()
 
 
+# What FSDP2 calls, by kind: the names, newest first, and the argument whose bytes count (the
+# all-gather's output, the reduce-scatter's input). torch 2.13's FSDP2 calls the `_single` names
+# (the older ones are deprecated aliases there); torch 2.8 has only the older ones.
+_FSDP2_COLLECTIVES = {
+    "all-gather": (("all_gather_single", "all_gather_into_tensor"), "output_tensor"),
+    "reduce-scatter": (("reduce_scatter_single", "reduce_scatter_tensor"), "input"),
+}
+
+
 def _count_collectives() -> None:
-    """Wrap the collectives FSDP2 and DDP call, so that `TRAFFIC` sees every byte."""
+    """Wrap the collectives FSDP2 and DDP call, so that `TRAFFIC` sees every byte once.
+
+    Every name of `_FSDP2_COLLECTIVES` that this torch has is wrapped; a collective called from
+    inside another wrapped one (an alias calling the function it stands for) is not counted again.
+    """
+    inside = threading.local()  # how deep this thread is in wrapped collectives
 
     def counted(name: str, kind: str, tensor_of: Callable[..., Tensor]) -> None:
         original: Callable[..., Any] = getattr(dist, name)
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            TRAFFIC.add(kind, tensor_of(*args, **kwargs))
-            return original(*args, **kwargs)
+            depth = getattr(inside, "depth", 0)
+            if depth == 0:
+                TRAFFIC.add(kind, tensor_of(*args, **kwargs))
+            inside.depth = depth + 1
+            try:
+                return original(*args, **kwargs)
+            finally:
+                inside.depth = depth
 
         setattr(dist, name, call)
 
-    # FSDP2's all-gather (output first) and reduce-scatter (keywords), DDP's broadcasts.
-    counted("all_gather_single", "all-gather", lambda output, *_, **__: output)
-    counted("reduce_scatter_single", "reduce-scatter", lambda **kwargs: kwargs["input"])
+    def argument_of(function: Callable[..., Any], argument: str) -> Callable[..., Tensor]:
+        # FSDP2 passes them by position (2.13's all-gather) or by keyword (the others).
+        signature = inspect.signature(function)
+        return lambda *args, **kwargs: signature.bind(*args, **kwargs).arguments[argument]
+
+    for kind, (names, argument) in _FSDP2_COLLECTIVES.items():
+        present = [name for name in names if hasattr(dist, name)]
+        if not present:
+            raise RuntimeError(
+                f"Expected torch.distributed to have one of {list(names)} (FSDP2's {kind}). "
+                f"Got none of them in torch {torch.__version__}."
+            )
+        for name in present:
+            counted(name, kind, argument_of(getattr(dist, name), argument))
+    # DDP's broadcasts: a builtin, called as (group, tensors, buffer_size, authoritative_rank).
     counted(
         "_broadcast_coalesced",
         "broadcast",
