@@ -27,7 +27,7 @@ FIXED_AT = {"prefix": [0, 1, 2, 3], "scattered": [8, 1, 4, 5]}
 
 
 def _joined_on_cuda(module: nn.Module) -> bool:
-    joined = constraint_of(module)._joined(stored(module))
+    joined = constraint_of(module).joined(stored(module))
     return joined is not None and joined.is_cuda
 
 

@@ -48,7 +48,7 @@ def _embedding(where: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Embed
 
 
 def _joined(module: nn.Module) -> Tensor | None:
-    return constraint_of(module)._joined(stored(module))
+    return constraint_of(module).joined(stored(module))
 
 
 def _shares_one_buffer(module: nn.Module) -> bool:
@@ -349,7 +349,7 @@ def test_rejoin_leaves_tensors_of_other_devices_or_dtypes_apart() -> None:
     free = nn.Parameter(constraint.right_inverse(torch.ones(5, 3)))
     other = nn.Parameter(free.detach().double())
     constraint.rejoin(other)
-    assert constraint._joined(other) is None
+    assert constraint.joined(other) is None
     assert other.dtype == torch.float64
     constraint.rejoin(free)
-    assert constraint._joined(free) is not None
+    assert constraint.joined(free) is not None

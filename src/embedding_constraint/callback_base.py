@@ -31,22 +31,24 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 from typing_extensions import Self
 
 from embedding_constraint.distributed import check_same_on_every_rank
 from embedding_constraint.fix_rows import (
-    _check_lookup_options,
-    _owner,
+    SUPPORTED_MODULES,
+    check_reference,
+    constraint_of,
     fix_rows_before_optimizers,
     is_fixed,
+    references_of,
+    stored_rows,
 )
-from embedding_constraint.fixed_rows import FixedRows, _extremes, parametrization_list
+from embedding_constraint.fixed_rows import FixedRows
 from embedding_constraint.fsdp import bake_fully_sharded
+from embedding_constraint.vocab import ReferenceNames, align_named, shared_reference
 
 __all__ = ["EmbeddingConstraintHooks"]
 
-_TARGETS = (nn.Embedding, nn.EmbeddingBag, nn.Linear)
 # Strategies refused, and why. Each flattens the module's parameters into flat shards of its
 # own, so the stored free rows would no longer be the tensor the parametrization reads.
 # ModelParallelStrategy (FSDP2, `fully_shard` in configure_model) keeps each parameter a
@@ -79,13 +81,8 @@ def _preview(rows: Tensor) -> str:
 
 
 def _label(name: str, attr: str, references: dict[str, Tensor]) -> str:
-    """How a message names one reference of the argument ``name``: `old`, `old.bias`."""
-    return f"`{name}`" if list(references) == ["weight"] else f"`{name}.{attr}`"
-
-
-def _bad_rows(bad: Tensor) -> str:
-    """The rows of ``bad`` (a mask shaped like a reference) with a True, for a message."""
-    return _preview(bad.reshape(bad.shape[0], -1).any(dim=1).nonzero().flatten())
+    """How a message names one reference of the argument ``name``: old, old.bias."""
+    return name if list(references) == ["weight"] else f"{name}.{attr}"
 
 
 def _counted(constraint: FixedRows) -> str:
@@ -100,10 +97,6 @@ def _counted(constraint: FixedRows) -> str:
         f"The {values} fixed values are held outside parameters(): a model summary counts "
         f"{values} parameters fewer than the plain model, neither trainable nor non-trainable."
     )
-
-
-def _article(word: str) -> str:
-    return "an" if word[:1].lower() in "aeiou" else "a"
 
 
 def _shards_in_configure_model(strategy: type) -> bool:
@@ -136,12 +129,6 @@ def _check_zero_stage(strategy: object) -> None:
         )
 
 
-def _rows_of(target: nn.Module) -> int:
-    weight = target.weight
-    assert isinstance(weight, Tensor)
-    return weight.shape[0]
-
-
 class EmbeddingConstraintHooks:
     """Hold rows of a module's weight at reference values for the duration of a fit.
 
@@ -161,22 +148,7 @@ class EmbeddingConstraintHooks:
         shard_reference: bool = True,
     ) -> None:
         references = self._references_from(target, constraint, "constraint")
-        self._check_references(target, references, "constraint")
-        fixed, total = references["weight"].shape[0], _rows_of(target)
-        if fixed > total:
-            swapped = (
-                ": the arguments may be swapped. The call is "
-                "EmbeddingConstraint(new_module, old_module)."
-                if isinstance(constraint, nn.Module) and rows is None
-                else "."
-            )
-            raise ValueError(
-                f"Expected `constraint` (the trained module or its weight) to have at most as "
-                f"many rows as `target` (the module to train). Got {fixed} rows in `constraint` "
-                f"and {total} in `target`{swapped}"
-            )
-        self._check_values(target, references, "constraint")
-        self._configure(target, references, rows, shard_reference)
+        self._configure(target, references, rows, shard_reference, "constraint")
 
     def _configure(
         self,
@@ -184,14 +156,17 @@ class EmbeddingConstraintHooks:
         references: dict[str, Tensor],
         rows: Tensor | Sequence[int] | None,
         shard_reference: bool,
+        argument: str,
     ) -> None:
         if not isinstance(shard_reference, bool):
             raise TypeError(
                 f"Expected `shard_reference` to be a bool. Got {type(shard_reference).__name__}."
             )
-        _check_lookup_options(target)
         for attr, reference in references.items():
-            FixedRows._borrowing(reference, rows=rows).check_compatible(getattr(target, attr))
+            label = _label(argument, attr, references)
+            check_reference(
+                target, reference, name=attr, rows=rows, argument=label, module_argument="target"
+            )
         self.target = target
         # Private copies: training the module the reference came from changes nothing here.
         # In host memory: they are read once per fit, when `setup` copies them into the
@@ -254,113 +229,43 @@ class EmbeddingConstraintHooks:
             >>> callback.rows.tolist()
             [0, 2, 3]
         """
-        # Built on `vocab.reference_for`'s pieces, with this method's argument names.
-        from embedding_constraint.vocab import _align, _check_one_token_per_row, _shared_rows
-
+        # `vocab.reference_for`, with this method's argument names.
         old_references = cls._references_from(target, old, "old")
-        cls._check_references(target, old_references, "old")
-        alignment = _align(old_vocab, new_vocab, "old_vocab", "new_vocab")
-        rows_of_old = old_references["weight"].shape[0]
-        _check_one_token_per_row("`old_vocab`", "`old`", alignment.old_size, rows_of_old)
-        _check_one_token_per_row("`new_vocab`", "`target`", alignment.new_size, _rows_of(target))
+        alignment = align_named(old_vocab, new_vocab, "old_vocab", "new_vocab")
+        weight = target.weight
+        assert isinstance(weight, Tensor)  # a supported module (`_references_from`)
         references = {
-            attr: _shared_rows(value, alignment) for attr, value in old_references.items()
-        }
-        # The rows held only: a NaN in a removed token's row is no fault.
-        cls._check_values(target, references, "old")
+            attr: shared_reference(
+                value,
+                alignment,
+                weight.shape[0],
+                ReferenceNames(
+                    "`old_vocab`", f"`{_label('old', attr, old_references)}`", "`new_vocab`",
+                    "`target`",
+                ),
+            )
+            for attr, value in old_references.items()
+        }  # fmt: skip
+        # The rows held only are checked: a NaN in a removed token's row is no fault.
         callback = cls.__new__(cls)
-        callback._configure(target, references, alignment.new_rows, shard_reference)
+        callback._configure(target, references, alignment.new_rows, shard_reference, "old")
         return callback
 
     @staticmethod
-    def _references_from(target: nn.Module, constraint: Any, name: str) -> dict[str, Tensor]:
-        """The reference tensors ``constraint`` (the argument called ``name``) gives, by attr."""
-        if not isinstance(target, _TARGETS):
+    def _references_from(target: nn.Module, given: object, argument: str) -> dict[str, Tensor]:
+        """The reference tensors the user's argument ``argument`` gives, by attribute."""
+        if not isinstance(target, SUPPORTED_MODULES):
             raise TypeError(
                 "Expected `target` to be an nn.Embedding, nn.EmbeddingBag or nn.Linear. "
                 f"Got {type(target).__name__}."
             )
-        constrained = [a for a in ("weight", "bias") if parametrize.is_parametrized(target, a)]
-        if constrained:
-            raise ValueError(
-                f"Expected `target` to be unconstrained. Got a module whose "
-                f"{' and '.join(constrained)} is parametrized (by fix_rows, say): the callback "
-                "constrains it itself when the fit sets up. Pass the plain module (bake(target) "
-                "first)."
-            )
-        if isinstance(constraint, Tensor):
-            return {"weight": constraint}
-        if isinstance(constraint, nn.Module):
-            if type(constraint) is not type(target):
-                kind = type(target).__name__
-                raise TypeError(
-                    f"Expected `{name}` to be {_article(kind)} {kind} like `target`, or a "
-                    f"tensor. Got {type(constraint).__name__}."
-                )
-            references = {"weight": constraint.weight}
-            target_bias = getattr(target, "bias", None)
-            bias = getattr(constraint, "bias", None)
-            if isinstance(target_bias, Tensor) != isinstance(bias, Tensor):
-                raise ValueError(
-                    f"Expected `{name}` to have a bias exactly when `target` has one. "
-                    f"Got target bias: {target_bias is not None}, {name} bias: {bias is not None}."
-                )
-            if isinstance(bias, Tensor):
-                references["bias"] = bias
-            return references
-        raise TypeError(
-            f"Expected `{name}` to be a torch.Tensor or a module like `target`. "
-            f"Got {type(constraint).__name__}."
+        return references_of(
+            target,
+            given,
+            argument=argument,
+            module_argument="target",
+            call="EmbeddingConstraint(new_module, old_module)",
         )
-
-    @staticmethod
-    def _check_references(target: nn.Module, references: dict[str, Tensor], name: str) -> None:
-        """Refuse references that `FixedRows` would refuse, naming ``name``, the user's argument.
-
-        `FixedRows` and `fix_rows` check these too, but name their own arguments
-        (``reference``), which the callback's user did not write.
-        """
-        for attr, reference in references.items():
-            label = _label(name, attr, references)
-            if not reference.is_floating_point():
-                raise TypeError(
-                    f"Expected {label} to be floating-point. Got a tensor of dtype "
-                    f"{reference.dtype}."
-                )
-            if reference.dim() == 0:
-                raise ValueError(f"Expected {label} to have a row dimension. Got a 0-d tensor.")
-            if reference.is_meta:
-                raise ValueError(
-                    f"Expected {label} to hold values. Got a tensor on the meta device, which "
-                    "has none: load or compute it first."
-                )
-            tensor = getattr(target, attr)
-            if tensor.dim() > 0 and reference.shape[1:] != tensor.shape[1:]:
-                raise ValueError(
-                    f"Expected {label} to have rows of shape {tuple(tensor.shape[1:])}, as "
-                    f"`target.{attr}` (of shape {tuple(tensor.shape)}) has. Got a tensor of "
-                    f"shape {tuple(reference.shape)}."
-                )
-
-    @staticmethod
-    def _check_values(target: nn.Module, references: dict[str, Tensor], name: str) -> None:
-        """Refuse a reference value that is NaN or Inf, or becomes Inf in the target's dtype."""
-        for attr, reference in references.items():
-            label = _label(name, attr, references)
-            dtype = getattr(target, attr).dtype
-            # Its largest and smallest values decide (converting is monotonic).
-            extremes = _extremes(reference)
-            if not bool(torch.isfinite(extremes).all()):
-                bad = ~torch.isfinite(reference)
-                raise ValueError(
-                    f"Expected {label} to be finite. Got NaN or Inf in rows {_bad_rows(bad)}."
-                )
-            if dtype.is_floating_point and not bool(torch.isfinite(extremes.to(dtype)).all()):
-                bad = ~torch.isfinite(reference.to(dtype))
-                raise ValueError(
-                    f"Expected {label} to be finite in {dtype}, the dtype of `target.{attr}`. "
-                    f"Got values too large for it in rows {_bad_rows(bad)}."
-                )
 
     @property
     def state_key(self) -> str:
@@ -428,8 +333,7 @@ class EmbeddingConstraintHooks:
         for attr, reference in self.references.items():
             name = f"{prefix}.{attr}" if prefix else attr
             fix_rows_before_optimizers(pl_module, reference, name=name, rows=self.rows)
-            constraint = parametrization_list(*_owner(pl_module, name))[0]
-            assert isinstance(constraint, FixedRows)
+            constraint = constraint_of(pl_module, name)
             if self.shard_reference and _shards_in_configure_model(strategy):
                 # FSDP2 in configure_model, next: shard the reference with the free rows.
                 constraint.hold_reference_as_parameter()
@@ -522,32 +426,13 @@ class EmbeddingConstraintHooks:
         (A reference held as a parameter for FSDP2 is converted with the parameters.)
         """
         for root, name in self._fixed:
-            constraint = parametrization_list(*_owner(root, name))[0]
-            assert isinstance(constraint, FixedRows)
             kept = self.references[name.rpartition(".")[2]]
-            dtype = constraint.reference.dtype
-            # Its largest and smallest values decide (converting is monotonic).
-            if not bool(torch.isfinite(_extremes(kept).to(dtype)).all()):
-                raise ValueError(
-                    f"Expected the fixed rows of {name!r} to fit the run's dtype {dtype}. Got "
-                    f"a reference with values it cannot hold (largest magnitude "
-                    f"{float(kept.abs().max()):.4g}): choose a precision whose dtype holds them."
-                )
-            if constraint.reference_is_parameter:
-                continue
-            # In the constraint's order of the rows (it sorts them).
-            kept = FixedRows._borrowing(kept, rows=self.rows).reference
-            with torch.no_grad():
-                constraint.reference.copy_(kept)
+            constraint_of(root, name).reset_reference(kept, rows=self.rows)
 
     def _check_optimizer_states(self, trainer: Any) -> None:
         """Raise if the optimizer state being resumed has other rows than the stored ones."""
         states, self._resumed_optimizer_states = self._resumed_optimizer_states, []
-        stored = {
-            id(p): name
-            for root, name in self._fixed
-            for p in [parametrization_list(*_owner(root, name)).original]
-        }
+        stored = {id(p): name for root, name in self._fixed for p in [stored_rows(root, name)]}
         for optimizer, state in zip(trainer.optimizers, states, strict=False):
             params = [p for group in optimizer.param_groups for p in group["params"]]
             for index, param in enumerate(params):

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from embedding_constraint.fix_rows import _owner, fixed_tensors
+from embedding_constraint.fix_rows import fixed_tensors, owner_of
 from embedding_constraint.fixed_rows import FixedRows, parametrization_list, sharded
 
 __all__ = ["check_same_on_every_rank"]
@@ -68,7 +68,7 @@ def _compared(module: nn.Module) -> dict[str, _Record]:
     """
     compared = {}
     for name, constraint in fixed_tensors(module):
-        original = parametrization_list(*_owner(module, name)).original
+        original = parametrization_list(*owner_of(module, name)).original
         if not sharded(constraint.reference, original):
             compared[name] = _record(constraint)
     return compared

@@ -8,6 +8,12 @@ Parameter (tied weights) reads the constrained tensor, and a plain ``nn.Embeddin
 `embedding_constraint.reads`). After ``.to()`` and ``deepcopy``, which
 copy the reference and the stored rows apart, the module puts them back into one buffer
 (`FixedRows.rejoin`).
+
+The package's other modules (the integrations, the callback) build on the checks here rather
+than repeating them: `SUPPORTED_MODULES`, `references_of` (a reference module's tensors),
+`check_reference` (everything about one reference and tensor that `fix_rows` refuses, in the
+caller's argument names), `check_lookup_options`, and the lookups `owner_of`, `holders_of`,
+`held_outside`, `constraint_of`, `stored_rows`, `fixed_tensors`. They are the package's own API: public to its files, not exported.
 """
 
 from __future__ import annotations
@@ -35,6 +41,10 @@ from embedding_constraint.write_through import write_through
 
 __all__ = ["bake", "fix_rows", "is_fixed"]
 
+# The modules whose reads `fix_rows` makes fast and that the callback and `vocab` take: the
+# one list. (`fix_rows` itself takes any module with a floating-point parameter.)
+SUPPORTED_MODULES = (nn.Embedding, nn.EmbeddingBag, nn.Linear)
+
 
 def _split(name: object, argument: str = "name") -> tuple[str, str]:
     """``(owner, attr)`` of a dotted parameter name, checked to be a non-empty str."""
@@ -47,7 +57,14 @@ def _split(name: object, argument: str = "name") -> tuple[str, str]:
     return owner, attr
 
 
-def _owner(root: nn.Module, name: str) -> tuple[nn.Module, str]:
+def owner_of(root: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """``(module, attr)``: the submodule of ``root`` that holds the tensor ``name``, and its
+    attribute name.
+
+    Raises:
+        TypeError: ``name`` is not a non-empty str.
+        ValueError: ``root`` has no such submodule.
+    """
     owner_name, attr = _split(name)
     try:
         return root.get_submodule(owner_name), attr
@@ -58,7 +75,7 @@ def _owner(root: nn.Module, name: str) -> tuple[nn.Module, str]:
         ) from None
 
 
-def _holders(root: nn.Module, param: Tensor) -> list[tuple[nn.Module, str]]:
+def holders_of(root: nn.Module, param: Tensor) -> list[tuple[nn.Module, str]]:
     """Every (module, attribute) under ``root`` that holds ``param`` itself, once each."""
     return [
         (module, attr)
@@ -68,7 +85,7 @@ def _holders(root: nn.Module, param: Tensor) -> list[tuple[nn.Module, str]]:
     ]
 
 
-def _held_outside(root: nn.Module, value: object, registry: str) -> bool:
+def held_outside(root: nn.Module, value: object, registry: str) -> bool:
     """Whether a module outside ``root`` holds ``value`` in its ``registry`` dict too.
 
     ``registry`` is ``"_parameters"`` (a Parameter tied to a module above ``root``) or
@@ -141,7 +158,12 @@ def _has_optimizer_state(param: Tensor) -> bool:
     )
 
 
-def _check_lookup_options(module: nn.Module) -> None:
+def check_lookup_options(module: nn.Module) -> None:
+    """Refuse an ``nn.Embedding``/``nn.EmbeddingBag`` option the constraint cannot keep exact.
+
+    Raises:
+        ValueError: ``sparse=True`` or ``max_norm`` is set.
+    """
     if isinstance(module, nn.Embedding | nn.EmbeddingBag):
         kind = type(module).__name__
         if module.sparse:
@@ -343,15 +365,7 @@ def fix_rows(
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"Expected `module` to be a torch.nn.Module. Got {type(module).__name__}.")
-    if isinstance(reference, nn.Module):
-        if name is not None:
-            raise TypeError(
-                "Expected `name` to be left out with a reference module: its parameters name "
-                f"the tensors to constrain. Got name={name!r}."
-            )
-        references = _references_of(module, reference)
-    else:
-        references = {"weight" if name is None else name: reference}
+    references = references_of(module, reference, name=name)
     plans = [_plan(module, value, key, rows) for key, value in references.items()]
     # Nothing below can fail on user input: the module changes only from here on.
     for plan in plans:
@@ -367,21 +381,117 @@ def fix_rows(
     return module
 
 
-def _references_of(module: nn.Module, reference: nn.Module) -> dict[str, Tensor]:
-    """The parameters of ``reference`` that ``module`` has too, by name."""
-    if type(reference) is not type(module):
+def references_of(
+    module: nn.Module,
+    reference: object,
+    *,
+    name: str | None = None,
+    argument: str = "reference",
+    module_argument: str = "module",
+    call: str = "fix_rows(new_module, old_module)",
+) -> dict[str, Tensor]:
+    """The tensors ``reference`` holds for ``module``, by parameter name (changes nothing).
+
+    A tensor is the reference of ``name`` (default ``"weight"``); a module of ``module``'s
+    class gives each of its parameters, which must be ``module``'s (a bias exactly when
+    ``module`` has one). ``argument`` and ``module_argument`` name the two in messages, and
+    ``call`` is the caller's call written the right way round, for a reference module with
+    more rows than ``module`` (the arguments swapped, most likely).
+
+    Raises:
+        TypeError: ``reference`` is neither a tensor nor a module of ``module``'s class, or is
+            a module given with ``name``.
+        ValueError: a reference module has other parameters than ``module``, or more rows.
+    """
+    if isinstance(reference, Tensor):
+        return {"weight" if name is None else name: reference}
+    if not isinstance(reference, nn.Module):
         raise TypeError(
-            f"Expected a reference module of `module`'s class, {type(module).__name__}. "
+            f"Expected `{argument}` to be a torch.Tensor or a module like `{module_argument}`. "
             f"Got {type(reference).__name__}."
+        )
+    for attr in ("weight", "bias"):
+        _check_unconstrained(module, attr, f"`{module_argument}.{attr}`")
+    kind = type(module).__name__
+    if type(reference) is not type(module):
+        article = "an" if kind[:1].lower() in "aeiou" else "a"
+        raise TypeError(
+            f"Expected `{argument}` to be {article} {kind} like `{module_argument}`, or a "
+            f"tensor. Got {type(reference).__name__}."
+        )
+    if name is not None:
+        raise TypeError(
+            f"Expected `name` to be left out with a reference module: its parameters name "
+            f"the tensors to constrain. Got name={name!r}."
         )
     found = {n: p for n, p in reference._parameters.items() if p is not None}
     mine = {n for n, p in module._parameters.items() if p is not None}
     if set(found) != mine:
         raise ValueError(
-            f"Expected the reference module to have the parameters of `module`, {sorted(mine)}. "
-            f"Got {sorted(found)}."
+            f"Expected `{argument}` to have a bias exactly when `{module_argument}` has one, "
+            f"and the parameters it has: {sorted(mine)}. Got {sorted(found)}."
+        )
+    weight, own = found.get("weight"), module._parameters.get("weight")
+    if (
+        isinstance(weight, Tensor)
+        and isinstance(own, Tensor)
+        and weight.dim()
+        and own.dim()
+        and weight.shape[0] > own.shape[0]
+    ):
+        raise ValueError(
+            f"Expected `{argument}` (the trained module) to have at most as many rows as "
+            f"`{module_argument}` (the module to train). Got {weight.shape[0]} rows in "
+            f"`{argument}` and {own.shape[0]} in `{module_argument}`: the arguments may be "
+            f"swapped. The call is {call}."
         )
     return {n: p.detach() for n, p in found.items()}
+
+
+def _check_unconstrained(owner: nn.Module, attr: str, label: str) -> None:
+    if parametrize.is_parametrized(owner, attr):
+        raise ValueError(
+            f"Expected {label} to be unconstrained. Got a tensor already parametrized (by "
+            "fix_rows, say): call bake() before constraining it again."
+        )
+
+
+def check_reference(
+    module: nn.Module,
+    reference: Tensor,
+    *,
+    name: str = "weight",
+    rows: Tensor | Sequence[int] | None = None,
+    argument: str = "reference",
+    module_argument: str = "module",
+) -> FixedRows:
+    """Check what `fix_rows` checks of ``reference`` and ``module.<name>`` alone; change nothing.
+
+    That the tensor exists, is not constrained yet and fits the reference (`FixedRows` and
+    `FixedRows.check_compatible`), and the lookup options of ``module``. Not checked here,
+    since they need the root that is constrained: other holders of the Parameter (ties) and
+    optimizers' state. ``argument`` and ``module_argument`` name the two in messages.
+
+    Returns:
+        FixedRows: the constraint, borrowing ``reference`` (`FixedRows.borrowing`).
+
+    Raises:
+        TypeError, ValueError: as `fix_rows` does, naming the caller's arguments.
+    """
+    owner, attr = owner_of(module, name)
+    label = f"`{module_argument}.{name}`"
+    _check_unconstrained(owner, attr, label)
+    param = owner._parameters.get(attr)
+    if param is None:
+        available = [n for n, _ in module.named_parameters()]
+        raise ValueError(
+            f"Expected `{module_argument}` to have a parameter named {name!r}. "
+            f"Got none; its parameters are {available}."
+        )
+    check_lookup_options(owner)
+    constraint = FixedRows.borrowing(reference, rows=rows, argument=argument)
+    constraint.check_compatible(param, argument=argument, tensor_name=label)
+    return constraint
 
 
 @dataclass(frozen=True)
@@ -410,20 +520,12 @@ def _plan(
     """
     _split(name)
     assert isinstance(name, str)
-    owner, attr = _owner(module, name)
-    if parametrize.is_parametrized(owner, attr):
-        raise ValueError(
-            f"Expected an unconstrained parameter. Got {name!r}, which is already parametrized; "
-            "call bake() before constraining it again."
-        )
-    param = owner._parameters.get(attr)
-    if param is None:
-        available = [n for n, _ in module.named_parameters()]
-        raise ValueError(
-            f"Expected `module` to have a parameter named {name!r}. "
-            f"Got none; its parameters are {available}."
-        )
-    if _held_outside(module, param, "_parameters"):
+    # Registered by `_register`, at once: it borrows the reference.
+    constraint = check_reference(module, reference, name=name, rows=rows)
+    owner, attr = owner_of(module, name)
+    param = owner._parameters[attr]
+    assert param is not None  # `check_reference` found it
+    if held_outside(module, param, "_parameters"):
         raise ValueError(
             f"Expected {name!r} to be held only by modules under `module`. Got a Parameter "
             "that a module outside it holds too (an output head tied to this embedding, say): "
@@ -439,11 +541,9 @@ def _plan(
             "holds only the free rows, and its next step would fail. Create the optimizer after "
             "fix_rows (and let go of the old one)."
         )
-    holders = _holders(module, param)
-    for holder, _ in holders:
-        _check_lookup_options(holder)
-    constraint = FixedRows._borrowing(reference, rows=rows)  # registered by `_register`, at once
-    constraint.check_compatible(param)
+    holders = holders_of(module, param)
+    for holder, _ in holders:  # a tied holder's own options (the owner's are checked)
+        check_lookup_options(holder)
     orders = [plain_parameter_order(holder) for holder, _ in holders]
     return _Plan(owner, attr, constraint, holders, orders)
 
@@ -655,7 +755,7 @@ def fixed_tensors(module: nn.Module) -> list[tuple[str, FixedRows]]:
     seen: set[int] = set()
     found = []
     for name in _fixed_names(module):
-        owner, attr = _owner(module, name)
+        owner, attr = owner_of(module, name)
         plist = parametrization_list(owner, attr)
         if id(plist) not in seen:
             seen.add(id(plist))
@@ -663,9 +763,37 @@ def fixed_tensors(module: nn.Module) -> list[tuple[str, FixedRows]]:
     return found
 
 
+def constraint_of(root: nn.Module, name: str) -> FixedRows:
+    """The `FixedRows` that constrains the tensor ``name`` under ``root``.
+
+    Raises:
+        ValueError: ``name`` is not constrained by `FixedRows`.
+    """
+    owner, attr = owner_of(root, name)
+    if holds_parametrizations(owner) and attr in cast(nn.ModuleDict, owner.parametrizations):
+        constraint = parametrization_list(owner, attr)[0]
+        if isinstance(constraint, FixedRows):
+            return constraint
+    raise ValueError(f"Expected {name!r} to be constrained by fix_rows. Got a plain tensor.")
+
+
+def stored_rows(root: nn.Module, name: str) -> Tensor:
+    """The Parameter that holds the free rows of the constrained tensor ``name`` (what
+    optimizers train).
+
+    Raises:
+        ValueError: ``name`` is not constrained by `FixedRows`.
+    """
+    constraint_of(root, name)
+    owner, attr = owner_of(root, name)
+    stored = parametrization_list(owner, attr).original
+    assert isinstance(stored, Tensor)
+    return stored
+
+
 def _bake_check(module: nn.Module, name: str) -> tuple[nn.Module, str, ParametrizationList]:
     """Check everything `bake` checks for one tensor, changing nothing."""
-    owner, attr = _owner(module, name)
+    owner, attr = owner_of(module, name)
     if not parametrize.is_parametrized(owner, attr):
         if attr not in owner._parameters and attr not in owner._buffers:
             available = [
@@ -680,7 +808,7 @@ def _bake_check(module: nn.Module, name: str) -> tuple[nn.Module, str, Parametri
     if len(plist) != 1 or not isinstance(plist[0], FixedRows):
         kinds = [type(p).__name__ for p in plist]
         raise ValueError(f"Expected {name!r} to be constrained by FixedRows alone. Got {kinds}.")
-    if _held_outside(module, plist, "_modules"):
+    if held_outside(module, plist, "_modules"):
         raise ValueError(
             f"Expected {name!r} to be read only by modules under `module`. Got a constrained "
             "tensor that a module outside it reads too (a tied output head, say): baking it "

@@ -207,7 +207,7 @@ class _ScatterRows(torch.autograd.Function):
     Equal to ``cat((reference, free)).index_select(0, slot)`` (the composable read that
     `FixedRows.forward` uses under transforms) with one copy of the weight instead of two:
     one gather by ``slot`` from ``joined``, the block ``[reference; free]`` when the two share
-    it (see `FixedRows._joined`), else the two copied to their rows (the gather is the faster;
+    it (see `FixedRows.joined`), else the two copied to their rows (the gather is the faster;
     docs/performance.md). Its backward is one ``index_select``, itself differentiable: double
     backward works.
     """
@@ -290,6 +290,25 @@ def _as_rows(rows: object, count: int) -> Tensor:
     return index
 
 
+def _sorted_by_row(
+    reference: Tensor, rows: Tensor | Sequence[int] | None
+) -> tuple[Tensor | None, Tensor, bool]:
+    """``(index, reference, copied)``: the rows sorted (None for a prefix), the reference's
+    rows in their order, and whether that took a copy.
+
+    Sorted rows make the prefix case recognisable and the layout canonical.
+    """
+    if rows is None:
+        return None, reference, False
+    index, order = torch.sort(_as_rows(rows, reference.shape[0]))
+    copied = not torch.equal(order, torch.arange(order.numel()))
+    if copied:
+        reference = reference[order.to(reference.device)]
+    if torch.equal(index, torch.arange(index.numel())):
+        return None, reference, copied
+    return index, reference, copied
+
+
 def _extremes(reference: Tensor) -> Tensor:
     """The largest and smallest value of ``reference`` in float64 on the host (0, 0 if empty)."""
     if not reference.numel():
@@ -303,23 +322,23 @@ def _check_finite(
     extremes: Tensor,
     dtype: torch.dtype,
     target: str = "the dtype of the tensor it constrains",
+    argument: str = "reference",
 ) -> None:
     """Raise if a value of ``reference`` is NaN or Inf, or becomes Inf in ``dtype``.
 
     ``extremes`` are its `_extremes`: converting is monotonic, so if they stay finite in
-    ``dtype``, every value does.
+    ``dtype``, every value does. ``argument`` names the reference in the message.
     """
     if bool(torch.isfinite(extremes.to(dtype)).all()):
         return
     finite = torch.isfinite(reference.to(dtype))
     bad = (~finite).reshape(reference.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
+    shown = f"[{', '.join(map(str, bad[:10]))}{', ...' if len(bad) > 10 else ''}]"
     if dtype == reference.dtype:
-        raise ValueError(
-            f"Expected `reference` to be finite. Got NaN or Inf in reference rows {bad}."
-        )
+        raise ValueError(f"Expected `{argument}` to be finite. Got NaN or Inf in rows {shown}.")
     raise ValueError(
-        f"Expected `reference` to be finite in {dtype}, {target}. "
-        f"Got values in reference rows {bad} that are too large for it."
+        f"Expected `{argument}` to be finite in {dtype}, {target}. "
+        f"Got values in rows {shown} that are too large for it."
     )
 
 
@@ -355,9 +374,20 @@ class FixedRows(nn.Module):
     The reference is copied into a buffer, so later changes to the caller's tensor change
     nothing, and it follows ``.to(device/dtype)`` with the module. At registration the
     reference and the free rows are put into one block of memory, ``[reference; free]``, so
-    that `lookup`, `bag` and `linear` read the weight without assembling it (see `rejoin`). When registered, it is
-    converted to the dtype and device of the tensor it constrains: in a lower precision
-    than the reference (bfloat16, say), the fixed rows are the rounded reference.
+    that the reads of `embedding_constraint.reads` take the weight without assembling it (see
+    `rejoin`). When registered, it is converted to the dtype and device of the tensor it
+    constrains: in a lower precision than the reference (bfloat16, say), the fixed rows are
+    the rounded reference.
+
+    A later dtype conversion of the module (``.double()``, ``.half()``, a Lightning
+    precision) converts the fixed rows with it, as any buffer: narrowing rounds them once
+    (refused where a value would overflow), widening keeps the values they held, not the
+    wider reference they may have come from. The constraint keeps no second copy of the
+    reference to restore it from; `reset_reference` puts exact values back, and the Lightning
+    callback calls it when the fit starts, from the copy it holds anyway.
+
+    For the reads (the package's own API, not a user's): `joined`, `gradient_rows`, `spare`,
+    `places` and `reference_for` give the block ``[reference; free]`` and its index tables.
 
     Args:
         reference (Tensor): the fixed rows' values, shape ``(k, *trailing)``, where
@@ -395,49 +425,53 @@ class FixedRows(nn.Module):
         self._init(reference, rows, copy=True)
 
     @classmethod
-    def _borrowing(cls, reference: Tensor, rows: Tensor | Sequence[int] | None = None) -> FixedRows:
+    def borrowing(
+        cls,
+        reference: Tensor,
+        rows: Tensor | Sequence[int] | None = None,
+        *,
+        argument: str = "reference",
+    ) -> FixedRows:
         """Like the constructor, but keep ``reference`` itself until registration copies it.
 
         For callers that register at once (`fix_rows`): registration copies the reference
         into the block ``[reference; free]`` anyway, so a private copy made before it would
-        only raise the peak memory of registering.
+        only raise the peak memory of registering. ``argument``: how the messages of the
+        checks name the reference (the caller's own argument: ``"constraint"``, ``"old.bias"``).
         """
         constraint = cls.__new__(cls)
-        constraint._init(reference, rows, copy=False)
+        constraint._init(reference, rows, copy=False, argument=argument)
         return constraint
 
-    def _init(self, reference: Tensor, rows: Tensor | Sequence[int] | None, copy: bool) -> None:
+    def _init(
+        self,
+        reference: Tensor,
+        rows: Tensor | Sequence[int] | None,
+        copy: bool,
+        argument: str = "reference",
+    ) -> None:
         super().__init__()
         if not isinstance(reference, Tensor):
             raise TypeError(
-                f"Expected `reference` to be a torch.Tensor. Got {type(reference).__name__}."
+                f"Expected `{argument}` to be a torch.Tensor. Got {type(reference).__name__}."
             )
         if not reference.is_floating_point():
             raise TypeError(
-                "Expected `reference` to be a floating-point tensor. "
+                f"Expected `{argument}` to be floating-point. "
                 f"Got a tensor of dtype {reference.dtype}."
             )
         if reference.dim() == 0:
-            raise ValueError("Expected `reference` to have a row dimension. Got a 0-d tensor.")
+            raise ValueError(f"Expected `{argument}` to have a row dimension. Got a 0-d tensor.")
         if reference.is_meta:
             raise ValueError(
-                "Expected `reference` to hold values. Got a tensor on the meta device, which "
+                f"Expected `{argument}` to hold values. Got a tensor on the meta device, which "
                 "has none: load or compute the reference first, then constrain."
             )
         # Its largest and smallest values (host memory): whether it stays finite in a tensor's
         # dtype is known from these two alone (`check_compatible`).
         self._extremes = _extremes(reference)
-        _check_finite(reference, self._extremes, reference.dtype)
-        index = None if rows is None else _as_rows(rows, reference.shape[0])
-        reference = reference.detach()
-        copied = False
-        if index is not None:
-            # Sorted rows make the prefix case recognisable and the layout canonical.
-            index, order = torch.sort(index)
-            if not torch.equal(order, torch.arange(order.numel())):
-                reference, copied = reference[order.to(reference.device)], True
-            if torch.equal(index, torch.arange(index.numel())):
-                index = None
+        _check_finite(reference, self._extremes, reference.dtype, argument=argument)
+        index, reference, copied = _sorted_by_row(reference.detach(), rows)
         if copy and not copied:  # one private copy, however the rows came
             reference = reference.clone(memory_format=torch.contiguous_format)
         # Tensors of the constraint, but no buffers: DDP broadcasts every buffer at every
@@ -452,7 +486,7 @@ class FixedRows(nn.Module):
         # `grad_row[r]`: where the lookup backward sends row r's gradient (see `_Lookup`), and
         # how many spare rows that uses.
         self.grad_row: Tensor | None = None
-        self._spare = 1
+        self.spare = 1
         # The one buffer holding [reference; free] once registered (see `_join`), or None.
         self._joined_buffer: Tensor | None = None
 
@@ -481,6 +515,54 @@ class FixedRows(nn.Module):
         del self.reference
         self.register_parameter("reference", nn.Parameter(reference, requires_grad=False))
 
+    @torch.no_grad()
+    def reset_reference(
+        self, reference: Tensor, rows: Tensor | Sequence[int] | None = None
+    ) -> None:
+        """Copy ``reference`` into the fixed rows again, in the dtype they have now.
+
+        A dtype conversion of the module converts the fixed rows with it (see the class
+        docstring): after ``.double()`` of a module constrained in float32 they hold the
+        float32-rounded reference. This puts the exact values back: ``reference`` rounded
+        once to the current dtype. A reference held as a parameter (FSDP2, see
+        `hold_reference_as_parameter`) is converted with the parameters and left as it is;
+        its values are still checked.
+
+        Args:
+            reference (Tensor): the fixed rows' values, as given to the constructor.
+            rows (Tensor or sequence of int, optional): their positions, as given to the
+                constructor (in any order, ``reference``'s). Default: ``None``, the first rows.
+
+        Raises:
+            ValueError: ``rows`` are not the constraint's fixed rows, ``reference`` has
+                another shape, or a value is NaN or Inf or too large for the current dtype.
+                Nothing is copied.
+        """
+        index, ordered, _ = _sorted_by_row(reference.detach(), rows)
+        mine = self.rows
+        if (index is None) != (mine is None) or (
+            index is not None and mine is not None and not torch.equal(index, mine.cpu())
+        ):
+            raise ValueError(
+                "Expected `rows` to be the constraint's fixed rows "
+                f"{self.fixed_row_indices().tolist()[:10]}. Got other rows."
+            )
+        if ordered.shape != self.reference.shape:
+            raise ValueError(
+                f"Expected `reference` of shape {tuple(self.reference.shape)}. "
+                f"Got {tuple(ordered.shape)}."
+            )
+        dtype = self.reference.dtype
+        _check_finite(
+            ordered,
+            _extremes(ordered),
+            dtype,
+            "the dtype of the fixed rows now (the run's dtype, in a Lightning fit)",
+        )
+        if not self.reference_is_parameter:
+            self.reference.copy_(ordered)
+        self._extremes = _extremes(ordered)
+
     @property
     def num_fixed(self) -> int:
         """Number of fixed rows."""
@@ -492,8 +574,13 @@ class FixedRows(nn.Module):
             return torch.arange(self.num_fixed, device=self.reference.device)
         return self.rows
 
-    def check_compatible(self, tensor: Tensor) -> None:
+    def check_compatible(
+        self, tensor: Tensor, *, argument: str = "reference", tensor_name: str = "the tensor"
+    ) -> None:
         """Raise if ``tensor`` cannot be constrained by these rows; change nothing.
+
+        ``argument`` and ``tensor_name`` say in the messages what the caller's user called
+        the reference and the tensor (``"constraint"``, ``"`target.weight`"``).
 
         Raises:
             TypeError: ``tensor`` is not floating-point, or is a sharded ``DTensor`` (FSDP2
@@ -527,20 +614,29 @@ class FixedRows(nn.Module):
         if tensor.shape[1:] != self.reference.shape[1:]:
             expected = ", ".join(["k", *map(str, tensor.shape[1:])])
             raise ValueError(
-                f"Expected a reference of shape ({expected}) for a tensor of shape "
-                f"{tuple(tensor.shape)}. Got a reference of shape {tuple(self.reference.shape)}."
+                f"Expected `{argument}` to have rows of shape {tuple(tensor.shape[1:])} (a "
+                f"reference of shape ({expected})), as {tensor_name} of shape "
+                f"{tuple(tensor.shape)} has. Got a reference of shape "
+                f"{tuple(self.reference.shape)}."
             )
         if self.num_fixed > tensor.shape[0]:
             raise ValueError(
-                f"Expected at most {tensor.shape[0]} reference rows for a tensor of shape "
-                f"{tuple(tensor.shape)}. Got {self.num_fixed}."
+                f"Expected `{argument}` to have at most as many rows as {tensor_name} of shape "
+                f"{tuple(tensor.shape)}. Got {self.num_fixed} rows in `{argument}` and "
+                f"{tensor.shape[0]} in {tensor_name}."
             )
         if self.rows is not None and int(self.rows.max()) >= tensor.shape[0]:
             raise ValueError(
-                f"Expected `rows` below {tensor.shape[0]}, the row count of a tensor of shape "
-                f"{tuple(tensor.shape)}. Got row {int(self.rows.max())}."
+                f"Expected `rows` below {tensor.shape[0]}, the row count of {tensor_name} of "
+                f"shape {tuple(tensor.shape)}. Got row {int(self.rows.max())}."
             )
-        _check_finite(self.reference, self._extremes, tensor.dtype)
+        _check_finite(
+            self.reference,
+            self._extremes,
+            tensor.dtype,
+            f"the dtype of {tensor_name}",
+            argument=argument,
+        )
 
     def forward(self, free: Tensor) -> Tensor:
         """Return the full tensor: reference rows at their positions, ``free`` elsewhere.
@@ -579,7 +675,7 @@ class FixedRows(nn.Module):
         if composable_only(free):
             return torch.cat((reference, free)).index_select(0, self.slot.to(free.device))
         out: Tensor = _ScatterRows.apply(  # type: ignore[no-untyped-call]
-            free, reference, self.rows, self.free_rows, self._joined(free), self.slot
+            free, reference, self.rows, self.free_rows, self.joined(free), self.slot
         )
         return out
 
@@ -643,7 +739,7 @@ class FixedRows(nn.Module):
         self._joined_buffer = buffer
         return buffer[self.num_fixed :]
 
-    def _joined(self, free: Tensor) -> Tensor | None:
+    def joined(self, free: Tensor) -> Tensor | None:
         """Return ``[reference; free]`` as one tensor if the two share one buffer, else None.
 
         The rows are in slot order (reference rows, then free rows), not the weight's order
@@ -758,7 +854,7 @@ class FixedRows(nn.Module):
         if (
             not _is_dtensor(free)  # FSDP2's: it keeps its shards where it wants them
             and not self.reference_is_parameter
-            and self._joined(free) is None
+            and self.joined(free) is None
             and self.num_fixed
             and free.shape[0]
             and free.device == self.reference.device
@@ -785,8 +881,8 @@ class FixedRows(nn.Module):
         """Set ``grad_row`` from ``slot`` for a tensor of ``total`` rows (see `_Lookup`)."""
         fixed, device = self.num_fixed, self.reference.device
         slot = torch.arange(total, device=device) if self.slot is None else self.slot
-        self._spare = _spare_rows(device, fixed)
-        self.grad_row = torch.where(slot < fixed, total - fixed + slot % self._spare, slot - fixed)
+        self.spare = _spare_rows(device, fixed)
+        self.grad_row = torch.where(slot < fixed, total - fixed + slot % self.spare, slot - fixed)
 
     def places(self, ids: Tensor) -> Tensor | None:
         """Return each of ``ids``' place in ``[reference; free]``; None for a prefix (an id is
@@ -800,7 +896,7 @@ class FixedRows(nn.Module):
             return None
         return nn.functional.embedding(ids, self.slot.unsqueeze(1)).squeeze(-1)
 
-    def _grad_rows(self, free: Tensor) -> Tensor:
+    def gradient_rows(self, free: Tensor) -> Tensor:
         """Return ``grad_row`` for a tensor of ``free``'s free rows, derived if out of date."""
         total = self.num_fixed + free.shape[0]
         if self.grad_row is None or self.grad_row.numel() != total:

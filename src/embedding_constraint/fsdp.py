@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrize import ParametrizationList
 
-from embedding_constraint.fix_rows import _holders, bake_unsharded, fixed_tensors
+from embedding_constraint.fix_rows import bake_unsharded, fixed_tensors, holders_of
 from embedding_constraint.fixed_rows import FixedRows, gathered, parametrization_list
 
 __all__ = ["bake_fully_sharded", "prepare_fully_shard"]
@@ -176,7 +176,7 @@ def _replace_in_group(module: nn.Module, group: object, stale: list[object], nam
     bake_unsharded(module, name=name)  # the tied holders share the baked Parameter
     baked = owner._parameters[attr]
     assert baked is not None  # `bake` put the Parameter back
-    holders = _holders(module, baked)
+    holders = holders_of(module, baked)
     weight = nn.Parameter(whole, requires_grad=requires_grad)
     for holder, holder_attr in holders:
         holder._parameters[holder_attr] = weight

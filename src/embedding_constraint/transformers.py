@@ -31,25 +31,25 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from embedding_constraint.fix_rows import (
-    _check_lookup_options,
-    _held_outside,
-    _holders,
     bake,
+    check_lookup_options,
     fix_rows,
     fix_rows_before_optimizers,
     fixed_tensors,
+    held_outside,
+    holders_of,
     is_fixed,
 )
 from embedding_constraint.fixed_rows import FixedRows
 from embedding_constraint.vocab import (
-    _INITS,
+    INITS,
     Alignment,
     Init,
-    _align,
-    _check_options,
-    _fresh_bias,
-    _fresh_rows,
-    _grow,
+    align_named,
+    check_init_options,
+    fresh_bias,
+    fresh_rows,
+    grow,
 )
 
 if TYPE_CHECKING:
@@ -118,8 +118,8 @@ def _check_init(init: object, generator: object, old_vocab: object) -> None:
     Raises:
         TypeError, ValueError: see `expand_vocabulary`.
     """
-    names = ", ".join(map(repr, (*_INITS, _PIECES)))
-    if isinstance(init, str) and init not in (*_INITS, _PIECES):
+    names = ", ".join(map(repr, (*INITS, _PIECES)))
+    if isinstance(init, str) and init not in (*INITS, _PIECES):
         raise ValueError(f"Expected `init` to be one of {names} or a callable. Got {init!r}.")
     if not isinstance(init, str) and not callable(init):
         raise TypeError(
@@ -132,7 +132,7 @@ def _check_init(init: object, generator: object, old_vocab: object) -> None:
             f"text into the old tokenizer's pieces. Got {type(old_vocab).__name__}: pass the "
             "tokenizer itself, or another init ('mean')."
         )
-    _check_options("mean" if init == _PIECES else init, generator)
+    check_init_options("mean" if init == _PIECES else init, generator)
 
 
 def _added_pieces(
@@ -190,7 +190,7 @@ def _rows_from_pieces(
             fresh[i] = rows.to(wide).mean(dim=0).to(tokens.dtype)
     fallback = [i for i, ids in enumerate(pieces) if ids is None]
     if fallback:
-        make = _fresh_bias if is_bias else _fresh_rows
+        make = fresh_bias if is_bias else fresh_rows
         at = torch.tensor(fallback, device=tokens.device)
         fresh.index_copy_(0, at, make(stats, len(fallback), "mean", generator))
     return fresh
@@ -573,7 +573,7 @@ def _vocabulary_modules(model: object) -> tuple[nn.Embedding, nn.Linear | None]:
         (embedding.weight, "input embedding"),
         (getattr(head, "weight", None), "output head"),
     ):
-        if param is not None and _held_outside(model, param, "_parameters"):
+        if param is not None and held_outside(model, param, "_parameters"):
             raise ValueError(
                 f"Expected the {what}'s weight to be held only by modules under `model`. Got "
                 "one that a module outside it holds too (a head tied to it, a shared "
@@ -732,13 +732,13 @@ def _plan_expansion(
     for table in tables:
         _check_table(model, table)
     for lookup in (embedding, *tables):
-        for holder, _ in _holders(model, lookup.weight):
-            _check_lookup_options(holder)
+        for holder, _ in holders_of(model, lookup.weight):
+            check_lookup_options(holder)
     _check_init(init, generator, old_vocab)
     old_tokens = _tokens(old_vocab, "old_vocab")
     new_tokens = _tokens(new_vocab, "new_vocab")
-    alignment = _align(old_tokens, new_tokens, "old_vocab", "new_vocab")
-    old_tokens = cast(Sequence[Hashable], old_tokens)  # `_align` checked both
+    alignment = align_named(old_tokens, new_tokens, "old_vocab", "new_vocab")
+    old_tokens = cast(Sequence[Hashable], old_tokens)  # `align_named` checked both
     new_tokens = cast(Sequence[Hashable], new_tokens)
     rows = embedding.weight.shape[0]
     if alignment.old_size > rows:
@@ -757,7 +757,7 @@ def _plan_expansion(
     if old_padding is not None:
         new_padding = _moved_id(old_padding, "padding_idx", old_tokens, rows, new_index)
         user = _position_padding(
-            model, [h for h, _ in _holders(model, embedding.weight)], old_padding
+            model, [h for h, _ in holders_of(model, embedding.weight)], old_padding
         )
         if new_padding != old_padding and user is not None:
             raise ValueError(
@@ -828,7 +828,7 @@ def _plan_expansion(
                     fresh = _rows_from_pieces(tokens, stats, pieces, is_bias, generator)
                     tensors.append(_grown(model, param, tokens, reference, alignment, added, fresh))
                     continue
-                # `_fresh_rows` reads the rows for "mean" and "normal"; `_fresh_bias` reads the
+                # `fresh_rows` reads the rows for "mean" and "normal"; `fresh_bias` reads the
                 # entries for every init but "zeros" (their mean, for a callable init too).
                 reads = init != "zeros" if is_bias else init in ("mean", "normal")
                 bad = _non_finite(stats, ids) if reads else []
@@ -841,7 +841,7 @@ def _plan_expansion(
                         f"{_listed(bad, old_tokens, new_index)}: it would reach every added "
                         "token. Fix those rows first, or pass init='zeros'."
                     )
-                make = _fresh_bias if is_bias else _fresh_rows
+                make = fresh_bias if is_bias else fresh_rows
                 fresh = make(stats, added.numel(), cast(Init, init), generator)  # not pieces
                 if not bool(fresh.isfinite().all()):
                     raise ValueError(
@@ -853,7 +853,7 @@ def _plan_expansion(
         if logits_bias is not None:
             bias_owner, bias_name, bias_value = logits_bias
             zeros = bias_value.new_zeros((*bias_value.shape[:-1], added.numel()))  # as HF pads
-            by_token = _grow(bias_value.movedim(-1, 0), alignment, added, zeros.movedim(-1, 0))
+            by_token = grow(bias_value.movedim(-1, 0), alignment, added, zeros.movedim(-1, 0))
             new_bias = (bias_owner, bias_name, by_token.movedim(0, -1).contiguous())
     return _Expansion(
         rows,
@@ -878,10 +878,10 @@ def _grown(
 ) -> _Grown:
     """``param`` grown: ``tokens`` (its old tokens' rows) re-sorted, ``fresh`` added; checked
     against the constraint fix_rows will register."""
-    new = _grow(tokens, alignment, added, fresh)
+    new = grow(tokens, alignment, added, fresh)
     if alignment.old_rows.numel():
-        FixedRows._borrowing(reference, rows=alignment.new_rows).check_compatible(new)
-    holders = _holders(model, param)
+        FixedRows.borrowing(reference, rows=alignment.new_rows).check_compatible(new)
+    holders = holders_of(model, param)
     name = f"{_name_of(model, holders[0][0])}.{holders[0][1]}"
     return _Grown(param, new, reference, name, holders)
 
@@ -1061,7 +1061,7 @@ def _check_table(model: nn.Module, table: nn.Embedding) -> None:
             f"Expected {_name_of(model, table)}, a table indexed by token ids, to hold floating "
             f"point values. Got a {weight.dtype} weight{' on the meta device' if weight.is_meta else ''}."
         )
-    if _held_outside(model, weight, "_parameters"):
+    if held_outside(model, weight, "_parameters"):
         raise ValueError(
             f"Expected {_name_of(model, table)}'s weight to be held only by modules under "
             "`model`. Got one that a module outside it holds too: pass the whole model."
@@ -1115,8 +1115,48 @@ _RESIZE = inspect.Signature(
 )
 
 
+def _stored_as(model: nn.Module, name: str) -> object | None:
+    """What holds the tensor ``name`` names: its parametrization list if it is constrained
+    (a tie shares it), else its Parameter; None where ``name`` names neither."""
+    owner, _, attr = name.rpartition(".")
+    try:
+        module = model.get_submodule(owner)
+    except AttributeError:
+        return None
+    if parametrize.is_parametrized(module, attr):
+        return cast(nn.ModuleDict, module.parametrizations)[attr]
+    return module._parameters.get(attr)
+
+
+def _ties_in_place(model: nn.Module) -> bool:
+    """Whether every tie the model's class would make holds already: both names of each pair
+    in ``get_expanded_tied_weights_keys(all_submodels=True)`` (and in ``all_tied_weights_keys``,
+    which ``tie_weights(recompute_mapping=False)`` reads) read one stored tensor."""
+    expand = getattr(model, "get_expanded_tied_weights_keys", None)
+    if not callable(expand):
+        return False
+    pairs = dict(expand(all_submodels=True))
+    pairs.update(getattr(model, "all_tied_weights_keys", None) or {})
+    for target, source in pairs.items():
+        stored = _stored_as(model, source)
+        if stored is None or _stored_as(model, target) is not stored:
+            return False
+    return True
+
+
 def _tie_weights(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """``tie_weights`` of a model that `expand_vocabulary` constrained."""
+    """``tie_weights`` of a model that `expand_vocabulary` constrained.
+
+    With every tie the class declares in place (one shared constraint, or one shared plain
+    Parameter), it returns at once: the class would only set each tied weight to what it
+    reads already, and a bake would refuse a model on the meta device (accelerate's
+    ``fsdp2_prepare_model`` ties there under ``cpu_ram_efficient_loading``). Otherwise, and
+    for ``from_pretrained``'s call with ``missing_keys`` (which the class also reads to drop
+    or swap ties), it bakes, ties and constrains again (`_constraints_lifted`).
+    """
+    loading = (args[0] if args else kwargs.get("missing_keys")) is not None
+    if not loading and _ties_in_place(model):
+        return None
     with _constraints_lifted(model):
         return type(model).tie_weights(model, *args, **kwargs)  # type: ignore[attr-defined]
 

@@ -6,6 +6,12 @@ with one row per new token: shared rows copied exactly, added rows initialised; 
 it for tokens added at the end, given their count.
 `reference_for` gives the shared rows and their new positions, ready for
 `fix_rows`.
+
+The Hugging Face integration and the callback build on the pieces here rather than repeating
+them: `align_named`, `shared_reference` (the body of `reference_for`, with the caller's
+argument names), `check_init_options`, `fresh_rows`, `fresh_bias` and `grow` (the row growth
+`expand` and `expand_vocabulary` share), `INITS`. They are the package's own API: public to
+its files, not exported.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from embedding_constraint.fix_rows import SUPPORTED_MODULES
+
 __all__ = ["Alignment", "align", "append", "expand", "reference_for"]
 
 # How `expand` fills added rows: a named strategy, or a callable given a zero tensor of shape
@@ -27,8 +35,7 @@ Init: TypeAlias = Literal["mean", "normal", "zeros"] | Callable[[Tensor], Tensor
 
 _M = TypeVar("_M", bound=nn.Module)
 
-_INITS = ("mean", "normal", "zeros")
-_SUPPORTED = (nn.Embedding, nn.EmbeddingBag, nn.Linear)
+INITS = ("mean", "normal", "zeros")
 # Scale of the old rows' covariance for "mean": small enough that new rows sit at the mean,
 # large enough that they differ from each other (as transformers' mean_resizing does).
 _COVARIANCE_SCALE = 1e-5
@@ -106,7 +113,8 @@ def _index(vocab: object, name: str) -> tuple[Sequence[Hashable], dict[Hashable,
     return vocab, index
 
 
-def _align(old: object, new: object, old_name: str, new_name: str) -> Alignment:
+def align_named(old: object, new: object, old_name: str, new_name: str) -> Alignment:
+    """`align`, naming the two vocabularies ``old_name`` and ``new_name`` in its messages."""
     old_vocab, old_index = _index(old, old_name)
     new_vocab, new_index = _index(new, new_name)
     old_rows: list[int] = []
@@ -155,7 +163,7 @@ def align(old: Sequence[Hashable], new: Sequence[Hashable]) -> Alignment:
         >>> al.added, al.removed
         (('x',), ('b',))
     """
-    return _align(old, new, "old", "new")
+    return align_named(old, new, "old", "new")
 
 
 def _standard_normal(
@@ -172,7 +180,7 @@ def _standard_normal(
     return noise.to(like.device)
 
 
-def _fresh_rows(old: Tensor, count: int, init: Init, generator: torch.Generator | None) -> Tensor:
+def fresh_rows(old: Tensor, count: int, init: Init, generator: torch.Generator | None) -> Tensor:
     """``count`` new rows for a tensor whose old rows are ``old``, shape ``(n, *trailing)``."""
     shape = (count, *old.shape[1:])
     if callable(init):
@@ -212,17 +220,17 @@ def _fresh_rows(old: Tensor, count: int, init: Init, generator: torch.Generator 
     return rows.reshape(shape).to(old.dtype)
 
 
-def _fresh_bias(old: Tensor, count: int, init: Init, generator: torch.Generator | None) -> Tensor:
+def fresh_bias(old: Tensor, count: int, init: Init, generator: torch.Generator | None) -> Tensor:
     """``count`` new bias entries: zeros, normal like the old ones, or else their mean."""
     if init == "zeros":
         return old.new_zeros(count)
     if init == "normal":
-        return _fresh_rows(old, count, init, generator)
+        return fresh_rows(old, count, init, generator)
     mean = old.to(torch.promote_types(old.dtype, torch.float32)).mean()
     return mean.expand(count).to(old.dtype)
 
 
-def _grow(old: Tensor, alignment: Alignment, added_rows: Tensor, fresh: Tensor | None) -> Tensor:
+def grow(old: Tensor, alignment: Alignment, added_rows: Tensor, fresh: Tensor | None) -> Tensor:
     """The new tensor: shared rows copied from ``old``, ``fresh`` at ``added_rows``."""
     new = old.new_empty((alignment.new_size, *old.shape[1:]))
     device = old.device
@@ -234,16 +242,16 @@ def _grow(old: Tensor, alignment: Alignment, added_rows: Tensor, fresh: Tensor |
     return new
 
 
-def _check_options(init: object, generator: object) -> None:
+def check_init_options(init: object, generator: object) -> None:
     if isinstance(init, str):
-        if init not in _INITS:
+        if init not in INITS:
             raise ValueError(
-                f"Expected `init` to be one of {', '.join(map(repr, _INITS))} or a callable. "
+                f"Expected `init` to be one of {', '.join(map(repr, INITS))} or a callable. "
                 f"Got {init!r}."
             )
     elif not callable(init):
         raise TypeError(
-            f"Expected `init` to be one of {', '.join(map(repr, _INITS))} or a callable. "
+            f"Expected `init` to be one of {', '.join(map(repr, INITS))} or a callable. "
             f"Got {type(init).__name__}."
         )
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -254,7 +262,7 @@ def _check_options(init: object, generator: object) -> None:
 
 def _check_module(module: object) -> nn.Embedding | nn.EmbeddingBag | nn.Linear:
     names = "nn.Embedding, nn.EmbeddingBag or nn.Linear"
-    if not isinstance(module, _SUPPORTED):
+    if not isinstance(module, SUPPORTED_MODULES):
         raise TypeError(f"Expected `old_module` to be an {names}. Got {type(module).__name__}.")
     if parametrize.is_parametrized(module):
         raise ValueError(
@@ -263,7 +271,7 @@ def _check_module(module: object) -> nn.Embedding | nn.EmbeddingBag | nn.Linear:
             "(by fix_rows, say); expand a baked copy: "
             "expand(bake(copy.deepcopy(old_module)), ...)."
         )
-    if type(module) not in _SUPPORTED:
+    if type(module) not in SUPPORTED_MODULES:
         raise TypeError(
             f"Expected `old_module` to be an {names}. Got {type(module).__name__}, a subclass: "
             "its constructor may take other arguments, so expand cannot rebuild it."
@@ -374,8 +382,8 @@ def _plan(
 ) -> _Expansion:
     """Every check of `expand`, and the new module's tensors: nothing is built yet."""
     module = _check_module(old_module)
-    _check_options(init, generator)
-    alignment = _align(old_vocab, new_vocab, "old_vocab", "new_vocab")
+    check_init_options(init, generator)
+    alignment = align_named(old_vocab, new_vocab, "old_vocab", "new_vocab")
     kind = type(module).__name__
     weight = module.weight.detach()
     if alignment.old_size != weight.shape[0]:
@@ -397,17 +405,17 @@ def _plan(
         if count:
             if init in ("mean", "normal"):
                 _check_finite(stats, old_vocab, padding_idx, "`old_module.weight`", init)
-            fresh = _fresh_rows(stats, count, init, generator)
-        new_weight = _grow(weight, alignment, added_rows, fresh)
+            fresh = fresh_rows(stats, count, init, generator)
+        new_weight = grow(weight, alignment, added_rows, fresh)
         new_bias = None
         if isinstance(module, nn.Linear) and module.bias is not None:
             bias = module.bias.detach()
-            fresh_bias = None
+            added_bias = None
             if count:
                 if init != "zeros":
                     _check_finite(bias, old_vocab, None, "`old_module.bias`", init)
-                fresh_bias = _fresh_bias(bias, count, init, generator)
-            new_bias = _grow(bias, alignment, added_rows, fresh_bias)
+                added_bias = fresh_bias(bias, count, init, generator)
+            new_bias = grow(bias, alignment, added_rows, added_bias)
     return _Expansion(module, alignment.new_size, new_padding_idx, new_weight, new_bias)
 
 
@@ -568,10 +576,39 @@ def _check_one_token_per_row(vocab: str, tensor: str, tokens: int, rows: int) ->
     )
 
 
-def _shared_rows(old: Tensor, alignment: Alignment) -> Tensor:
-    """A detached copy of ``old``'s rows of the tokens both vocabularies of ``alignment`` share."""
+@dataclass(frozen=True)
+class ReferenceNames:
+    """How the messages of `shared_reference` name its inputs (the caller's arguments)."""
+
+    old_vocab: str = "`alignment`'s old vocabulary"
+    old_weight: str = "`old_weight`"
+    new_vocab: str = "`alignment`'s new vocabulary"
+    new_weight: str = "`new_weight`"
+
+
+def shared_reference(
+    old_weight: Tensor,
+    alignment: Alignment,
+    new_rows: int | None = None,
+    names: ReferenceNames = ReferenceNames(),
+) -> Tensor:
+    """A detached copy of ``old_weight``'s rows of the tokens both vocabularies share.
+
+    Checked: ``old_weight`` has a row dimension and one row per old token, and (given) the
+    tensor the reference is for has ``new_rows`` rows, one per new token.
+
+    Raises:
+        ValueError: one of the above does not hold.
+    """
+    if old_weight.dim() == 0:
+        raise ValueError(f"Expected {names.old_weight} to have a row dimension. Got a 0-d tensor.")
+    _check_one_token_per_row(
+        names.old_vocab, names.old_weight, alignment.old_size, old_weight.shape[0]
+    )
+    if new_rows is not None:
+        _check_one_token_per_row(names.new_vocab, names.new_weight, alignment.new_size, new_rows)
     with torch.no_grad():
-        return old.detach().index_select(0, alignment.old_rows.to(old.device))
+        return old_weight.detach().index_select(0, alignment.old_rows.to(old_weight.device))
 
 
 def reference_for(
@@ -628,14 +665,7 @@ def reference_for(
         raise TypeError(
             f"Expected `new_weight` to be a torch.Tensor or None. Got {type(new_weight).__name__}."
         )
-    for name, tensor in (("old_weight", old_weight), ("new_weight", new_weight)):
-        if tensor is not None and tensor.dim() == 0:
-            raise ValueError(f"Expected `{name}` to have a row dimension. Got a 0-d tensor.")
-    _check_one_token_per_row(
-        "`alignment`'s old vocabulary", "`old_weight`", alignment.old_size, old_weight.shape[0]
-    )
-    if new_weight is not None:
-        _check_one_token_per_row(
-            "`alignment`'s new vocabulary", "`new_weight`", alignment.new_size, new_weight.shape[0]
-        )
-    return _shared_rows(old_weight, alignment), alignment.new_rows.clone()
+    if new_weight is not None and new_weight.dim() == 0:
+        raise ValueError("Expected `new_weight` to have a row dimension. Got a 0-d tensor.")
+    new_rows = None if new_weight is None else new_weight.shape[0]
+    return shared_reference(old_weight, alignment, new_rows), alignment.new_rows.clone()

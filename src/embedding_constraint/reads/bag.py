@@ -168,7 +168,7 @@ def bag(
     # depending on where the ids fall once sorted (its CPU kernel, torch 2.13), so a bag over
     # renumbered rows cannot give the plain read's gradients: read the weight, as it does.
     if constraint.num_fixed and free.shape[0] and mode != "max" and not scale_grad_by_freq:
-        joined = constraint._joined(free)
+        joined = constraint.joined(free)
     plain_options: dict[str, Any] = {
         "mode": mode,
         "per_sample_weights": per_sample_weights,
@@ -179,7 +179,7 @@ def bag(
     if joined is None:
         weight = constraint(free) if constraint.num_fixed else free
         return nn.functional.embedding_bag(input, weight, offsets, **plain_options)
-    grad_row = constraint._grad_rows(free)
+    grad_row = constraint.gradient_rows(free)
     total = grad_row.numel()
     if input.device.type == "cpu":
         # The plain bag's own checks (index range and dtype, offsets, per-sample weights) on
@@ -199,7 +199,7 @@ def bag(
         slot_padding,
         target_padding,
         scale_grad_by_freq,
-        free_rows + 1 + constraint._spare,
+        free_rows + 1 + constraint.spare,
     )
     out: Tensor = _Bag.apply(  # type: ignore[no-untyped-call]
         free,

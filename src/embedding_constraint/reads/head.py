@@ -142,7 +142,7 @@ def linear(
         with torch.no_grad():
             weight = torch.cat((constraint.reference_for(free), free))
     elif constraint.rows is None:
-        joined = constraint._joined(free)  # the weight, in place
+        joined = constraint.joined(free)  # the weight, in place
         if joined is None:
             fixed = constraint.num_fixed
             bias_fixed, bias_free = (None, None) if bias is None else (bias[:fixed], bias[fixed:])

@@ -138,18 +138,18 @@ def lookup(
         return nn.functional.embedding(
             indices, free, padding_idx, scale_grad_by_freq=scale_grad_by_freq
         )
-    grad_row = constraint._grad_rows(free)
+    grad_row = constraint.gradient_rows(free)
     # For a prefix, an index is its own slot (passed as None: autograd.Function inputs
     # must be distinct tensors for torch.compile).
     slot = constraint.places(indices)
     out: Tensor = _Lookup.apply(  # type: ignore[no-untyped-call]
         free,
         constraint.reference_for(free),
-        constraint._joined(free),
+        constraint.joined(free),
         indices,
         slot,
         grad_row,
-        constraint._spare,
+        constraint.spare,
         padding_idx,
         scale_grad_by_freq,
     )
