@@ -129,6 +129,51 @@ def test_reference_follows_to_dtype_and_is_converted_at_registration() -> None:
     assert torch.equal(emb.weight[:1], reference.to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("rows", [None, [5, 0, 3]], ids=["prefix", "scattered"])
+def test_widening_keeps_the_rounded_reference_and_reset_reference_puts_the_exact_one_back(
+    rows: list[int] | None,
+) -> None:
+    # The rule of the FixedRows docstring: a conversion converts the fixed rows as a buffer.
+    emb = nn.Embedding(6, 3)
+    reference = torch.tensor(
+        [[0.1, 0.2, 0.3], [1 / 3, 2 / 3, 1.0], [1e-3, 5.0, -7.1]], dtype=torch.float64
+    )
+    parametrize.register_parametrization(emb, "weight", FixedRows(reference, rows))
+    at = [0, 1, 2] if rows is None else rows
+    free_before = emb.weight.detach().double()
+    emb.double()
+    assert torch.equal(emb.weight[at], reference.float().double())
+    assert not torch.equal(emb.weight[at], reference)
+    constraint_of(emb).reset_reference(reference, rows)
+    assert torch.equal(emb.weight[at], reference)
+    others = [r for r in range(6) if r not in at]
+    assert torch.equal(emb.weight[others], free_before[others])
+
+
+def test_reset_reference_refuses_other_rows_shapes_and_values_and_changes_nothing() -> None:
+    emb = nn.Embedding(6, 3)
+    reference = torch.randn(2, 3)
+    parametrize.register_parametrization(emb, "weight", FixedRows(reference, [4, 1]))
+    constraint = constraint_of(emb)
+    before = emb.weight.detach().clone()
+    cases: list[tuple[Tensor, list[int] | None, str]] = [
+        (reference, None, r"`rows` to be the constraint's fixed rows \[1, 4\]"),
+        (reference, [4, 2], r"`rows` to be the constraint's fixed rows"),
+        (torch.randn(2, 4), [4, 1], r"`reference` of shape \(2, 3\). Got \(2, 4\)"),
+        (torch.tensor([[0.0] * 3, [float("nan")] * 3]), [4, 1], r"finite. Got NaN .* rows \[1\]"),
+    ]
+    for given, rows, match in cases:
+        with pytest.raises(ValueError, match=match):
+            constraint.reset_reference(given, rows)
+        assert torch.equal(emb.weight, before)
+    emb.half()
+    with pytest.raises(ValueError, match=r"finite in torch.float16, the dtype of the fixed rows"):
+        constraint.reset_reference(torch.full((2, 3), 1e6), [4, 1])
+    # Given in another order, the rows and their values are the same constraint.
+    constraint.reset_reference(reference[[1, 0]], [1, 4])
+    assert torch.equal(emb.weight[[4, 1]], reference.half())
+
+
 @pytest.mark.parametrize(
     ("module", "name", "reference"),
     [

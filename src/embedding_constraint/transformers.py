@@ -10,7 +10,9 @@ A constrained model's ``tie_weights`` and ``resize_token_embeddings`` would read
 embedding's weight as a Parameter, which it no longer is. `expand_vocabulary` therefore gives
 the model instance its own two methods, which bake, call the model's class's method, and
 constrain the same rows again (`_constraints_lifted`); with nothing constrained they are the
-class's methods. `keep_constraints_through_hf_methods` installs them, for `fix_rows` too.
+class's methods, and ``tie_weights`` with every tie already in place returns at once (no
+bake: the model may be on the meta device). `keep_constraints_through_hf_methods` installs
+them, for `fix_rows` too.
 
 `expand_vocabulary` plans (`_plan_expansion`: every check, every new tensor computed), then
 applies the plan (`_apply_expansion`), which nothing the user passed can make fail.
@@ -1195,9 +1197,9 @@ def keep_constraints_through_hf_methods(model: nn.Module) -> None:
     """Give a constrained Hugging Face model its own ``tie_weights`` and ``resize_token_embeddings``.
 
     They bake, call the model's class's method, and constrain the same rows again (module
-    docstring); with nothing constrained they are the class's methods. `expand_vocabulary`
-    calls it, and so may `fix_rows` (with the root it was given): a model constrained by name
-    keeps both methods working. A module without such a model under it is left as it is.
+    docstring), but for ``tie_weights`` with the ties in place; with nothing constrained they
+    are the class's methods. `expand_vocabulary` calls it, and so may `fix_rows` (with the root
+    it was given): a model constrained by name keeps both methods working. A module without such a model under it is left as it is.
 
     The outermost modules under ``model`` (``model`` itself, or the model inside a wrapper
     such as PEFT's) whose class has both get them: an inner one (``LlamaModel`` inside
