@@ -1,6 +1,7 @@
 """Hugging Face on several processes: a model grown with `expand_vocabulary`, 2 gloo ranks.
 
-``transformers.Trainer`` with DDP under ``torchrun`` (``hf_ddp_fit.py``), and accelerate's FSDP2
+``transformers.Trainer`` with DDP under ``torchrun`` (``hf_ddp_fit.py``) and with DeepSpeed
+ZeRO-2 (``hf_deepspeed_fit.py``, ``DS_ACCELERATOR=cpu``), and accelerate's FSDP2
 preparation, ``fsdp2_prepare_model``, called on each rank (``hf_fsdp2_fit.py``: accelerate
 refuses an FSDP plugin on the CPU, so the real Trainer + FSDP2 path runs in
 ``tests/benchmarks/gpu_check.sh``). Each script runs once per test session (seconds) and saves
@@ -101,6 +102,44 @@ def test_trainer_with_ddp_keeps_the_old_rows_and_trains_the_new(
         for key, value in matrices.items():
             assert torch.equal(value, rank0["trained"][key]), (saved.name, key)
         _assert_old_rows_kept(matrices, TIED[case])
+
+
+# transformers.Trainer(deepspeed=...), ZeRO stage 2.
+
+
+@pytest.fixture(scope="module")
+def zero2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    pytest.importorskip("deepspeed")
+    out = tmp_path_factory.mktemp("hf-deepspeed")
+    return out, _torchrun("hf_deepspeed_fit.py", out)
+
+
+@pytest.mark.parametrize("case", ["tied", "untied"])
+def test_trainer_with_deepspeed_zero2_keeps_the_old_rows_and_trains_as_ddp(
+    zero2: tuple[Path, str], ddp: tuple[Path, str], case: str
+) -> None:
+    """The same run as the DDP one but for DeepSpeed: the same values, the old rows exact."""
+    out, log = zero2
+    ranks = [out / f"deepspeed-{case}-rank{r}.pt" for r in (0, 1)]
+    assert all(path.exists() for path in ranks), log
+    rank0, rank1 = (torch.load(path) for path in ranks)
+    under_ddp = torch.load(ddp[0] / f"{case}-rank0.pt")["trained"]
+    for key in ("input", "head"):
+        assert torch.equal(rank0["trained"][key], rank1["trained"][key]), key  # ranks equal
+        moved = rank0["trained"][key][ADDED_AT] - rank0["expanded"][key][ADDED_AT]
+        assert moved.abs().amin(dim=1).gt(0).all(), key  # every added row trained
+        # DeepSpeed sums the gradients in another order and clips with its own norm; Adam's
+        # first steps move a row by about lr whatever its gradient's size, so a gradient near
+        # 0 may differ in sign: 2e-3 of the 0.15 that 3 steps move at lr=0.05.
+        torch.testing.assert_close(rank0["trained"][key], under_ddp[key], rtol=0, atol=2e-3)
+    _assert_old_rows_kept(rank0["trained"], TIED[case])
+    _assert_old_rows_kept(rank1["trained"], TIED[case])
+    plain = _load_plain(out / f"deepspeed-{case}" / "model")
+    assert torch.equal(plain.get_input_embeddings().weight, rank0["trained"]["input"])
+    assert torch.equal(plain.get_output_embeddings().weight, rank0["trained"]["head"])
+    assert (plain.get_input_embeddings().weight is plain.get_output_embeddings().weight) == (
+        TIED[case]
+    )
 
 
 # accelerate's FSDP2 preparation.

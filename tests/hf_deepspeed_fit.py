@@ -1,0 +1,94 @@
+"""`transformers.Trainer(deepspeed=...)` after `expand_vocabulary`, one rank of ``torchrun``.
+
+Run by tests/test_hf_distributed.py as
+``python -m torch.distributed.run --standalone --nproc_per_node 2 tests/hf_deepspeed_fit.py --out DIR``
+on the CPU (``DS_ACCELERATOR=cpu``, gloo). For a tied and an untied tiny Llama (the one of
+``hf_ddp_fit.py``), each rank expands the vocabulary and trains a few steps with the Trainer
+under DeepSpeed ZeRO stage 2 (stages 0 to 2 train the stored free rows as any parameter;
+`bake` refuses ZeRO-3), then writes ``deepspeed-{case}-rank{r}.pt`` (its matrices after
+expanding and after training) and ``save_model`` the model under ``DIR/deepspeed-{case}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from hf_ddp_fit import (
+    CASES,
+    NEW_VOCAB,
+    OLD_VOCAB,
+    STEPS,
+    TIMEOUT_S,
+    dataset,
+    tiny_llama,
+    vocab_tensors,
+)
+
+ZERO: dict[str, Any] = {
+    "zero_optimization": {"stage": 2},
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}},
+    # DeepSpeed's fused CPU Adam would need a compiler: torch's AdamW instead.
+    "zero_force_ds_cpu_optimizer": False,
+}
+
+
+def fit(out: Path, case: str, rank: int) -> None:
+    from transformers import Trainer, TrainingArguments
+
+    from embedding_constraint.transformers import expand_vocabulary
+
+    model = expand_vocabulary(tiny_llama(CASES[case]), OLD_VOCAB, NEW_VOCAB)
+    expanded = vocab_tensors(model)
+    args = TrainingArguments(
+        output_dir=str(out / f"deepspeed-{case}"),
+        max_steps=STEPS,
+        per_device_train_batch_size=2,
+        learning_rate=0.05,
+        weight_decay=0.1,
+        save_strategy="no",
+        logging_steps=100,
+        report_to=[],
+        use_cpu=True,
+        ddp_backend="gloo",
+        ddp_timeout=TIMEOUT_S,
+        deepspeed=ZERO,
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=dataset())
+    assert args.world_size == 2, args.world_size
+    trainer.train()
+    trainer.save_model(str(out / f"deepspeed-{case}" / "model"))
+    torch.save(
+        {"expanded": expanded, "trained": vocab_tensors(model)},
+        out / f"deepspeed-{case}-rank{rank}.pt",
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    rank = int(os.environ["RANK"])
+    for case in CASES:
+        fit(args.out, case, rank)
+
+
+if __name__ == "__main__":
+    main()
