@@ -17,6 +17,16 @@ class EmbeddingConstraint(EmbeddingConstraintHooks, Callback):
     DDP see the module) and bakes a plain weight at the end of the fit, also when it fails.
     During the fit, checkpoints hold plain state dicts, and resuming from one works.
 
+    The hooks refuse what the constraint cannot hold exactly (each hook's docstring lists
+    its cases). ``setup``: ``FSDPStrategy``, XLA's FSDP and DeepSpeed at
+    ZeRO stage 3 (``RuntimeError``; ``ModelParallelStrategy`` (FSDP2) and DeepSpeed at
+    stages 0 to 2 are supported), a ``target`` outside the LightningModule, a second
+    callback on the same tensor, a weight-averaging callback listed before this one, and
+    ranks that hold different references or fixed rows (``ValueError``).
+    ``on_load_checkpoint``, ``load_state_dict`` and ``on_fit_start``: a checkpoint saved
+    without the constraint or with other fixed rows, a one-file checkpoint under
+    ``ModelParallelStrategy``, and a target replaced after ``setup`` (``RuntimeError``).
+
     Args:
         target (nn.Module): the ``nn.Embedding``, ``nn.EmbeddingBag`` or ``nn.Linear`` being
             trained; a submodule of the LightningModule passed to ``fit``.
@@ -32,18 +42,20 @@ class EmbeddingConstraint(EmbeddingConstraintHooks, Callback):
             other strategies. Default: ``True``.
 
     Raises:
-        TypeError: ``target`` is not a supported module, ``constraint`` is neither a tensor
-            nor a module of ``target``'s class or is not floating-point, ``rows`` is not
-            integers, or ``shard_reference`` is not a bool.
-        ValueError: the reference does not fit ``target`` (0-d, on the meta device, other
-            row shape, more rows than ``target``, NaN/Inf or too large for ``target``'s
-            dtype), ``rows`` do not fit (count, duplicates, past ``target``'s rows),
-            ``target`` is already constrained (by `fix_rows`), uses ``sparse=True`` or
-            ``max_norm``, or only one of them has a bias. At ``setup`` on several processes:
-            the ranks hold different references or fixed rows (`check_same_on_every_rank`).
-        RuntimeError: at ``setup``, when the strategy flattens parameters into shards of
-            its own (``FSDPStrategy``, XLA's FSDP) or is DeepSpeed at ZeRO stage 3;
-            ``ModelParallelStrategy`` (FSDP2) and DeepSpeed at stages 0 to 2 are supported.
+        TypeError: ``target`` is not an ``nn.Embedding``, ``nn.EmbeddingBag`` or ``nn.Linear``,
+            or its weight is not floating-point or is a sharded ``DTensor`` (``fully_shard``
+            ran first); ``constraint`` is neither a tensor nor a module of ``target``'s class
+            (a module constrained by `fix_rows` is of another class: `bake` it), or is not
+            floating-point; ``rows`` is neither an integer tensor nor a sequence of ints;
+            ``shard_reference`` is not a bool.
+        ValueError: the reference (``constraint``, or each of its parameters) is 0-d or on the
+            meta device, has rows of another shape than ``target``'s or more rows than
+            ``target``, or holds NaN, Inf or a value too large for ``target``'s dtype; a
+            ``constraint`` module has more rows than ``target`` (the arguments swapped), or
+            only one of the two has a bias; ``rows`` is not 1-D, does not give one position
+            per reference row, is negative, has duplicates or goes past ``target``'s last
+            row; ``target``'s weight or bias is already constrained (by `fix_rows`: `bake` it
+            first) or on the meta device, or ``target`` uses ``sparse=True`` or ``max_norm``.
 
     Examples:
 

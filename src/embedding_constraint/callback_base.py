@@ -27,11 +27,11 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Sequence
 from os import PathLike
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-from typing_extensions import Self
+from typing_extensions import Self, override
 
 from embedding_constraint.distributed import check_same_on_every_rank
 from embedding_constraint.fix_rows import (
@@ -48,6 +48,14 @@ from embedding_constraint.fsdp import bake_fully_sharded
 from embedding_constraint.vocab import ReferenceNames, align_named, shared_reference
 
 __all__ = ["EmbeddingConstraintHooks"]
+
+# To mypy the mixin is a `pytorch_lightning` Callback, so that `@override` checks each hook
+# against Lightning's signature (the two packages' `Callback` classes are the same code); at
+# runtime it is a plain class, and each flavour puts its own `Callback` behind it.
+if TYPE_CHECKING:
+    from pytorch_lightning import Callback as _Base
+else:
+    _Base = object
 
 # Strategies refused, and why. Each flattens the module's parameters into flat shards of its
 # own, so the stored free rows would no longer be the tensor the parametrization reads.
@@ -129,7 +137,7 @@ def _check_zero_stage(strategy: object) -> None:
         )
 
 
-class EmbeddingConstraintHooks:
+class EmbeddingConstraintHooks(_Base):
     """Hold rows of a module's weight at reference values for the duration of a fit.
 
     See the flavour classes ``embedding_constraint.EmbeddingConstraint`` (``pytorch_lightning``)
@@ -207,16 +215,22 @@ class EmbeddingConstraintHooks:
             The callback, with ``rows`` set to the shared tokens' new positions.
 
         Raises:
-            TypeError: ``target`` is not a supported module, ``old`` is neither a tensor nor a
-                module of ``target``'s class or is not floating-point, a vocabulary is not a
-                sequence (a str, a set, ``None``) or holds an unhashable token, or
+            TypeError: ``target`` is not an ``nn.Embedding``, ``nn.EmbeddingBag`` or
+                ``nn.Linear``, or its weight is not floating-point or is a sharded
+                ``DTensor`` (``fully_shard`` ran first); ``old`` is neither a tensor nor a
+                module of ``target``'s class (a module constrained by `fix_rows` is of
+                another class: `bake` it), or is not floating-point; a vocabulary is not a
+                sequence (a str, a set, ``None``) or holds an unhashable token;
                 ``shard_reference`` is not a bool.
             ValueError: ``old_vocab`` does not name one token per row of ``old``, or
                 ``new_vocab`` one per row of ``target`` (a token missing or extra shifts
-                every row after it); a vocabulary is empty or has duplicates; ``old``'s rows
-                do not fit ``target``'s (their shape, NaN/Inf in a row to be held); ``target``
-                is already constrained, uses ``sparse=True`` or ``max_norm``; or only one of
-                ``old`` and ``target`` has a bias.
+                every row after it); a vocabulary is empty or has duplicates; ``old`` is 0-d
+                or on the meta device, or the rows it holds for the shared tokens do not fit
+                ``target``'s (another row shape; NaN, Inf or a value too large for
+                ``target``'s dtype); an ``old`` module has more rows than ``target`` (the
+                arguments swapped), or only one of the two has a bias; ``target``'s weight
+                or bias is already constrained (by `fix_rows`: `bake` it first) or on the
+                meta device, or ``target`` uses ``sparse=True`` or ``max_norm``.
 
         Examples:
 
@@ -268,6 +282,7 @@ class EmbeddingConstraintHooks:
         )
 
     @property
+    @override
     def state_key(self) -> str:
         """Distinct per target, so several constraints share one Trainer.
 
@@ -281,6 +296,7 @@ class EmbeddingConstraintHooks:
 
     # -- state, in checkpoints --------------------------------------------------------------
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         """Where the fixed rows are (None: the first ones), so that a fit resumed from the
         checkpoint can check that it fixes the same rows."""
@@ -289,12 +305,16 @@ class EmbeddingConstraintHooks:
         # Sorted, on the host: the same rows given in another order are the same layout.
         return {"rows": torch.as_tensor(self.rows, dtype=torch.int64).cpu().sort().values}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Refuse a checkpoint whose fixed rows lie elsewhere (the same number of them).
 
         Its optimizer state is one row per free row, so it would load without an error and
         hand each free row another row's moments. (Checkpoints from before this check hold
         no ``rows``: nothing to compare.)
+
+        Raises:
+            RuntimeError: the checkpoint was saved with the fixed rows at other positions.
         """
         if "rows" not in state_dict:
             return
@@ -313,8 +333,27 @@ class EmbeddingConstraintHooks:
 
     # -- hooks ------------------------------------------------------------------------------
 
+    @override
     def setup(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
-        """Register the constraint before optimizers are created and the model is wrapped."""
+        """Register the constraint before optimizers are created and the model is wrapped.
+
+        Raises:
+            RuntimeError: the strategy flattens parameters into shards of its own
+                (``FSDPStrategy``, ``XLAFSDPStrategy``), or is ``DeepSpeedStrategy`` at ZeRO
+                stage 3.
+            ValueError: ``target`` is not a submodule of ``pl_module``; another
+                EmbeddingConstraint in ``trainer.callbacks`` holds the same tensor of
+                ``target``; a ``StochasticWeightAveraging`` or ``WeightAveraging`` callback
+                comes before this one in ``trainer.callbacks`` (it would copy the
+                unconstrained weight); ``target``'s weight is held by a module outside
+                ``pl_module`` too (a tie to a head the LightningModule does not hold), or a
+                module tied to it uses ``sparse=True`` or ``max_norm``; on several processes,
+                the ranks hold different references or fixed rows, or some ranks constrain a
+                tensor the others do not (`check_same_on_every_rank`).
+            TypeError, ValueError: ``target`` changed since the callback was made so that it
+                no longer passes the constructor's checks (constrained meanwhile, converted
+                to a dtype that cannot hold the reference, moved to the meta device, sharded).
+        """
         if stage != "fit" or self._fixed:
             return
         strategy = type(trainer.strategy)
@@ -349,6 +388,7 @@ class EmbeddingConstraintHooks:
         if getattr(trainer, "world_size", 1) > 1:
             check_same_on_every_rank(pl_module)
 
+    @override
     def on_load_checkpoint(
         self, trainer: Any, pl_module: nn.Module, checkpoint: dict[str, Any]
     ) -> None:
@@ -362,6 +402,12 @@ class EmbeddingConstraintHooks:
         hooks that give the plain keys: it stops at the first constrained tensor (``KeyError``)
         or, with ``strict_loading=False``, skips them, and the fit would go on from the free
         rows it has. That second case arrives here, after the load: refuse it.
+
+        Raises:
+            RuntimeError: under ``ModelParallelStrategy``, ``ckpt_path`` is one file, not a
+                distributed checkpoint; once the optimizers exist, the checkpoint's optimizer
+                state has other rows than the stored free rows (saved without the
+                constraint, or with other fixed rows).
         """
         path = trainer.ckpt_path
         if (
@@ -383,9 +429,22 @@ class EmbeddingConstraintHooks:
         if trainer.optimizers:
             self._check_optimizer_states(trainer)
 
+    @override
     def on_fit_start(self, trainer: Any, pl_module: nn.Module) -> None:
         """Check that the module that trains is the one constrained in ``setup``, and the
-        optimizer state of a checkpoint being resumed."""
+        optimizer state of a checkpoint being resumed.
+
+        Raises:
+            RuntimeError: a tensor constrained in ``setup`` is no longer constrained in
+                ``pl_module`` (``LightningModule.setup`` or ``configure_model`` replaced the
+                target), or ``target`` sits under another name than in ``setup``; the
+                optimizer state of the checkpoint being resumed has other rows than the
+                stored free rows (saved without the constraint, or with other fixed rows).
+            ValueError: ``target`` is no longer a submodule of ``pl_module`` while a
+                constrained copy of it is (``copy.deepcopy`` in ``configure_model``); a
+                reference value is too large for the dtype the strategy converted the
+                weights to after ``setup`` (``"16-true"`` precision, say).
+        """
         for root, name in self._fixed:
             if root is not pl_module or not is_fixed(pl_module, name):
                 raise RuntimeError(
@@ -402,14 +461,17 @@ class EmbeddingConstraintHooks:
         self._refresh_references()
         self._check_optimizer_states(trainer)
 
+    @override
     def on_fit_end(self, trainer: Any, pl_module: nn.Module) -> None:
         """Bake the trained rows into a plain weight."""
         self._release()
 
+    @override
     def on_exception(self, trainer: Any, pl_module: nn.Module, exception: BaseException) -> None:
         """Bake, so a failed or interrupted fit leaves a plain module."""
         self._release()
 
+    @override
     def teardown(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
         """Bake, for exits that skip ``on_fit_end`` (the tuners')."""
         self._release()

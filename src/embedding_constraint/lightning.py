@@ -14,10 +14,12 @@ from embedding_constraint.callback_base import EmbeddingConstraintHooks
 __all__ = ["EmbeddingConstraint"]
 
 
-class EmbeddingConstraint(EmbeddingConstraintHooks, Callback):
+# To mypy the mixin is a `pytorch_lightning` Callback (see callback_base.py): every hook of
+# the two `Callback` classes differs in its `Trainer` type only, the one ignore on this line.
+class EmbeddingConstraint(EmbeddingConstraintHooks, Callback):  # type: ignore[misc]
     """Hold rows of ``target``'s weight at reference values while a ``lightning`` Trainer fits.
 
-    Arguments and behaviour as `embedding_constraint.EmbeddingConstraint`.
+    Arguments, behaviour and errors as `embedding_constraint.EmbeddingConstraint`.
     """
 
     _info = staticmethod(rank_zero_info)
