@@ -15,7 +15,7 @@ from typing import Any, cast
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -27,24 +27,31 @@ RANKS = 2
 BATCH = 4
 
 
-def sharded_model(flavour: Any, per_module: bool) -> Any:
+def sharded_model(
+    flavour: Any, per_module: bool, *, reshard: bool = True, offload: bool = False
+) -> Any:
     """The flavour's test model, sharding the embedding and the head (or both, tied) itself.
 
     ``per_module``: the constrained embedding gets an FSDP2 group of its own, as torchtitan
     shards its token embedding (tied to the head: the two in one group, as FSDP2 wants).
+    ``reshard`` and ``offload``: ``reshard_after_forward`` and a ``CPUOffloadPolicy`` for every
+    group (the root's too).
     """
+    # pin_memory=False: pinning needs an accelerator, and this runs on CPUs.
+    policy = {"offload_policy": CPUOffloadPolicy(pin_memory=False)} if offload else {}
+    options: dict[str, Any] = {"reshard_after_forward": reshard, **policy}
 
     class Sharded(flavour.model):  # type: ignore[misc]
         def configure_model(self) -> None:
             if isinstance(self, FSDPModule):  # sharded by an earlier stage (the fit)
                 return
             if per_module and self.hparams.tie:
-                fully_shard([self.embedding, self.head])
+                fully_shard([self.embedding, self.head], **options)
             elif per_module:
-                fully_shard(self.embedding)
+                fully_shard(self.embedding, **options)
             if not self.hparams.tie:  # tied modules share one FSDP2 group: the root's
-                fully_shard(self.head)
-            fully_shard(self)
+                fully_shard(self.head, **options)
+            fully_shard(self, **options)
 
     return Sharded
 
@@ -81,6 +88,8 @@ def main() -> None:
     parser.add_argument(
         "--per-module", action="store_true", help="fully_shard the embedding on its own"
     )
+    parser.add_argument("--keep", action="store_true", help="reshard_after_forward=False")
+    parser.add_argument("--offload", action="store_true", help="a CPUOffloadPolicy")
     args = parser.parse_args()
     flavour = FLAVOURS[args.flavour]
 
@@ -96,7 +105,9 @@ def main() -> None:
         strategy = flavour.package.strategies.ModelParallelStrategy(
             save_distributed_checkpoint=not args.full_checkpoint
         )
-        model_class = sharded_model(flavour, args.per_module)
+        model_class = sharded_model(
+            flavour, args.per_module, reshard=not args.keep, offload=args.offload
+        )
         checkpoint = [
             flavour.package.callbacks.ModelCheckpoint(dirpath=args.out / "ckpt", save_last=True)
         ]

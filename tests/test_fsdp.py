@@ -809,14 +809,20 @@ def test_every_row_fixed_under_fsdp2_trains(per_module: PerModule) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize(
+    ("tie", "options"),
+    [(False, []), (True, []), (False, ["--keep", "--offload"]), (True, ["--keep"])],
+    ids=["untied", "tied", "untied-keep-offload", "tied-keep"],
+)
 def test_model_parallel_strategy_with_the_embedding_sharded_on_its_own(
-    tie: bool, tmp_path: Path
+    tie: bool, options: list[str], tmp_path: Path
 ) -> None:
-    """``configure_model`` shards the constrained embedding itself (with its tied head): the
+    """``configure_model`` shards the constrained embedding itself (with its tied head), each
+    group with ``reshard_after_forward`` True or False and with a CPUOffloadPolicy or none: the
     callback bakes it at the end of the fit into an FSDP2 module of the plain class."""
     flavour = "lightning.pytorch"
-    ranks = _lightning_fit(flavour, 2, tmp_path / "fsdp", SCATTERED, tie, "--per-module")
+    more = ["--per-module", *options]
+    ranks = _lightning_fit(flavour, 2, tmp_path / "fsdp", SCATTERED, tie, *more)
     (single,) = _lightning_fit(flavour, 1, tmp_path / "single", SCATTERED, tie)
     reference, fixed_at = single["reference"], single["rows"]
     for rank in ranks:
