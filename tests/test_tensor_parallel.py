@@ -124,13 +124,20 @@ def test_each_rank_holds_its_vocabulary_slice_of_the_fixed_rows(runs: Runs) -> N
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("by", ["parallelize_fixed", "callback"])
 def test_model_parallel_strategy_tensor_parallel_matches_one_process(
-    runs: Runs, tmp_path: Path
+    runs: Runs, tmp_path: Path, by: str
 ) -> None:
+    """Constrained in __init__, or by EmbeddingConstraint at setup (then parallelize_fixed in
+    configure_model shards the constrained modules, and the callback bakes at the end)."""
     _, single = runs
-    _run([sys.executable, str(SCRIPT), "--world", "2", "--lightning", "--out", str(tmp_path)])
+    more = ["--callback"] if by == "callback" else []
+    command = [sys.executable, str(SCRIPT), "--world", "2", "--lightning", *more]
+    _run([*command, "--out", str(tmp_path)])
     alone = single["vocab-replicated-logits"]
     for result in _load(tmp_path, 2):
+        assert result["weights"] == {"tok_embeddings": True, "output": True}
+        assert not [n for n in result["plain"] if "parametrizations" in n]
         torch.testing.assert_close(result["losses"], alone["losses"], rtol=1e-5, atol=1e-5)
         _check(result["trained"], alone["trained"], "vocab-replicated-logits")
         _check(result["after_bake"], alone["trained"], "vocab-replicated-logits")

@@ -200,18 +200,25 @@ def run_rank(rank: int, world: int, out: Path) -> None:
     in_process_group(body, "gloo", str(out / "group"), rank, world)
 
 
-def lightning_fit(out: Path) -> None:
-    """Fit `Titan` with ModelParallelStrategy(tensor_parallel_size=2), constrained in __init__."""
+def lightning_fit(out: Path, *, callback: bool = False) -> None:
+    """Fit `Titan` with ModelParallelStrategy(tensor_parallel_size=2), constrained in __init__
+    (``callback``: by EmbeddingConstraint callbacks, one per module, at setup)."""
     import lightning as L
     from lightning.pytorch.strategies import ModelParallelStrategy
     from torch.utils.data import DataLoader, TensorDataset
+
+    from embedding_constraint.lightning import EmbeddingConstraint
 
     layout = "vocab-replicated-logits"
 
     class Module(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.model = build(layout)
+            if callback:
+                torch.manual_seed(0)  # as `build` makes it, unconstrained
+                self.model = Titan()
+            else:
+                self.model = build(layout)
             self.losses: list[float] = []
 
         def configure_model(self) -> None:
@@ -232,6 +239,13 @@ def lightning_fit(out: Path) -> None:
             self.held = held(self.model)
 
     module = Module()
+    callbacks: list[L.Callback] = []
+    if callback:
+        embedding, head = references(LAYOUTS[layout][0])
+        callbacks = [
+            EmbeddingConstraint(module.model.tok_embeddings, embedding, rows=LAYOUTS[layout][0]),
+            EmbeddingConstraint(module.model.output, head, rows=HEAD_ROWS),
+        ]
     tokens = batches(STEPS, seed=3).reshape(-1, 5)
     loader = DataLoader(TensorDataset(tokens), batch_size=BATCH, shuffle=False)
     trainer = L.Trainer(
@@ -245,14 +259,23 @@ def lightning_fit(out: Path) -> None:
         enable_model_summary=False,
         gradient_clip_val=0.5,
         use_distributed_sampler=False,  # the ranks of a tensor-parallel group see one batch
+        callbacks=callbacks,
     )
     trainer.fit(module, loader)
-    bake(module.model)  # hands the tensor-parallel weights to bake_parallelized
+    if not callback:  # the callbacks bake at the end of the fit
+        bake(module.model)  # hands the tensor-parallel weights to bake_parallelized
+    plain = [n for n, _ in module.model.named_parameters()]
     result = {
         "losses": module.losses,
         "trained": module.trained,
         "held": module.held,
         "after_bake": full_state(module.model),
+        "plain": plain,
+        "weights": {  # a DTensor Parameter each: plain tensor-parallel weights
+            name: isinstance(weight, DTensor) and isinstance(weight, nn.Parameter)
+            for name in ("tok_embeddings", "output")
+            for weight in [module.model.get_submodule(name).weight]
+        },
     }
     torch.save(result, out / f"rank{trainer.global_rank}.pt")
     del trainer, module  # the DTensors hold the group: free them, then end it on every rank
@@ -266,11 +289,12 @@ def main() -> None:
     parser.add_argument("--world", type=int, choices=[1, WORLD], required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--lightning", action="store_true")
+    parser.add_argument("--callback", action="store_true", help="with --lightning")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if args.lightning:
-        lightning_fit(args.out)
+        lightning_fit(args.out, callback=args.callback)
     elif args.world == 1:
         torch.save(fit_all(1), args.out / "rank0.pt")
     else:

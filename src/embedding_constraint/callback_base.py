@@ -16,10 +16,12 @@ Hooks used, in the order Lightning calls them during ``fit``:
 - ``on_load_checkpoint`` (resuming): refuse optimizer state saved for the full weight, and a
   ModelParallelStrategy resume from one file, which Lightning loads past the plain keys.
 - ``on_fit_start``: check that the module that trains is the one constrained (a
-  ``LightningModule.setup`` or ``configure_model`` that runs after ``setup`` may replace it).
+  ``LightningModule.setup`` or ``configure_model`` that runs after ``setup`` may replace it;
+  ``parallelize_fixed`` there, for tensor parallelism, keeps it constrained, shard by shard).
 - ``on_fit_end``, ``on_exception`` and ``teardown``: bake the result into a plain weight, so a
   finished, failed or interrupted fit (an exception in ``training_step``, Ctrl-C, the learning
-  rate or batch size finder that leaves from inside ``on_fit_start``) leaves a plain module.
+  rate or batch size finder that leaves from inside ``on_fit_start``) leaves a plain module
+  (a plain sharded one under FSDP2 or tensor parallelism).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from embedding_constraint.fix_rows import (
 )
 from embedding_constraint.fixed_rows import FixedRows
 from embedding_constraint.fsdp import bake_fully_sharded
+from embedding_constraint.tensor_parallel import bake_parallelized, parallelized
 from embedding_constraint.vocab import ReferenceNames, align_named, shared_reference
 
 __all__ = ["EmbeddingConstraintHooks"]
@@ -105,6 +108,13 @@ def _counted(constraint: FixedRows) -> str:
         f"The {values} fixed values are held outside parameters(): a model summary counts "
         f"{values} parameters fewer than the plain model, neither trainable nor non-trainable."
     )
+
+
+def _tensor_parallel(root: nn.Module, name: str) -> bool:
+    """Whether ``name`` under ``root`` is constrained by `parallelize_fixed` (its shard)."""
+    owner_name, _, attr = name.rpartition(".")
+    owner = root.get_submodule(owner_name)
+    return any(m is owner and a == attr for m, a in parallelized(owner))
 
 
 def _shards_in_configure_model(strategy: type) -> bool:
@@ -446,7 +456,9 @@ class EmbeddingConstraintHooks(_Base):
                 weights to after ``setup`` (``"16-true"`` precision, say).
         """
         for root, name in self._fixed:
-            if root is not pl_module or not is_fixed(pl_module, name):
+            if root is not pl_module or not (
+                is_fixed(pl_module, name) or _tensor_parallel(pl_module, name)
+            ):
                 raise RuntimeError(
                     f"Expected {name!r} to be constrained when the fit starts. Got a module "
                     "without the constraint: LightningModule.setup or configure_model, which "
@@ -485,16 +497,27 @@ class EmbeddingConstraintHooks(_Base):
         (``64-true``, ``bf16-true``), which converts the fixed rows it was given: a float64
         reference registered on a float32 module would be its float32 rounding widened again.
         Copied from the callback's own copy, they are the reference rounded once, or exact.
-        (A reference held as a parameter for FSDP2 is converted with the parameters.)
+        (A reference held as a parameter for FSDP2 is converted with the parameters. Under
+        tensor parallelism, ``parallelize_fixed`` in ``configure_model`` laid each rank's slice
+        of the reference out after the conversion: there is nothing to refresh.)
         """
         for root, name in self._fixed:
+            if _tensor_parallel(root, name):
+                continue
             kept = self.references[name.rpartition(".")[2]]
             constraint_of(root, name).reset_reference(kept, rows=self.rows)
 
     def _check_optimizer_states(self, trainer: Any) -> None:
         """Raise if the optimizer state being resumed has other rows than the stored ones."""
         states, self._resumed_optimizer_states = self._resumed_optimizer_states, []
-        stored = {id(p): name for root, name in self._fixed for p in [stored_rows(root, name)]}
+        # Under tensor parallelism the stored shard holds every row, as the unconstrained
+        # weight's does: optimizer state of that weight fits it.
+        stored = {
+            id(p): name
+            for root, name in self._fixed
+            if not _tensor_parallel(root, name)
+            for p in [stored_rows(root, name)]
+        }
         for optimizer, state in zip(trainer.optimizers, states, strict=False):
             params = [p for group in optimizer.param_groups for p in group["params"]]
             for index, param in enumerate(params):
@@ -556,3 +579,6 @@ class EmbeddingConstraintHooks(_Base):
                 # `bake`, and under FSDP2 the baked weight joins the group that trained it,
                 # so the model evaluates and fits again as a plain sharded one.
                 bake_fully_sharded(root, name=name)
+            elif _tensor_parallel(root, name):
+                # Sharded by `parallelize_fixed` in configure_model: a plain DTensor weight.
+                bake_parallelized(root.get_submodule(name.rpartition(".")[0]))
