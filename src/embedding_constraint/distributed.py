@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from embedding_constraint.fix_rows import fixed_tensors, owner_of
 from embedding_constraint.fixed_rows import FixedRows, parametrization_list, sharded
+from embedding_constraint.torch_internals import ddp_recorded_parameter_bytes
 
 __all__ = ["check_same_on_every_rank"]
 
@@ -102,21 +103,20 @@ def _constrained_after_ddp(module: nn.Module) -> list[str]:
     `fix_rows` keeps the Parameter object and shrinks it to the free rows, so DDP still holds
     it, with buckets sized for the full weight: DDP then no longer all-reduces its gradient.
     DDP keeps no public record of the sizes it was built for; the byte count it logs when it is
-    built (``_get_ddp_logging_data()["total_parameter_size_bytes"]``, a documented debugging
-    interface, marked a prototype) is compared with what its parameters hold now. (Any other
-    change to DDP's parameters after it was built, which DDP does not support either, shows too.)
+    built (`ddp_recorded_parameter_bytes`, from DDP's logging data) is compared with what its
+    parameters hold now. (Any other change to DDP's parameters after it was built, which DDP
+    does not support either, shows too.)
     """
     problems = []
     for ddp in module.modules():
-        if not isinstance(ddp, DistributedDataParallel) or getattr(ddp, "logger", None) is None:
+        if not isinstance(ddp, DistributedDataParallel):
             continue
         names = [name for name, _ in fixed_tensors(ddp.module)]
-        if not names:
+        recorded = ddp_recorded_parameter_bytes(ddp) if names else None
+        if recorded is None:
             continue
-        logged = ddp._get_ddp_logging_data()  # type: ignore[no-untyped-call]
-        recorded = logged.get("total_parameter_size_bytes")
         now = _reduced_bytes(ddp)
-        if isinstance(recorded, int) and recorded != now:
+        if recorded != now:
             problems.append(
                 f"Expected {names} to be constrained before DistributedDataParallel wrapped the "
                 f"module. Got a DistributedDataParallel built for {recorded} bytes of "

@@ -37,6 +37,12 @@ from embedding_constraint.state_dict import (
     register_plain_hooks,
     remove_plain_hooks,
 )
+from embedding_constraint.torch_internals import (
+    fsdp_managed,
+    inject_parametrized_property,
+    parametrized_class,
+    parametrized_original,
+)
 from embedding_constraint.write_through import write_through
 
 __all__ = ["bake", "fix_rows", "is_fixed"]
@@ -186,18 +192,16 @@ def _share_parametrization(
 ) -> None:
     """Make ``module.<attr>`` read the same parametrization as ``source.<source_attr>``."""
     del module._parameters[attr]
-    if not parametrize.is_parametrized(module):
-        parametrize._inject_new_class(module)
-        module.parametrizations = nn.ModuleDict()
-    parametrize._inject_property(module, attr)
+    inject_parametrized_property(module, attr)
     cast(nn.ModuleDict, module.parametrizations)[attr] = parametrization_list(source, source_attr)
 
 
 def _own_class(cls: type) -> type:
     """A copy of the parametrized class ``cls``: same base, same attributes, a class of its own.
 
-    Torch's ``remove_parametrizations`` deletes the tensor's property from the module's class,
-    so two modules must never share one (``deepcopy`` of a parametrized module would).
+    Torch's ``remove_parametrizations`` deletes the tensor's property from the module's class
+    (`embedding_constraint.torch_internals`), so two modules must never share one (``deepcopy``
+    of a parametrized module would).
     """
     own = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
     return type(cls.__name__, cls.__bases__, own)
@@ -245,7 +249,8 @@ def _set_up_class(module: nn.Module, attr: str) -> None:
     """Set up the module's own parametrized class for reading a constrained weight.
 
     ``register_parametrization`` gave the module a class of its own
-    (``ParametrizedEmbedding``), which ``remove_parametrizations`` takes away again. On it:
+    (``ParametrizedEmbedding``, the layout `embedding_constraint.torch_internals` pins), which
+    ``remove_parametrizations`` takes away again. On it:
 
     - the fast forward of a plain ``nn.Embedding``, ``nn.EmbeddingBag`` or ``nn.Linear``
       (`embedding_constraint.reads`; subclasses keep their own forward, which may read the
@@ -259,9 +264,9 @@ def _set_up_class(module: nn.Module, attr: str) -> None:
     called on.
     """
     cls = type(module)
-    bases = cls.__bases__
-    if attr == "weight" and len(bases) == 1 and bases[0] in FAST_FORWARDS:
-        setattr(cls, "forward", FAST_FORWARDS[bases[0]])  # noqa: B010 - on its own class
+    original = parametrized_original(cls)
+    if attr == "weight" and original in FAST_FORWARDS:
+        setattr(cls, "forward", FAST_FORWARDS[original])  # noqa: B010 - on its own class
     _read_as_write_through(cls, attr)
     if "_fixed_rows_class" in cls.__dict__:
         return
@@ -638,9 +643,7 @@ def _under_fsdp2(
     from torch.distributed.fsdp import FSDPModule
 
     return any(isinstance(m, FSDPModule) for m in module.modules()) or any(
-        # Private: the mark fully_shard leaves on each module it manages (for Dynamo).
-        getattr(owner, "_is_fsdp_managed_module", False)
-        for owner, _, _ in checked
+        fsdp_managed(owner) for owner, _, _ in checked
     )
 
 
@@ -682,8 +685,7 @@ def _remove_parametrization(module: nn.Module, attr: str, *, leave_parametrized:
     parametrized class once torch has rolled that back (`_derived_without`).
     """
     derived = type(module)
-    # The class whose property torch deletes: the one register_parametrization set it on.
-    parametrized = next(c for c in derived.__mro__ if isinstance(c.__dict__.get(attr), property))
+    parametrized = parametrized_class(derived, attr)  # the class whose property torch deletes
     if parametrized is derived:
         parametrize.remove_parametrizations(module, attr, leave_parametrized=leave_parametrized)
         return

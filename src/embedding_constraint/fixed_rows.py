@@ -30,6 +30,8 @@ from torch.autograd import forward_ad
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrize import ParametrizationList
 
+from embedding_constraint.torch_internals import fsdp_managed, functorch_transform_active
+
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
 
@@ -88,9 +90,7 @@ def composable_only(*tensors: Tensor | None) -> bool:
     module's own forward) is made of operations that support both. True as well for a tensor
     on the meta device (a module moved there for its shapes): the plain read gives them.
     """
-    # Private, and what torch's own autograd.Function.apply asks: there is no public test
-    # for an active torch.func transform.
-    if torch._C._are_functorch_transforms_active():
+    if functorch_transform_active():
         return True
     if any(t is not None and t.is_meta for t in tensors):
         return True  # shapes only, with the constraint's tables elsewhere (`FixedRows._apply`)
@@ -114,8 +114,7 @@ def fast_readable(module: nn.Module, *others: Tensor | None) -> tuple[FixedRows,
     constraint, free = found
     if composable_only(free, constraint.reference, *others) or sharded(free, constraint.reference):
         return None
-    # Private: the mark fully_shard leaves on each module it manages (for Dynamo).
-    if not free.shape[0] and getattr(module, "_is_fsdp_managed_module", False):
+    if not free.shape[0] and fsdp_managed(module):
         # Every row fixed, under FSDP2: nothing to train, and FSDP2's reduce-scatter fails on
         # an empty gradient. Read without a path to the free rows: FSDP2 skips a parameter
         # that gets no gradient (DDP, which needs one, gets it through the graph).
@@ -139,11 +138,8 @@ def _is_dtensor(tensor: object) -> TypeGuard[DTensor]:
     A DTensor exists only once its module is imported, so the class is looked up there:
     importing it with this package would cost more than half a second of every import.
     """
-    for name in ("torch.distributed.tensor", "torch.distributed._tensor"):  # torch 2.4: private
-        module = sys.modules.get(name)
-        if module is not None:
-            return isinstance(tensor, module.DTensor)
-    return False
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
 
 
 def sharded(*tensors: Tensor | None) -> bool:
@@ -552,16 +548,16 @@ class FixedRows(nn.Module):
                 f"Expected `reference` of shape {tuple(self.reference.shape)}. "
                 f"Got {tuple(ordered.shape)}."
             )
-        dtype = self.reference.dtype
-        _check_finite(
-            ordered,
-            _extremes(ordered),
-            dtype,
+        extremes = _extremes(reference)
+        _check_finite(  # in the order given: the rows the message names are the caller's
+            reference,
+            extremes,
+            self.reference.dtype,
             "the dtype of the fixed rows now (the run's dtype, in a Lightning fit)",
         )
         if not self.reference_is_parameter:
             self.reference.copy_(ordered)
-        self._extremes = _extremes(ordered)
+        self._extremes = extremes
 
     @property
     def num_fixed(self) -> int:

@@ -23,6 +23,11 @@ from torch.nn.utils.parametrize import ParametrizationList
 
 from embedding_constraint.fix_rows import bake_unsharded, fixed_tensors, holders_of
 from embedding_constraint.fixed_rows import FixedRows, gathered, parametrization_list
+from embedding_constraint.torch_internals import (
+    fsdp_param_group,
+    fsdp_params_managing,
+    replace_fsdp_params,
+)
 
 __all__ = ["bake_fully_sharded", "prepare_fully_shard"]
 
@@ -148,13 +153,12 @@ def _bake_plan(module: nn.Module, name: str) -> _Plan | None:
     for fsdp_module in module.modules():
         if not isinstance(fsdp_module, FSDPModule):
             continue
-        # Private: FSDP2 keeps one group of parameters per fully_shard call.
-        group = fsdp_module._get_fsdp_state()._fsdp_param_group
+        group = fsdp_param_group(fsdp_module)  # one per fully_shard call
         if group is None:
             continue
-        found = [p for p in group.fsdp_params if any(p.sharded_param is t for t in managed)]
+        found = fsdp_params_managing(group, managed)
         if found:
-            return group, list(found), name
+            return group, found, name
     raise ValueError(
         f"Expected an FSDP2 group under `module` that manages {name!r}. Got none: its free rows "
         "are sharded by a fully_shard call on a module above `module`. Pass that module."
@@ -163,10 +167,6 @@ def _bake_plan(module: nn.Module, name: str) -> _Plan | None:
 
 def _replace_in_group(module: nn.Module, group: object, stale: list[object], name: str) -> None:
     """Bake ``name`` and put its plain weight in the group instead of the ``stale`` params."""
-    # Private FSDP2 internals: a parameter it manages is an FSDPParam of its group, made
-    # from the plain tensor and told where the modules hold it (ParamModuleInfo).
-    from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam, ParamModuleInfo
-
     owner_name, _, attr = name.rpartition(".")
     owner = module.get_submodule(owner_name)
     plist = parametrization_list(owner, attr)
@@ -180,28 +180,4 @@ def _replace_in_group(module: nn.Module, group: object, stale: list[object], nam
     weight = nn.Parameter(whole, requires_grad=requires_grad)
     for holder, holder_attr in holders:
         holder._parameters[holder_attr] = weight
-    info = ParamModuleInfo(
-        holders[0][0],
-        holders[0][1],
-        [m for m, _ in holders[1:]],
-        [a for _, a in holders[1:]],
-    )
-    model = stale[0]
-    fresh = FSDPParam(  # shards `weight` and sets the shard on every holder
-        weight,
-        info,
-        model.mesh_info,  # type: ignore[attr-defined]
-        model.post_forward_mesh_info,  # type: ignore[attr-defined]
-        model.device,  # type: ignore[attr-defined]
-        None,
-        model.mp_policy,  # type: ignore[attr-defined]
-        group.offload_policy,  # type: ignore[attr-defined]
-    )
-    fresh._param_fqn = name
-    params = group.fsdp_params  # type: ignore[attr-defined]
-    at = min(params.index(p) for p in stale)
-    for p in stale:
-        p._post_load_hook_handle.remove()  # type: ignore[attr-defined]
-    params[:] = [p for p in params if all(p is not s for s in stale)]
-    params.insert(at, fresh)
-    group._init_mp_dtypes()  # type: ignore[attr-defined]
+    replace_fsdp_params(group, stale, weight, holders, name)  # shards it on every holder

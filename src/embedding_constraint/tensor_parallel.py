@@ -42,6 +42,7 @@ from torch.nn.utils import parametrize
 from embedding_constraint.fix_rows import bake, fixed_tensors
 from embedding_constraint.fixed_rows import FixedRows, parametrization_list
 from embedding_constraint.state_dict import plain_parameter_order, put_plain_entry
+from embedding_constraint.torch_internals import fsdp_managed
 
 __all__ = ["bake_parallelized", "parallelize_fixed"]
 
@@ -77,7 +78,7 @@ class _FixedShard(nn.Module):
                 "parallelize_fixed."
             )
         owner = self._owner()
-        if stored.device_mesh.ndim != 1 or getattr(owner, "_is_fsdp_managed_module", False):
+        if stored.device_mesh.ndim != 1 or (owner is not None and fsdp_managed(owner)):
             raise ValueError(
                 "Expected tensor parallelism alone on a constrained weight. Got fully_shard "
                 "over the tensor-parallel module (2-D FSDP2 x tensor parallel), which is not "
