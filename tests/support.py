@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from embedding_constraint import FixedRows
 from embedding_constraint.fixed_rows import parametrization_list
@@ -27,6 +29,27 @@ def constraint_of(module: nn.Module, name: str = "weight") -> FixedRows:
     constraint = parametrization_list(module, name)[0]
     assert isinstance(constraint, FixedRows)
     return constraint
+
+
+def snapshot_tree(module: nn.Module) -> dict[str, Any]:
+    """What a failed call must leave as it was: classes, parameters by identity, values."""
+    return {
+        "classes": [type(m) for m in module.modules()],
+        "parameters": [(n, p, p.detach().clone()) for n, p in module.named_parameters()],
+        "parametrized": [parametrize.is_parametrized(m) for m in module.modules()],
+    }
+
+
+def assert_tree_unchanged(module: nn.Module, before: dict[str, Any]) -> None:
+    """``module`` and every submodule as `snapshot_tree` saw them."""
+    after = snapshot_tree(module)
+    assert after["classes"] == before["classes"]
+    assert after["parametrized"] == before["parametrized"]
+    assert [(n, p) for n, p, _ in after["parameters"]] == [
+        (n, p) for n, p, _ in before["parameters"]
+    ]
+    for (_, _, value), (_, _, old) in zip(after["parameters"], before["parameters"], strict=True):
+        assert torch.equal(value, old)
 
 
 def graph_ops(out: Tensor) -> set[str]:

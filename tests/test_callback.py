@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import signal
 from collections.abc import Iterator
@@ -13,7 +14,10 @@ import numpy as np
 import pytest
 import torch
 from lightning_models import FLAVOURS, Flavour, loader, tokens
+from support import assert_tree_unchanged, snapshot_tree
 from torch import Tensor, nn
+
+from embedding_constraint import is_fixed
 
 
 @pytest.fixture(params=list(FLAVOURS))
@@ -573,6 +577,9 @@ def test_manual_optimization(pl_flavour: Flavour) -> None:
     assert not torch.equal(model.embedding.weight[6:], before[6:])
 
 
+# -- vocabularies -----------------------------------------------------------------------------
+
+
 def test_from_vocabularies_keeps_old_tokens_rows_in_their_new_positions(flavour: Flavour) -> None:
     from embedding_constraint import vocab
 
@@ -697,6 +704,16 @@ def test_from_vocabularies_names_old_for_a_head_without_its_bias(pl_flavour: Fla
         )
 
 
+def test_from_vocabularies_checks_the_old_vocabulary_against_the_old_rows() -> None:
+    flavour = FLAVOURS["pytorch_lightning"]
+    old, new = nn.Embedding(4, 2), nn.Embedding(5, 2)
+    with pytest.raises(ValueError, match=r"one token per row of `old` \(4\). Got 3 tokens"):
+        flavour.callback.from_vocabularies(new, old, ["a", "b", "c"], ["a", "b", "c", "d", "e"])
+
+
+# -- the other Lightning package --------------------------------------------------------------
+
+
 @pytest.mark.parametrize(
     ("trainer_of", "callback_of"),
     [("lightning.pytorch", "pytorch_lightning"), ("pytorch_lightning", "lightning.pytorch")],
@@ -710,3 +727,152 @@ def test_a_trainer_runs_the_other_packages_callback_too(trainer_of: str, callbac
     FLAVOURS[trainer_of].trainer(callbacks=[callback], max_epochs=1).fit(model, loader())
     assert type(model.embedding.weight) is nn.Parameter
     assert torch.equal(model.embedding.weight[:6], old.weight)
+
+
+# -- copies taken during a fit ----------------------------------------------------------------
+
+
+def test_a_snapshot_taken_during_a_fit_survives_the_bake_at_its_end() -> None:
+    flavour = FLAVOURS["pytorch_lightning"]
+    torch.manual_seed(0)
+    old = nn.Embedding(6, 4)
+    model = flavour.model(vocab=10, dim=4)
+    snapshots: list[Any] = []
+
+    class Snapshot(flavour.package.Callback):  # type: ignore[name-defined,misc]
+        def on_train_epoch_end(self, trainer: Any, pl_module: nn.Module) -> None:
+            snapshots.append(copy.deepcopy(pl_module))  # an EMA or best-model copy
+
+    callbacks = [flavour.callback(model.embedding, old), Snapshot()]
+    flavour.trainer(callbacks=callbacks, max_epochs=1).fit(model, loader())
+    assert type(model.embedding.weight) is nn.Parameter
+    (snapshot,) = snapshots
+    assert is_fixed(snapshot, "embedding.weight")
+    ids = torch.arange(10)
+    torch.testing.assert_close(snapshot.embedding(ids), snapshot.embedding.weight.detach())
+    assert torch.equal(snapshot.embedding.weight[:6], old.weight)
+
+
+# -- optimizers and checkpoints of an earlier plain fit ---------------------------------------
+
+
+def test_the_callback_ignores_the_optimizer_of_an_earlier_fit() -> None:
+    # A plain fit first, its Trainer (and AdamW, with full-size state) still alive: the
+    # constrained fit makes its own optimizer after setup, so the old one is no reason to refuse.
+    flavour = FLAVOURS["pytorch_lightning"]
+    torch.manual_seed(0)
+    model = flavour.model(vocab=10, dim=4)
+    first = flavour.trainer(max_epochs=1)
+    first.fit(model, loader())
+    (optimizer,) = first.optimizers
+    assert optimizer.state[model.embedding.weight]["exp_avg"].shape == (10, 4)
+    reference = model.embedding.weight[:6].detach().clone()
+    callback = flavour.callback(model.embedding, reference)
+    flavour.trainer(callbacks=[callback], max_epochs=1).fit(model, loader())
+    assert torch.equal(model.embedding.weight[:6], reference)
+
+
+def _fit_plain_and_save(flavour: Flavour, path: Path) -> Any:
+    torch.manual_seed(0)
+    model = flavour.model(vocab=10, dim=4)
+    trainer = flavour.trainer(max_epochs=1)
+    trainer.fit(model, loader())
+    trainer.save_checkpoint(path)
+    return model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flavour", FLAVOURS.values(), ids=list(FLAVOURS))
+def test_resuming_a_plain_checkpoint_with_the_constraint_names_the_cause(
+    flavour: Flavour, tmp_path: Path
+) -> None:
+    path = tmp_path / "plain.ckpt"
+    trained = _fit_plain_and_save(flavour, path)
+    reference = trained.embedding.weight[:6].detach().clone()
+    model = flavour.model(vocab=10, dim=4)
+    callback = flavour.callback(model.embedding, reference)
+    trainer = flavour.trainer(callbacks=[callback], max_epochs=2)
+    with pytest.raises(
+        RuntimeError, match=r"optimizer state for 'embedding.weight'.*saved without"
+    ):
+        trainer.fit(model, loader(), ckpt_path=path)
+    assert type(model.embedding.weight) is nn.Parameter  # baked on the way out
+
+
+# -- the target, other callbacks, state keys, swapped arguments -------------------------------
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS.values(), ids=list(FLAVOURS))
+def test_a_target_replaced_in_the_modules_setup_fails_loudly(flavour: Flavour) -> None:
+    class Replacing(flavour.model):  # type: ignore[name-defined,misc]
+        def setup(self, stage: str) -> None:
+            self.embedding = nn.Embedding(10, 4)  # runs after the callback's setup
+
+    model = Replacing(vocab=10, dim=4)
+    callback = flavour.callback(model.embedding, nn.Embedding(6, 4))
+    with pytest.raises(
+        RuntimeError, match=r"'embedding.weight' to be constrained.*configure_model"
+    ):
+        flavour.trainer(callbacks=[callback], max_epochs=1).fit(model, loader())
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS.values(), ids=list(FLAVOURS))
+def test_two_callbacks_on_one_weight_fail_before_touching_it(flavour: Flavour) -> None:
+    model = flavour.model(vocab=10, dim=4)
+    before = snapshot_tree(model)
+    first = flavour.callback(model.embedding, torch.zeros(2, 4))
+    second = flavour.callback(model.embedding, torch.ones(3, 4), rows=[7, 8, 9])
+    with pytest.raises(ValueError, match=r"one EmbeddingConstraint per tensor.*\['weight'\]"):
+        flavour.trainer(callbacks=[first, second], max_epochs=1).fit(model, loader())
+    assert_tree_unchanged(model, before)
+
+
+AVERAGING = {
+    "StochasticWeightAveraging": {"swa_lrs": 0.01},
+    "EMAWeightAveraging": {},  # a WeightAveraging: it copies the model in its setup too
+}
+
+
+@pytest.mark.parametrize("averaging", AVERAGING)
+@pytest.mark.parametrize("flavour", FLAVOURS.values(), ids=list(FLAVOURS))
+def test_weight_averaging_listed_first_is_refused(flavour: Flavour, averaging: str) -> None:
+    model = flavour.model(vocab=10, dim=4)
+    before = snapshot_tree(model)
+    other = getattr(flavour.package.callbacks, averaging)(**AVERAGING[averaging])
+    callback = flavour.callback(model.embedding, torch.zeros(2, 4))
+    with pytest.raises(ValueError, match=f"EmbeddingConstraint before {averaging}"):
+        flavour.trainer(callbacks=[other, callback], max_epochs=1).fit(model, loader())
+    assert_tree_unchanged(model, before)
+
+
+@pytest.mark.slow
+def test_stochastic_weight_averaging_listed_after_keeps_the_rows_exact() -> None:
+    flavour = FLAVOURS["pytorch_lightning"]
+    torch.manual_seed(0)
+    old = nn.Embedding(6, 4)
+    model = flavour.model(vocab=10, dim=4)
+    swa = flavour.package.callbacks.StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=1)
+    callback = flavour.callback(model.embedding, old)
+    flavour.trainer(callbacks=[callback, swa], max_epochs=3).fit(model, loader())
+    assert type(model.embedding.weight) is nn.Parameter
+    assert torch.equal(model.embedding.weight[:6], old.weight)
+
+
+def test_state_keys_differ_for_same_shaped_targets() -> None:
+    flavour = FLAVOURS["pytorch_lightning"]
+    model = flavour.model(vocab=10, dim=4, classes=10)
+    on_embedding = flavour.callback(model.embedding, torch.zeros(2, 4))
+    on_head = flavour.callback(model.head, torch.zeros(2, 4))
+    assert on_embedding.state_key != on_head.state_key
+    flavour.trainer(callbacks=[on_embedding, on_head], max_epochs=1).fit(model, loader())
+    assert "target=embedding" in on_embedding.state_key
+    assert "target=head" in on_head.state_key
+
+
+def test_swapped_arguments_are_named() -> None:
+    flavour = FLAVOURS["pytorch_lightning"]
+    old, new = nn.Embedding(6, 4), nn.Embedding(10, 4)
+    with pytest.raises(
+        ValueError, match=r"arguments may be swapped.*EmbeddingConstraint\(new_module, old_module\)"
+    ):
+        flavour.callback(old, new)

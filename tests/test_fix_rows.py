@@ -347,3 +347,142 @@ def test_vocab_append_grows_after_the_old_rows() -> None:
         vocab.append(old, -1)
     with pytest.raises(TypeError, match=r"Expected `count` to be an int\. Got float"):
         vocab.append(old, 2.0)  # type: ignore[arg-type]
+
+
+# -- copies -----------------------------------------------------------------------------------
+
+
+LAYOUTS: dict[str, list[int] | None] = {"prefix": None, "scattered": [8, 1, 4, 5]}
+
+FIXED_AT = {"prefix": [0, 1, 2, 3], "scattered": [8, 1, 4, 5]}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("baked_first", ["original", "copy"])
+def test_baking_one_copy_leaves_the_other_constrained_and_working(
+    layout: str, baked_first: str
+) -> None:
+    torch.manual_seed(0)
+    reference = torch.randn(4, 3)
+    original = nn.Embedding(10, 3)
+    fix_rows(original, reference, rows=LAYOUTS[layout])
+    replica = copy.deepcopy(original)
+    assert type(replica) is not type(original)  # a class of its own
+    baked, kept = (original, replica) if baked_first == "original" else (replica, original)
+    bake(baked)
+    assert type(baked) is nn.Embedding
+    assert is_fixed(kept)
+    ids = torch.tensor([0, 1, 4, 8, 9])
+    expected = kept.weight.detach()[ids]
+    torch.testing.assert_close(kept(ids), expected)
+    opt = torch.optim.AdamW(kept.parameters(), lr=0.1, weight_decay=0.1)
+    kept(ids).pow(2).sum().backward()
+    opt.step()
+    assert torch.equal(kept.weight[FIXED_AT[layout]], reference)
+    assert list(kept.state_dict()) == ["weight"]
+    bake(kept)
+    assert type(kept) is nn.Embedding
+    assert torch.equal(kept.weight[FIXED_AT[layout]], reference)
+
+
+# -- ties that reach outside the module given -------------------------------------------------
+
+
+def test_a_parameter_held_only_inside_is_not_refused_for_other_references_to_it() -> None:
+    emb = nn.Embedding(10, 4)
+    named = dict(emb.named_parameters())  # a dict holding it, but no module's
+    optimizer = torch.optim.SGD(emb.parameters(), lr=0.1)
+    fix_rows(emb, torch.zeros(4, 4))
+    assert named["weight"] is stored(emb)
+    assert optimizer.param_groups[0]["params"][0] is stored(emb)
+
+
+# -- the meta device --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows", [None, [5, 0, 3]], ids=["prefix", "scattered"])
+def test_to_empty_keeps_the_fixed_rows_and_their_places(rows: list[int] | None) -> None:
+    """`to_empty` gives every tensor uninitialised memory; the reference and the rows' places
+    are the constraint's own and keep their values: a load of the free rows restores all."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(6, 2)
+    fix_rows(emb, torch.randn(3, 2), rows=rows)
+    trained = emb.weight.detach().clone()
+    emb.to_empty(device="cpu")
+    fixed_at = rows or [0, 1, 2]
+    assert torch.equal(emb.weight[fixed_at], trained[fixed_at])
+    emb.load_state_dict({"weight": trained})  # the fixed rows are checked against the reference
+    assert torch.equal(emb(torch.arange(6)), trained)
+    assert torch.equal(emb.weight, trained)
+
+
+@pytest.mark.parametrize("rows", [None, [5, 0, 3]], ids=["prefix", "scattered"])
+def test_a_round_trip_through_the_meta_device_keeps_the_fixed_rows(rows: list[int] | None) -> None:
+    """The meta device holds no values: the reference and the places stay where they are, a
+    read on the meta device gives the shape, and `to_empty` brings them back exact."""
+    torch.manual_seed(0)
+    emb, head = nn.Embedding(6, 2), nn.Linear(2, 6)
+    model = nn.Sequential(emb, head)
+    fix_rows(emb, torch.randn(3, 2), rows=rows)
+    fix_rows(head, torch.randn(3, 2), rows=rows)
+    trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.to("meta")
+    out = model(torch.arange(6, device="meta"))
+    assert out.is_meta
+    assert out.shape == (6, 6)
+    model.to_empty(device="cpu")
+    model.load_state_dict(trained)
+    assert torch.equal(emb.weight, trained["0.weight"])
+    assert torch.equal(head.weight, trained["1.weight"])
+    expected = nn.functional.linear(
+        nn.functional.embedding(torch.arange(6), trained["0.weight"]),
+        trained["1.weight"],
+        trained["1.bias"],
+    )
+    torch.testing.assert_close(model(torch.arange(6)), expected)
+    bag = nn.EmbeddingBag(6, 2, mode="sum")
+    fix_rows(bag, torch.randn(3, 2), rows=rows)
+    bag.to("meta")
+    assert bag(torch.arange(6, device="meta").view(2, 3)).shape == (2, 2)
+
+
+# -- optimizers made before fix_rows ----------------------------------------------------------
+
+
+def test_an_optimizer_made_before_that_has_not_stepped_trains_the_free_rows() -> None:
+    emb = nn.Embedding(6, 2)
+    optimizer = torch.optim.Adam(emb.parameters(), lr=0.1)
+    fix_rows(emb, torch.zeros(2, 2))
+    emb(torch.tensor([0, 5])).sum().backward()
+    optimizer.step()
+    assert optimizer.state[stored(emb)]["exp_avg"].shape == (4, 2)
+    assert torch.equal(emb.weight[:2], torch.zeros(2, 2))
+
+
+# -- loading ----------------------------------------------------------------------------------
+
+
+def test_differing_fixed_rows_are_reported_through_load_state_dict_with_the_others() -> None:
+    model = nn.Sequential(nn.Embedding(8, 2), nn.Linear(2, 3))
+    fix_rows(model, torch.zeros(2, 2), name="0.weight")
+    incoming = {k: v.clone() for k, v in model.state_dict().items()}
+    incoming["0.weight"][1] = 5.0
+    incoming["1.weight"] = torch.zeros(4, 2)  # a size mismatch elsewhere
+    before = model.state_dict()["0.weight"].clone()
+    with pytest.raises(RuntimeError) as error:
+        model.load_state_dict(incoming)
+    message = str(error.value)
+    assert "fixed rows of '0.weight'" in message
+    assert "size mismatch for 1.weight" in message
+    assert "parametrizations" not in message
+    assert torch.equal(model.state_dict()["0.weight"], before)
+
+
+def test_missing_keys_are_the_plain_ones() -> None:
+    emb = fix_rows(nn.Embedding(8, 2), torch.zeros(2, 2))
+    result = emb.load_state_dict({}, strict=False)
+    assert result.missing_keys == ["weight"]
+    assert result.unexpected_keys == []
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "weight"\.'):
+        emb.load_state_dict({})
+    assert torch.equal(constraint_of(emb).reference, torch.zeros(2, 2))
