@@ -147,8 +147,10 @@ def test_inject_parametrized_property_keeps_the_class_of_a_parametrized_module()
 def test_inject_property_refuses_a_tensor_still_in_place() -> None:
     # The precondition `_share_parametrization` meets by deleting the Parameter first.
     lin = nn.Linear(3, 2)
-    with pytest.raises(AssertionError, match="Module already has an attribute named 'weight'"):
+    # torch 2.13 says "Module already has an attribute named 'weight'"; 2.8 asserts bare.
+    with pytest.raises(AssertionError):
         inject_parametrized_property(lin, "weight")
+    assert isinstance(lin._parameters["weight"], nn.Parameter)  # left in place
 
 
 # -- torch.func ----------------------------------------------------------------------------------
