@@ -443,6 +443,8 @@ def _stepped(make: Callable[[list[nn.Parameter]], torch.optim.Optimizer]) -> Any
 def test_an_optimizer_with_state_of_another_shape_is_refused(make: Any) -> None:
     # Adafactor keeps a row and a column vector for a matrix, LBFGS a flat history over all its
     # parameters: neither has a tensor of the weight's shape, and both fail at the next step.
+    # Seeded: an unlucky draw makes LBFGS's step NaN, which no snapshot compares equal.
+    torch.manual_seed(0)
     emb = nn.Embedding(6, 2)
     optimizer = make(emb)
     before = snapshot_tree(emb)
