@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,8 @@ def fit(out: Path, case: str, rank: int) -> None:
     )
 
 
-def main() -> None:
+def run_cases(fit_case: Callable[[Path, str, int], None]) -> None:
+    """This rank's ``fit_case(out, case, rank)`` for every case, ``--out`` from the command line."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -108,7 +110,11 @@ def main() -> None:
     logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     rank = int(os.environ["RANK"])
     for case in CASES:
-        fit(args.out, case, rank)
+        fit_case(args.out, case, rank)
+
+
+def main() -> None:
+    run_cases(fit)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ expanding and after training) and ``save_model`` the model under ``DIR/deepspeed
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -30,6 +29,7 @@ from hf_ddp_fit import (
     STEPS,
     TIMEOUT_S,
     dataset,
+    run_cases,
     tiny_llama,
     vocab_tensors,
 )
@@ -79,15 +79,7 @@ def fit(out: Path, case: str, rank: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()  # type: ignore[no-untyped-call]
-    rank = int(os.environ["RANK"])
-    for case in CASES:
-        fit(args.out, case, rank)
+    run_cases(fit)
 
 
 if __name__ == "__main__":
