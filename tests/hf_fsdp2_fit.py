@@ -13,9 +13,10 @@ matrices after expanding); rank 0 then saves the model as the Trainer does under
 (accelerate's ``get_state_dict`` options, then ``save_pretrained(state_dict=...)``) to
 ``DIR/{case}``:
 
-- ``untied``; ``tied-pair``: tied, the embedding and the head sharded as one group before
-  accelerate runs (accelerate looks for a tie by ``weight is``, never true of a computed weight);
-  ``tied``: tied, left to accelerate.
+- ``untied``; ``tied``: tied, left to accelerate (which finds the tie by
+  ``input_embed.weight is output_embed.weight``, true of a tie's reads, `shared_read`, and shards
+  the two as one group); ``tied-pair``: tied, the embedding and the head sharded as one group
+  before accelerate runs, by hand.
 - ``*-ram-efficient``: ``cpu_ram_efficient_loading``; the added rows start apart on each rank,
   so only rank 0's weights reaching rank 1 makes the ranks equal.
 
@@ -88,8 +89,7 @@ def fit(out: Path, case: str, rank: int) -> None:
     model = model_of_rank(tied, ram_efficient, rank)
     expanded = vocab_tensors(model)
     if pair:
-        # accelerate finds a tie by `input_embed.weight is output_embed.weight`, never true of
-        # a weight computed at each read: it would shard the embedding and the head apart.
+        # As a user who shards the tied pair before accelerate runs would.
         fully_shard([model.get_input_embeddings(), model.get_output_embeddings()])
     plugin = FullyShardedDataParallelPlugin(
         fsdp_version=2,

@@ -198,13 +198,11 @@ def test_accelerate_fsdp2_with_cpu_ram_efficient_loading(fsdp2: tuple[Path, str]
     _fsdp2_case(fsdp2, "untied-ram-efficient")
 
 
-@pytest.mark.xfail(strict=True, reason="accelerate detects a tie by `input_embed.weight is "
-                   "output_embed.weight`, never true of a computed weight: it shards the "
-                   "embedding apart from the head that shares its stored rows, and fully_shard "
-                   "fails inside torch (TypeError), on every rank, with cpu_ram_efficient_loading "
-                   "or without")  # fmt: skip
 @pytest.mark.parametrize("case", ["tied", "tied-ram-efficient"])
 def test_accelerate_fsdp2_on_a_tied_model_left_to_accelerate(
     fsdp2: tuple[Path, str], case: str
 ) -> None:
+    """accelerate tells the tie by ``input_embed.weight is output_embed.weight`` (on the meta
+    device too, with cpu_ram_efficient_loading): the two read one tensor, so it shards them as
+    one group, as a plain tied model's."""
     _fsdp2_case(fsdp2, case)

@@ -40,15 +40,6 @@ ADDED = [i for i, token in enumerate(NEW_VOCAB) if token.startswith("new")]
 OLD_TOKEN = KEPT_AT[3]  # the new id of an old token (its row is fixed)
 IDS = torch.tensor([[0, ADDED[0], OLD_TOKEN, 4, ADDED[1], 7, ADDED[2], 11, 20]])
 ATOL = 1e-5  # float32 logits through a different (but equal) sum order
-UNTIED_BY_POINTER = (
-    "merge_and_unload sees a tie by comparing the embedding's and head's weight.data_ptr(); "
-    "a constrained weight is computed anew at each read, so PEFT sets "
-    "config.tie_word_embeddings=False (with a warning) on a model whose modules stay tied. "
-    "Not fixed: one read shared by both holders would be a cache of computed reads (one "
-    "autograd graph handed to several forwards, kept fresh across in-place writes), not simple "
-    "enough to be obviously right; documented instead: bake(model) before merge_and_unload "
-    "(test_merging_a_tied_model_after_bake_keeps_it_tied)"
-)
 
 
 def _expanded(tied: bool, *, declared: bool = False) -> tuple[Any, dict[str, Tensor]]:
@@ -89,10 +80,10 @@ def _wrapped(adapted: nn.Module) -> set[str]:
 
 
 def _merge(adapted: Any) -> Any:
-    """``merge_and_unload``, without PEFT's warning that a tied constrained model is untied
+    """``merge_and_unload``; a tied constrained model stays tied, with no warning that it is not
     (`test_merging_a_tied_constrained_model_keeps_it_tied`)."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Input and output embeddings are no longer tied")
+        warnings.simplefilter("error")
         return adapted.merge_and_unload()
 
 
@@ -151,15 +142,20 @@ def test_lora_on_the_body_merges_as_on_a_plain_model(tied: bool) -> None:
     _check(LORA_BODY, tied)
 
 
-@pytest.mark.xfail(reason=UNTIED_BY_POINTER, raises=AssertionError, strict=True)
-def test_merging_a_tied_constrained_model_keeps_it_tied() -> None:
-    model, _ = _expanded(tied=True, declared=True)
-    adapted = peft.get_peft_model(model, copy.deepcopy(LORA_BODY))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        merged = adapted.merge_and_unload()
+@pytest.mark.parametrize(
+    "config", [LORA_BODY, _tokens(ADDED)], ids=["lora body", "trainable tokens"]
+)
+def test_merging_a_tied_constrained_model_keeps_it_tied(config: Any) -> None:
+    """PEFT tells a tie by the two weights' ``data_ptr()``: tied holders read one tensor."""
+    model, before = _expanded(tied=True, declared=True)
+    adapted = peft.get_peft_model(model, copy.deepcopy(config))
+    _set_adapter_weights(adapted)
+    expected = _logits(adapted)
+    merged = _merge(adapted)
     assert _tied(merged)
-    assert merged.config.tie_word_embeddings, [str(w.message) for w in caught]
+    assert merged.config.tie_word_embeddings
+    torch.testing.assert_close(_logits(merged), expected, rtol=0, atol=ATOL)
+    _assert_merged_exact(merged, before)
 
 
 @pytest.mark.parametrize(

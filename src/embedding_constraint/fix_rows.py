@@ -37,6 +37,7 @@ from embedding_constraint.state_dict import (
     register_plain_hooks,
     remove_plain_hooks,
 )
+from embedding_constraint.tied_reads import shared_read
 from embedding_constraint.torch_internals import (
     fsdp_managed,
     inject_parametrized_property,
@@ -232,14 +233,16 @@ def _apply(self: nn.Module, fn: Any, recurse: bool = True) -> nn.Module:
 
 def _read_as_write_through(cls: type, attr: str) -> None:
     """Make the class's property ``attr`` (torch's, from ``register_parametrization``) give its
-    value as a `WriteThrough`, so that writes into it reach the stored rows."""
+    value as a `WriteThrough`, so that writes into it reach the stored rows, and tied holders
+    the same read while it stands for theirs (`shared_read`)."""
     torch_property = cls.__dict__[attr]
     if getattr(torch_property.fget, "_write_through", False):
         return
     read = torch_property.fget
 
     def get(self: nn.Module) -> Tensor:
-        return write_through(read(self), parametrization_list(self, attr))
+        plist = parametrization_list(self, attr)
+        return shared_read(self, plist, lambda: write_through(read(self), plist))
 
     get._write_through = True  # type: ignore[attr-defined]
     setattr(cls, attr, property(get, torch_property.fset))

@@ -64,11 +64,10 @@ PY
 # transformers.Trainer with accelerate's FSDP2 (`fsdp_version: 2`, each LlamaDecoderLayer its
 # own group) after expand_vocabulary, under torchrun on one GPU (NCCL), a few steps of a tiny
 # Llama built from a config (tests/hf_ddp_fit.py): the old rows exact in the full state dict
-# and in what save_model writes (plain from_pretrained), the added rows trained. Two outcomes
-# are known today and do not fail the check (tests/test_hf_distributed.py's xfails):
-# `cpu_ram_efficient_loading` (accelerate calls tie_weights on the meta model; refused) and a
-# tied model (accelerate shards the embedding and the head apart; fully_shard fails). Skipped
-# where transformers or accelerate is not installed. Output: hf-trainer-fsdp2.txt.
+# and in what save_model writes (plain from_pretrained), the added rows trained; tied and
+# untied, with and without `cpu_ram_efficient_loading` (all four train on 2 CPU processes,
+# tests/test_hf_distributed.py). Skipped where transformers or accelerate is not installed.
+# Output: hf-trainer-fsdp2.txt.
 hf_trainer_fsdp2() {
     python3 -c "import accelerate, transformers" 2>/dev/null \
         || { echo "hf trainer fsdp2: transformers or accelerate not installed, skipped"; return; }
@@ -106,18 +105,7 @@ args = TrainingArguments(
 trainer = Trainer(model=model, args=args, train_dataset=dataset())
 # On a CPU accelerate drops the FSDP plugin and runs DDP without a word: not this check.
 assert trainer.accelerator.is_fsdp2, "accelerate did not run FSDP2"
-known = {"untied-ram-efficient": (ValueError, "meta device"), "tied": (TypeError, "Invariant"),
-         "tied-ram-efficient": ((TypeError, ValueError), "")}
-expected, words = known.get(case, ((), ""))
-try:
-    trainer.train()
-except expected as error:
-    if words not in str(error):
-        raise
-    print(f"{case}: known failure: {type(error).__name__}: {str(error)[:100]}")
-    sys.exit(0)
-if case in known:
-    print(f"{case}: trained (was a known failure: update the xfails)")
+trainer.train()
 state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
 for key in ("model.embed_tokens.weight", "lm_head.weight"):
     weight = state[key].cpu()
@@ -131,7 +119,7 @@ assert not is_fixed(plain, "model.embed_tokens.weight")
 assert torch.equal(plain.get_input_embeddings().weight.detach(), embedding)
 print(f"{case}: trained, old rows exact, save_model plain")
 PY
-    for case in untied untied-ram-efficient tied; do
+    for case in untied untied-ram-efficient tied tied-ram-efficient; do
         timeout "$1" python3 -m torch.distributed.run --standalone --nproc_per_node 1 \
             "$out/hf_trainer_fsdp2.py" "$case" "$out/hf-trainer-fsdp2" \
             >>"$out/hf-trainer-fsdp2.txt" 2>&1 || { failed=1; echo "$case: FAILED"; }
