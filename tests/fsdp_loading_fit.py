@@ -159,19 +159,6 @@ def _accelerator(rank: int) -> SimpleNamespace:
     return SimpleNamespace(is_main_process=rank == 0, device=torch.device("cpu"))
 
 
-MOVED_TO_META = "do not call prepare_fully_shard"
-
-
-def refused_on_meta(case: Callable[[], str]) -> str:
-    """A reference sharded by prepare_fully_shard goes to the meta device with the module, and
-    its values with it: refused, on every rank, naming the layout."""
-    try:
-        result = case()
-    except RuntimeError as error:
-        return "ok" if MOVED_TO_META in str(error) else f"another error: {error}"[:300]
-    return f"not refused: {result}"
-
-
 def case_meta_read(rank: int, rows: list[int] | None, ref_sharded: bool) -> str:
     from accelerate.utils.fsdp_utils import fsdp2_load_full_state_dict
 
@@ -243,25 +230,12 @@ def run_rank(rank: int, out: Path) -> None:
         "broadcast": lambda r, s, _: case_broadcast(rank, r, s, strict=True),
         "broadcast-lenient": lambda r, s, _: case_broadcast(rank, r, s, strict=False),
         "full": lambda r, s, _: case_full(rank, r, s),
-        "meta-read": lambda r, s, _: (
-            refused_on_meta(lambda: case_meta_read(rank, r, s)) if s else case_meta_read(rank, r, s)
-        ),
-        "accelerate": lambda r, s, _: (
-            refused_on_meta(lambda: case_accelerate(rank, r, s))
-            if s
-            else case_accelerate(rank, r, s)
-        ),
+        "meta-read": lambda r, s, _: case_meta_read(rank, r, s),
+        "accelerate": lambda r, s, _: case_accelerate(rank, r, s),
         "dcp-2-to-1-save": lambda r, s, layout: case_dcp_2_to_1(out, r, s, layout),
         "dcp-1-to-2": lambda r, s, layout: case_dcp_1_to_2(out, r, s, layout),
     }
-    # Last, what is refused (a sharded reference moved to the meta device with the module):
-    # should that go wrong, every supported case has run already.
-    order = [
-        (n, layout) for layout, (_, ref) in LAYOUTS.items() for n in cases if not _on_meta(n, ref)
-    ]
-    order += [
-        (n, layout) for layout, (_, ref) in LAYOUTS.items() for n in cases if _on_meta(n, ref)
-    ]
+    order = [(n, layout) for layout in LAYOUTS for n in cases]
     for name, layout in order:
         rows, ref_sharded = LAYOUTS[layout]
         case = cases[name]
@@ -279,10 +253,6 @@ def run_rank(rank: int, out: Path) -> None:
             os._exit(0)
     dist.barrier()
     dist.destroy_process_group()
-
-
-def _on_meta(case: str, reference_sharded: bool) -> bool:
-    return reference_sharded and case in ("meta-read", "accelerate")
 
 
 def _all_ok(result: str) -> bool:

@@ -14,6 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import constraint_of, stored
+from torch import nn
+
+from embedding_constraint import fix_rows
+from embedding_constraint.fsdp import prepare_fully_shard
 
 SCRIPT = Path(__file__).with_name("fsdp_loading_fit.py")
 LAYOUTS = ["prefix", "scattered", "prefix-sharded", "scattered-sharded"]
@@ -51,24 +56,15 @@ def test_loading_under_fsdp2(results: list[dict[str, str]], case: str, layout: s
     _case(results, f"{case}/{layout}")
 
 
-@pytest.mark.parametrize("layout", ["prefix", "scattered"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("case", META_CASES)
 def test_loading_with_the_other_ranks_on_the_meta_device(
     results: list[dict[str, str]], case: str, layout: str
 ) -> None:
     """accelerate's cpu_ram_efficient_loading: every rank reads state_dict() (a meta rank and a
-    rank with values alike), then fsdp2_load_full_state_dict loads rank 0's weights exactly."""
-    _case(results, f"{case}/{layout}")
-
-
-@pytest.mark.xfail(strict=True, reason="a reference sharded by prepare_fully_shard and moved to "
-                   "the meta device with the module: the refusal is not yet made on every rank "
-                   "alike (a collective mismatch aborts rank 0)")  # fmt: skip
-@pytest.mark.parametrize("layout", ["prefix-sharded", "scattered-sharded"])
-@pytest.mark.parametrize("case", META_CASES)
-def test_a_sharded_reference_on_the_meta_device_is_refused_on_every_rank(
-    results: list[dict[str, str]], case: str, layout: str
-) -> None:
+    rank with values alike), then fsdp2_load_full_state_dict loads rank 0's weights exactly.
+    A reference sharded by prepare_fully_shard keeps its values on the meta device, as a whole
+    one does: the fixed rows, which no checkpoint restores, are not lost there."""
     _case(results, f"{case}/{layout}")
 
 
@@ -78,3 +74,30 @@ def test_a_checkpoint_of_two_ranks_loads_in_one_process(
 ) -> None:
     """Plain keys in the checkpoint; the values, fixed rows included, exact."""
     assert results[2].get(f"dcp-2-to-1/{layout}") == "ok", results[2]
+
+
+@pytest.mark.parametrize("rows", [None, [4, 1]], ids=["prefix", "scattered"])
+def test_a_reference_held_as_a_parameter_keeps_its_values_on_the_meta_device(
+    rows: list[int] | None,
+) -> None:
+    """One process: the move accelerate makes before sharding, and back."""
+    emb = nn.Embedding(6, 3)
+    reference = torch.randn(2, 3)
+    prepare_fully_shard(fix_rows(emb, reference, rows=rows))
+    constraint = constraint_of(emb)
+    held = constraint.reference
+    before = held.detach().clone()
+    emb.to("meta")
+    assert stored(emb).is_meta
+    assert emb.weight.is_meta
+    assert constraint.reference is held
+    assert not held.is_meta
+    assert torch.equal(held, before)
+    assert [n for n, p in emb.named_parameters() if p.is_meta] == [
+        "parametrizations.weight.original"
+    ]
+    emb.to_empty(device="cpu")
+    with torch.no_grad():
+        stored(emb).normal_()
+    fixed = list(range(2)) if rows is None else rows
+    assert torch.equal(emb.weight[fixed], reference)

@@ -53,16 +53,48 @@ def test_the_holders_of_a_tie_read_one_tensor(rows: list[int] | None) -> None:
     assert model.embed.weight is model.head.weight
 
 
-def test_a_holder_reads_anew_on_its_own() -> None:
-    """Only the tie becomes visible: one holder's own reads are built each time, as before."""
+def test_a_read_held_is_the_read_of_every_holder() -> None:
+    """As a plain Parameter: while one read is held, every read (its maker's too) is it."""
     model = _tied()
-    assert model.embed.weight is not model.embed.weight
-    first = model.embed.weight
-    assert model.head.weight is first
-    assert model.head.weight is not first  # the head had it already
+    held = model.embed.weight
+    assert model.embed.weight is held
+    assert model.head.weight is model.embed.weight
+    assert model.embed.weight is model.head.weight
+    assert model.head.weight.data_ptr() == held.data_ptr()
     untied = nn.Embedding(6, 3)
     fix_rows(untied, torch.zeros(2, 3))
-    assert untied.weight is not untied.weight
+    assert untied.weight is untied.weight
+
+
+@ROWS
+def test_each_holders_loss_runs_backward_on_its_own(rows: list[int] | None) -> None:
+    """Two losses through one shared read: each backward works, as on a leaf Parameter, and
+    the gradients add up as a plain tied model's."""
+    model, plain = _tied(rows), _TiedLM()
+    plain.embed.weight.data.copy_(model.embed.weight.detach())
+    inputs = torch.randn(4, 3)
+    for m in (model, plain):
+        torch.autograd.backward(m.embed.weight.pow(2).sum())
+        torch.autograd.backward((inputs @ m.head.weight.T).pow(2).sum())
+    free = stored(model.embed)
+    assert free.grad is not None
+    assert plain.embed.weight.grad is not None
+    kept = [r for r in range(6) if r not in ([0, 1] if rows is None else rows)]
+    torch.testing.assert_close(free.grad, plain.embed.weight.grad[kept], rtol=0, atol=1e-6)
+
+
+def test_a_read_written_in_place_in_grad_mode_is_not_handed_on() -> None:
+    """Its graph now holds the write (here a doubling): a read made now has no such step."""
+    model = _tied()
+    held = model.embed.weight
+    held.mul_(2.0)  # writes through to the stored rows
+    now = model.head.weight
+    assert now is not held
+    assert torch.equal(now.detach(), held.detach())
+    torch.autograd.backward(now.sum())
+    free = stored(model.embed)
+    assert free.grad is not None
+    assert torch.equal(free.grad, torch.ones_like(free))
 
 
 @ROWS

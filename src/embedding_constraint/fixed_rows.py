@@ -218,7 +218,10 @@ class _ScatterRows(torch.autograd.Function):
         joined: Tensor | None,
         slot: Tensor,
     ) -> Tensor:
-        ctx.save_for_backward(free_rows)
+        # A table, not a value of the graph: kept on ctx, not saved, so that the node can run
+        # backward more than once, as torch's CatBackward can (tied holders share one read,
+        # `embedding_constraint.tied_reads`, and each may have a loss of its own).
+        ctx.free_rows = free_rows
         if joined is not None:
             return joined.index_select(0, slot)
         out = free.new_empty((reference.shape[0] + free.shape[0], *free.shape[1:]))
@@ -228,8 +231,7 @@ class _ScatterRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None, None]:
-        (free_rows,) = ctx.saved_tensors
-        grad_free = grad.index_select(0, free_rows) if ctx.needs_input_grad[0] else None
+        grad_free = grad.index_select(0, ctx.free_rows) if ctx.needs_input_grad[0] else None
         return grad_free, None, None, None, None, None
 
 
@@ -804,8 +806,8 @@ class FixedRows(nn.Module):
         to an empty tensor like the reference: ``to_empty`` would give the fixed rows
         uninitialised memory, and the meta device has no memory at all, so the reference and
         the tables stay where they are for it (a read on the meta device gives meta tensors;
-        a later ``to_empty`` brings them back, exact). A reference held as a parameter (FSDP2)
-        is converted with the parameters.
+        a later ``to_empty`` brings them back, exact). A reference held as a parameter (FSDP2,
+        `hold_reference_as_parameter`) is moved the same way, and stays the same Parameter.
 
         Raises:
             ValueError: a reference value would be infinite in the dtype ``fn`` converts to
@@ -824,10 +826,21 @@ class FixedRows(nn.Module):
                 "the dtype the module is being converted to (the run's dtype, in a Lightning "
                 "fit); the module is left as it was",
             )
-        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]  # untyped in torch
+        # A reference held as a parameter follows the same rule: it is the one copy of the
+        # fixed rows, which no checkpoint restores (accelerate's cpu_ram_efficient_loading moves
+        # the model to the meta device, then loads the plain weights).
+        held = self._parameters.pop("reference") if self.reference_is_parameter else None
+        try:
+            super()._apply(fn, recurse)  # type: ignore[no-untyped-call]  # untyped in torch
+        finally:
+            if held is not None:
+                self._parameters["reference"] = held
         if target.device.type != "meta":
-            if not self.reference_is_parameter:
-                self.reference = self.reference.to(device=target.device, dtype=target.dtype)
+            moved = self.reference.detach().to(device=target.device, dtype=target.dtype)
+            if held is not None:
+                held.data = moved  # the same Parameter object, as torch's own conversion keeps
+            else:
+                self.reference = moved
             for name in ("rows", "free_rows", "slot"):
                 table = getattr(self, name)
                 if table is not None:

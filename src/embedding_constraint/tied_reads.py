@@ -4,22 +4,26 @@ A plain tied weight is one Parameter, so ``embed.weight is head.weight``, and ot
 find ties that way: accelerate's FSDP2 preparation compares the embedding's and the head's
 weights with ``is`` (and shards them apart otherwise), PEFT's merge compares their
 ``data_ptr()`` (and marks the model untied otherwise). A constrained tensor is built at each
-read. So a read that one holder of a tie made is handed to each other holder of it that reads
-while that read is alive and still interchangeable with a read made now, once: a holder that
-had it already gets a read built anew, as every read was before. Only the tie becomes visible,
-in either order: ``embed.weight is head.weight`` and ``head.weight is embed.weight``.
-
-Interchangeable means, checked at each hand-over against a read made now:
+read. So a read is handed to every holder of the tensor (the one that made it too) that reads
+while it is alive and still interchangeable with a read made now, as a plain Parameter is the
+same object at each read: ``embed.weight is head.weight`` in either order, and while one
+holder's earlier read is held. Interchangeable means, checked at each hand-over against a read
+made now:
 
 - the same kind of tensor: type, shape, dtype, device, ``requires_grad`` and inference mode
   (a read made under ``no_grad`` has no graph; one made before the rows were frozen has one);
 - made from the same stored rows and reference (the same tensor objects), so that its graph
-  leads where the new one's would;
-- its graph not yet run backward through (a hook on its node forgets it then): a graph serves
-  one backward, as each forward's own read does;
+  leads where the new one's would, and not written in place since (its version counter: an
+  in-place operation in grad mode would be part of its graph);
+- its graph not yet run backward through (a hook on its node marks it): the next forward
+  gets a graph of its own, as it would from a fresh read;
 - equal values (``torch.equal``; on the meta device, which has none, the shapes): a write that
   no version counter sees (through ``.data``, as FSDP2's and DeepSpeed's copies write) cannot
-  make it stale.
+  make it stale. A weight holding NaN never compares equal: each read is then built anew.
+
+The read's own graph saves no tensor (``cat``, or `FixedRows`' scatter, which keeps its index
+table on the autograd context), so the losses of several holders of one read can each run
+backward, as they can on a leaf Parameter.
 
 Only weak references are kept, in a table keyed by the parametrization that the holders share,
 which a deep copy does not share: no memory is held, and a copy's reads are its own. Nothing is
@@ -47,10 +51,10 @@ __all__ = ["shared_read"]
 
 @dataclass
 class _Read:
-    """A read of a tied tensor, by weak reference, and what it was made from."""
+    """A read, by weak reference, and what it was made from."""
 
     tensor: weakref.ref[Tensor]
-    readers: weakref.WeakSet[nn.Module]  # the holders it was handed to, its maker first
+    version: int  # the read's version counter when it was made
     free: weakref.ref[Tensor]
     reference: weakref.ref[Tensor]
     spent: bool = False  # a backward ran through its graph
@@ -62,20 +66,22 @@ _READS: weakref.WeakKeyDictionary[ParametrizationList, _Read] = weakref.WeakKeyD
 def shared_read(
     module: nn.Module, plist: ParametrizationList, read: Callable[[], Tensor]
 ) -> Tensor:
-    """Return ``read()``, or an alive read of ``plist``'s tensor by another holder that is
-    interchangeable with it (see the module docstring)."""
+    """Return ``read()``, or an alive earlier read of ``plist``'s tensor (by ``module`` or
+    another holder) that is interchangeable with it (see the module docstring)."""
     if torch.compiler.is_compiling() or functorch_transform_active() or fsdp_managed(module):
         return read()
     fresh = read()
     if sharded(fresh) or forward_ad.unpack_dual(fresh).tangent is not None:  # type: ignore[no-untyped-call]
         return fresh
     earlier = _READS.get(plist)
-    if earlier is not None and module not in earlier.readers:
-        tensor = earlier.tensor()
-        if tensor is not None and _interchangeable(earlier, tensor, fresh, plist):
-            earlier.readers.add(module)
-            return tensor
-    _remember(module, plist, fresh)
+    tensor = None if earlier is None else earlier.tensor()
+    if (
+        earlier is not None
+        and tensor is not None
+        and _interchangeable(earlier, tensor, fresh, plist)
+    ):
+        return tensor
+    _remember(plist, fresh)
     return fresh
 
 
@@ -85,6 +91,7 @@ def _interchangeable(
     """Whether ``tensor`` (``earlier``'s read) may stand for ``fresh``, a read made now."""
     if (
         earlier.spent
+        or _version(tensor) != earlier.version
         or earlier.free() is not plist.original
         or earlier.reference() is not _constraint(plist).reference
         or type(tensor) is not type(fresh)
@@ -95,9 +102,13 @@ def _interchangeable(
         or tensor.is_inference() != fresh.is_inference()
     ):
         return False
-    if fresh.is_meta:
-        return True
-    return torch.equal(tensor, fresh)
+    return fresh.is_meta or torch.equal(tensor, fresh)
+
+
+def _version(tensor: Tensor) -> int:
+    """``tensor``'s version counter; -1 for an inference tensor, which keeps none (and has no
+    graph that a write could join: the values' comparison covers its writes)."""
+    return -1 if tensor.is_inference() else tensor._version
 
 
 def _constraint(plist: ParametrizationList) -> FixedRows:
@@ -106,17 +117,18 @@ def _constraint(plist: ParametrizationList) -> FixedRows:
     return constraint
 
 
-def _remember(module: nn.Module, plist: ParametrizationList, fresh: Tensor) -> None:
-    free = plist.original
-    reference = _constraint(plist).reference
+def _remember(plist: ParametrizationList, fresh: Tensor) -> None:
     entry = _Read(
-        weakref.ref(fresh), weakref.WeakSet([module]), weakref.ref(free), weakref.ref(reference)
+        weakref.ref(fresh),
+        _version(fresh),
+        weakref.ref(plist.original),
+        weakref.ref(_constraint(plist).reference),
     )
     node = fresh.grad_fn
     if node is not None:
 
-        def forget(grad_outputs: object) -> None:
+        def spend(grad_outputs: object) -> None:
             entry.spent = True
 
-        node.register_prehook(forget)
+        node.register_prehook(spend)
     _READS[plist] = entry
