@@ -1,8 +1,10 @@
 """DDP: exact fixed rows on every rank, free rows as one process, and no traffic for fixed rows.
 
-Two CPU processes (gloo) fit side by side with one; one in-process group counts the bytes a
-constrained model sends per step. `check_same_on_every_rank` on two processes refuses ranks whose
-fixed rows differ, and a module constrained after DDP wrapped it; the callback runs it at setup.
+Two CPU processes (gloo) fit side by side with one, through the callback (untied and with a
+tied head; with every row and with no row fixed) and in plain PyTorch with a tied head; one
+in-process group counts the bytes a constrained model sends per step.
+`check_same_on_every_rank` on two processes refuses ranks whose fixed rows differ, and a module
+constrained after DDP wrapped it; the callback runs it at setup.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from embedding_constraint.distributed import _fingerprint
 
 SCRIPT = Path(__file__).with_name("ddp_fit.py")
 CHECK_SCRIPT = Path(__file__).with_name("ddp_reference_check.py")
+PLAIN_SCRIPT = Path(__file__).with_name("ddp_plain_fit.py")
+SCATTERED = [9, 0, 4, 2, 7, 5]
 
 
 def _fit(
@@ -34,8 +38,12 @@ def _fit(
 ) -> list[dict[str, Any]]:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}  # the ranks' own output is not under test
     command = [sys.executable, str(SCRIPT), "--flavour", flavour, "--devices", str(devices)]
-    command += ["--out", str(out), *(["--rows", *map(str, rows)] if rows else []), *extra]
-    subprocess.run(command, check=True, env=env, timeout=300, capture_output=True)
+    # rows None: the default prefix; [] (``--rows`` alone): no row fixed.
+    command += ["--out", str(out), *([] if rows is None else ["--rows", *map(str, rows)]), *extra]
+    done = subprocess.run(command, check=False, env=env, timeout=300, capture_output=True)
+    if done.returncode:  # show why, not only that
+        output = f"{done.stdout[-2000:].decode()}\n{done.stderr[-4000:].decode()}"
+        raise AssertionError(f"{command} failed ({done.returncode}):\n{output}")
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(devices)]
 
 
@@ -64,6 +72,145 @@ def test_ddp_two_processes_match_one_process(
     initial = torch.nn.Embedding(10, 4).weight.detach()[free_at]
     moved = ranks[0]["state_dict"]["embedding.weight"][free_at]
     assert not torch.allclose(moved, initial), "free rows did not train"
+
+
+def _check_fit(ranks: list[dict[str, Any]], single: dict[str, Any], *, tied: bool) -> list[int]:
+    """Fixed rows exact after every step on every rank, ranks equal, as one process to 1e-5.
+
+    Returns the free rows.
+    """
+    reference, fixed_at = single["reference"], single["rows"]
+    for rank in [*ranks, single]:
+        assert rank["error"] is None, rank["error"]
+        assert rank["steps"] == 16  # 2 epochs of 8 batches
+        assert rank["exact_each_step"] == [True] * 16
+        assert rank["plain"]  # baked at the end of the fit
+        state = rank["state_dict"]
+        assert torch.equal(state["embedding.weight"][fixed_at], reference)
+        if tied:
+            assert rank["tied_each_step"] == [True] * 16  # the tie, while constrained
+            assert rank["tied"]  # and on the baked model
+            assert torch.equal(state["head.weight"], state["embedding.weight"])
+    assert list(ranks[0]["state_dict"]) == list(single["state_dict"])
+    for key, value in ranks[0]["state_dict"].items():
+        assert torch.equal(ranks[1]["state_dict"][key], value), f"ranks differ in {key}"
+        # Gradients are averaged across ranks in another order than one process sums them.
+        torch.testing.assert_close(value, single["state_dict"][key], rtol=1e-5, atol=1e-5)
+    return [r for r in range(10) if r not in fixed_at]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("flavour", "rows"),
+    [("pytorch_lightning", None), ("lightning.pytorch", SCATTERED)],
+    ids=["pytorch_lightning-prefix", "lightning.pytorch-scattered"],
+)
+def test_ddp_with_a_tied_head_matches_one_process(
+    flavour: str, rows: list[int] | None, tmp_path: Path
+) -> None:
+    ranks = _fit(flavour, 2, tmp_path / "ddp", rows, "--tie")
+    (single,) = _fit(flavour, 1, tmp_path / "single", rows, "--tie")
+    free_at = _check_fit(ranks, single, tied=True)
+    initial = single["initial"]["embedding.weight"][free_at]
+    moved = ranks[0]["state_dict"]["embedding.weight"][free_at]
+    assert not torch.allclose(moved, initial), "free rows did not train"
+
+
+@pytest.mark.slow
+def test_ddp_with_every_row_fixed_trains_the_rest_and_keeps_the_embedding(
+    tmp_path: Path,
+) -> None:
+    every = list(range(10))
+    ranks = _fit("lightning.pytorch", 2, tmp_path / "ddp", every)
+    (single,) = _fit("lightning.pytorch", 1, tmp_path / "single", every)
+    assert _check_fit(ranks, single, tied=False) == []
+    for rank in ranks:
+        assert torch.equal(rank["state_dict"]["embedding.weight"], single["reference"])
+        # The head, the only parameters left to train, trained.
+        assert not torch.allclose(rank["state_dict"]["head.weight"], rank["initial"]["head.weight"])
+
+
+@pytest.mark.slow
+def test_ddp_with_no_row_fixed_trains_as_without_the_callback(tmp_path: Path) -> None:
+    ranks = _fit("lightning.pytorch", 2, tmp_path / "ddp", [])
+    (single,) = _fit("lightning.pytorch", 1, tmp_path / "single", [])
+    plain = _fit("lightning.pytorch", 2, tmp_path / "unconstrained", [], "--unconstrained")
+    assert _check_fit(ranks, single, tied=False) == list(range(10))
+    for rank, unconstrained in zip(ranks, plain, strict=True):
+        assert unconstrained["error"] is None
+        assert list(rank["state_dict"]) == list(unconstrained["state_dict"])
+        for key, value in rank["state_dict"].items():
+            torch.testing.assert_close(
+                value, unconstrained["state_dict"][key], rtol=1e-5, atol=1e-5, msg=key
+            )
+        weight, initial = (
+            rank["state_dict"]["embedding.weight"],
+            rank["initial"]["embedding.weight"],
+        )
+        assert not torch.allclose(weight, initial), "the embedding did not train"
+
+
+# -- plain PyTorch: DDP with a tied head -------------------------------------------------------
+
+PlainFit = tuple[list[dict[str, Any]], dict[str, Any]]
+
+
+@pytest.fixture(scope="module")
+def plain_tied(tmp_path_factory: pytest.TempPathFactory) -> PlainFit:
+    """Every layout of `ddp_plain_fit`, on 2 ranks and in one process, once."""
+    out = tmp_path_factory.mktemp("ddp-plain")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    results = []
+    for world in (2, 1):
+        command = [sys.executable, str(PLAIN_SCRIPT), "--world", str(world)]
+        command += ["--out", str(out / str(world))]
+        done = subprocess.run(
+            command, check=False, env=env, timeout=300, capture_output=True, text=True
+        )
+        assert done.returncode == 0, f"{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+        results.append(
+            [torch.load(out / str(world) / f"rank{r}.pt", weights_only=True) for r in range(world)]
+        )
+    ranks, (single,) = results
+    return ranks, single
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["prefix", "scattered"])
+def test_plain_ddp_with_a_tied_head_matches_one_process(plain_tied: PlainFit, layout: str) -> None:
+    sys.path.insert(0, str(PLAIN_SCRIPT.parent))
+    import ddp_plain_fit as fit
+
+    rows = fit.LAYOUTS[layout] or list(range(fit.FIXED))
+    free_at = [r for r in range(fit.VOCAB) if r not in rows]
+    reference = fit.reference()
+    ranks, single = plain_tied[0], plain_tied[1]
+    results = [rank[layout] for rank in ranks]
+    for result in [*results, single[layout]]:
+        assert "error" not in result, result.get("error")
+        for step in result["steps"]:  # after each step, both holders read the fixed rows
+            assert torch.equal(step["embedding"][rows], reference)
+            assert torch.equal(step["head"], step["embedding"])
+        assert result["tied"]  # model.head.weight is model.embedding.weight, while constrained
+        assert torch.equal(result["trained"]["head.weight"], result["trained"]["embedding.weight"])
+        assert result["plain"]  # baked: no parametrization, the head holds the plain Parameter
+        for key, value in result["trained"].items():
+            assert torch.equal(result["baked"][key], value), key  # the bake changes no value
+        assert result["plain_after"]  # trained on under a new DDP, still plain and tied
+        moved = result["trained"]["embedding.weight"][free_at]
+        assert not torch.allclose(moved, result["initial"]["embedding.weight"][free_at])
+        # Trained on after the bake, every row moves: the once fixed rows too.
+        assert not torch.allclose(result["after"]["embedding.weight"][rows], reference)
+    for stage in ("trained", "after"):
+        assert list(results[0][stage]) == list(single[layout][stage])
+        for key, value in results[0][stage].items():
+            assert torch.equal(results[1][stage][key], value), f"ranks differ in {key}"
+            # Gradients meet in another order across ranks than within one process.
+            torch.testing.assert_close(
+                value, single[layout][stage][key], rtol=1e-5, atol=1e-5, msg=key
+            )
+    for one, other in zip(results[0]["steps"], results[1]["steps"], strict=True):
+        assert torch.equal(one["embedding"], other["embedding"])
 
 
 class _Traffic:
