@@ -154,3 +154,20 @@ def test_callback_takes_deepspeed_strategy_up_to_zero2_and_refuses_zero3(
     assert [n for n, _ in model.embedding.named_parameters()] == [
         "parametrizations.weight.original"
     ]
+
+
+@pytest.mark.slow
+def test_zero_to_fp32_with_plain_keys_loads_into_a_plain_model(fitted: dict[str, Any]) -> None:
+    """`plain_keys` gives DeepSpeed's dict of parameter names the plain keys: a plain model
+    loads it strictly, with the trained values and the fixed rows exact."""
+    from deepspeed_fit import Net, build
+
+    from embedding_constraint import plain_keys
+
+    state = plain_keys(build(), fitted["consolidated"])
+    plain = Net()
+    plain.load_state_dict(state)  # strict: the plain keys and shapes
+    trained = fitted["ranks"][0][3]["state_dict"]
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, trained[key]), key
+    assert torch.equal(plain.embedding.weight[ROWS], references()["embedding.weight"])

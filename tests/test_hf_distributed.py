@@ -1,7 +1,7 @@
 """Hugging Face on several processes: a model grown with `expand_vocabulary`, 2 gloo ranks.
 
 ``transformers.Trainer`` with DDP under ``torchrun`` (``hf_ddp_fit.py``) and with DeepSpeed
-ZeRO-2 (``hf_deepspeed_fit.py``, ``DS_ACCELERATOR=cpu``), and accelerate's FSDP2
+ZeRO-2 and ZeRO-3 (``hf_deepspeed_fit.py``, ``DS_ACCELERATOR=cpu``), and accelerate's FSDP2
 preparation, ``fsdp2_prepare_model``, called on each rank (``hf_fsdp2_fit.py``: accelerate
 refuses an FSDP plugin on the CPU, so the real Trainer + FSDP2 path runs in
 ``tests/benchmarks/gpu_check.sh``). Each script runs once per test session (seconds) and saves
@@ -104,23 +104,25 @@ def test_trainer_with_ddp_keeps_the_old_rows_and_trains_the_new(
         _assert_old_rows_kept(matrices, TIED[case])
 
 
-# transformers.Trainer(deepspeed=...), ZeRO stage 2.
+# transformers.Trainer(deepspeed=...), ZeRO stages 2 and 3.
 
 
 @pytest.fixture(scope="module")
-def zero2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+def zero(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     pytest.importorskip("deepspeed")
     out = tmp_path_factory.mktemp("hf-deepspeed")
     return out, _torchrun("hf_deepspeed_fit.py", out)
 
 
+@pytest.mark.parametrize("stage", [2, 3])
 @pytest.mark.parametrize("case", ["tied", "untied"])
-def test_trainer_with_deepspeed_zero2_keeps_the_old_rows_and_trains_as_ddp(
-    zero2: tuple[Path, str], ddp: tuple[Path, str], case: str
+def test_trainer_with_deepspeed_keeps_the_old_rows_and_trains_as_ddp(
+    zero: tuple[Path, str], ddp: tuple[Path, str], case: str, stage: int
 ) -> None:
-    """The same run as the DDP one but for DeepSpeed: the same values, the old rows exact."""
-    out, log = zero2
-    ranks = [out / f"deepspeed-{case}-rank{r}.pt" for r in (0, 1)]
+    """The same run as the DDP one but for DeepSpeed: the same values, the old rows exact;
+    ``save_model`` writes a plain model (at stage 3 from DeepSpeed's consolidated dict)."""
+    out, log = zero
+    ranks = [out / f"zero{stage}-{case}-rank{r}.pt" for r in (0, 1)]
     assert all(path.exists() for path in ranks), log
     rank0, rank1 = (torch.load(path) for path in ranks)
     under_ddp = torch.load(ddp[0] / f"{case}-rank0.pt")["trained"]
@@ -134,7 +136,7 @@ def test_trainer_with_deepspeed_zero2_keeps_the_old_rows_and_trains_as_ddp(
         torch.testing.assert_close(rank0["trained"][key], under_ddp[key], rtol=0, atol=2e-3)
     _assert_old_rows_kept(rank0["trained"], TIED[case])
     _assert_old_rows_kept(rank1["trained"], TIED[case])
-    plain = _load_plain(out / f"deepspeed-{case}" / "model")
+    plain = _load_plain(out / f"zero{stage}-{case}" / "model")
     assert torch.equal(plain.get_input_embeddings().weight, rank0["trained"]["input"])
     assert torch.equal(plain.get_output_embeddings().weight, rank0["trained"]["head"])
     assert (plain.get_input_embeddings().weight is plain.get_output_embeddings().weight) == (

@@ -1,7 +1,8 @@
 """Train part of a weight while the rest stays exactly fixed.
 
 `FixedRows` is a `torch.nn.utils.parametrize` parametrization; `fix_rows` and `bake`
-apply and remove it with plain state dicts; `EmbeddingConstraint` does both around a
+apply and remove it with plain state dicts (`plain_keys` turns a dict of parameter names
+into one); `EmbeddingConstraint` does both around a
 PyTorch Lightning fit; `vocab` aligns token vocabularies and grows modules to a new one;
 `check_same_on_every_rank` checks that every process holds the same fixed rows.
 """
@@ -14,6 +15,7 @@ from embedding_constraint import vocab
 from embedding_constraint.distributed import check_same_on_every_rank
 from embedding_constraint.fix_rows import bake, fix_rows, is_fixed
 from embedding_constraint.fixed_rows import FixedRows
+from embedding_constraint.state_dict import plain_keys
 
 if TYPE_CHECKING:
     from embedding_constraint.callback import EmbeddingConstraint
@@ -25,6 +27,7 @@ __all__ = [
     "check_same_on_every_rank",
     "fix_rows",
     "is_fixed",
+    "plain_keys",
     "vocab",
 ]
 __version__ = "0.1.0"

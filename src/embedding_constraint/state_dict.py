@@ -4,12 +4,13 @@
 writes the full tensor under its plain key (``weight``) instead of the parametrization's
 entries (``parametrizations.weight.original``, ...); loading takes the plain key, routes the
 free rows to the stored parameter and checks the fixed rows against the reference.
+`plain_keys` does the same for a dict that a tool wrote by parameter names.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -26,7 +27,7 @@ from embedding_constraint.fixed_rows import (
 )
 from embedding_constraint.write_through import plain, write_through
 
-__all__ = ["plain_parameter_order", "register_plain_hooks", "remove_plain_hooks"]
+__all__ = ["plain_keys", "plain_parameter_order", "register_plain_hooks", "remove_plain_hooks"]
 
 # The full tensor last built for a parametrization, with the ``id`` of the state dict it went
 # into. Tied holders share one parametrization; within one ``state_dict()`` call they get one
@@ -346,3 +347,99 @@ def remove_plain_hooks(module: nn.Module, name: str) -> None:
             ours = _ours(hook)
             if ours is not None and ours.name == name:
                 del registry[handle_id]
+
+
+def plain_keys(module: nn.Module, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Return ``state_dict`` with each constrained tensor under its plain key, as ``module``'s
+    own ``state_dict()`` would give it.
+
+    A dict of parameter names, as some tools write one (DeepSpeed's ZeRO-3 consolidation,
+    behind ``transformers.Trainer.save_model``, and its ``zero_to_fp32``, walk each module's
+    parameters instead of calling ``state_dict()``), holds a constrained tensor's stored free
+    rows under ``<prefix>parametrizations.<name>.original``. In its place this gives
+    ``<prefix><name>``: the full tensor, the dict's free rows put together with ``module``'s
+    reference (or the dict's, for a reference held as a parameter). The constraint's other
+    entries go; every other entry is kept, in its order. Tied holders get one tensor, as in
+    a plain tied model's state dict. A dict with plain keys comes back equal.
+
+    Args:
+        module (nn.Module): the constrained module (or a root above it) the dict was taken of.
+        state_dict (Mapping[str, Any]): the dict, keyed by names under ``module``.
+
+    Returns:
+        dict[str, Any]: a new dict; ``state_dict`` is not changed.
+
+    Raises:
+        ValueError: stored rows in the dict have another shape than ``module``'s.
+
+    Examples:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from embedding_constraint import fix_rows, plain_keys
+        >>> emb = fix_rows(nn.Embedding(5, 3), torch.zeros(2, 3))
+        >>> raw = dict(emb.named_parameters())
+        >>> list(raw)
+        ['parametrizations.weight.original']
+        >>> {key: tuple(value.shape) for key, value in plain_keys(emb, raw).items()}
+        {'weight': (5, 3)}
+    """
+    renamed: dict[str, str] = {}  # stored key -> plain key
+    before: dict[str, list[str]] = {}  # key -> the plain keys that go before it
+    dropped: set[str] = set()
+    built: dict[str, Tensor] = {}  # plain key -> full tensor
+    shared: dict[tuple[int, int], Tensor] = {}  # (parametrization, stored rows) -> full tensor
+    for path, holder in module.named_modules(remove_duplicate=False):
+        if not parametrize.is_parametrized(holder):
+            continue
+        base = f"{path}." if path else ""
+        for attr in list(holder.parametrizations):
+            plist = parametrization_list(holder, attr)
+            constraint = plist[0]
+            stored = f"{base}parametrizations.{attr}.original"
+            if len(plist) != 1 or not isinstance(constraint, FixedRows) or stored not in state_dict:
+                continue
+            held = f"{base}parametrizations.{attr}.0.reference"
+            free = state_dict[stored]
+            # Tied holders' entries: one tensor, or views of one memory (`detach()` each).
+            key = (id(plist), free.data_ptr() if isinstance(free, Tensor) else id(free))
+            if key not in shared:
+                reference = state_dict.get(held, constraint.reference)
+                shared[key] = _joined(constraint, plist, free, reference, stored)
+            renamed[stored] = base + attr
+            built[base + attr] = shared[key]
+            dropped |= {held, f"{base}parametrizations.{attr}.0._extra_state"}
+            order = plain_parameter_order(holder)
+            after = order[order.index(attr) + 1 :] if attr in order else ()
+            for sibling in after:  # the plain key goes before them, as the plain module has it
+                before.setdefault(base + sibling, []).append(base + attr)
+    out: dict[str, Any] = {}
+    for name, value in state_dict.items():
+        for plain_key in [*before.get(name, ()), renamed.get(name)]:
+            if plain_key is not None and plain_key not in out:
+                out[plain_key] = built[plain_key]
+        if name not in renamed and name not in dropped:
+            out[name] = value
+    return out
+
+
+def _joined(
+    constraint: FixedRows, plist: ParametrizationList, free: Any, reference: Tensor, key: str
+) -> Tensor:
+    """The full tensor of stored rows ``free`` (a dict's ``key``) and ``reference``."""
+    own = plist.original
+    expected = (own.shape[0], *own.shape[1:])
+    if not isinstance(free, Tensor) or tuple(free.shape) != expected:
+        got = tuple(free.shape) if isinstance(free, Tensor) else type(free).__name__
+        raise ValueError(
+            f"Expected `state_dict[{key!r}]` to hold the stored rows of the module's constrained "
+            f"tensor, of shape {expected}. Got {got}."
+        )
+    with torch.no_grad():
+        reference = gathered(reference).detach().to(device=free.device, dtype=free.dtype)
+        if constraint.free_rows is None:
+            return torch.cat((reference, free.detach()))
+        full = free.new_empty((reference.shape[0] + free.shape[0], *free.shape[1:]))
+        full.index_copy_(0, constraint.fixed_row_indices().to(free.device), reference)
+        full.index_copy_(0, constraint.free_rows.to(free.device), free.detach())
+        return full

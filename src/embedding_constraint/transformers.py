@@ -11,8 +11,9 @@ embedding's weight as a Parameter, which it no longer is. `expand_vocabulary` th
 the model instance its own two methods, which bake, call the model's class's method, and
 constrain the same rows again (`_constraints_lifted`); with nothing constrained they are the
 class's methods, and ``tie_weights`` with every tie already in place returns at once (no
-bake: the model may be on the meta device). `keep_constraints_through_hf_methods` installs
-them, for `fix_rows` too.
+bake: the model may be on the meta device). Its ``save_pretrained`` saves a state dict given
+by parameter names (DeepSpeed ZeRO-3's, from ``Trainer.save_model``) with plain keys
+(`plain_keys`). `keep_constraints_through_hf_methods` installs the three, for `fix_rows` too.
 
 `expand_vocabulary` plans (`_plan_expansion`: every check, every new tensor computed), then
 applies the plan (`_apply_expansion`), which nothing the user passed can make fail.
@@ -43,6 +44,7 @@ from embedding_constraint.fix_rows import (
     is_fixed,
 )
 from embedding_constraint.fixed_rows import FixedRows
+from embedding_constraint.state_dict import plain_keys
 from embedding_constraint.vocab import (
     INITS,
     Alignment,
@@ -1193,13 +1195,31 @@ def _resize_token_embeddings(model: nn.Module, *args: Any, **kwargs: Any) -> Any
         return type(model).resize_token_embeddings(model, *args, **kwargs)  # type: ignore[attr-defined]
 
 
-def keep_constraints_through_hf_methods(model: nn.Module) -> None:
-    """Give a constrained Hugging Face model its own ``tie_weights`` and ``resize_token_embeddings``.
+def _save_pretrained(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """``save_pretrained`` of a constrained model: a ``state_dict`` given by parameter names
+    is saved with plain keys (`plain_keys`).
 
-    They bake, call the model's class's method, and constrain the same rows again (module
-    docstring), but for ``tie_weights`` with the ties in place; with nothing constrained they
-    are the class's methods. `expand_vocabulary` calls it, and so may `fix_rows` (with the root
-    it was given): a model constrained by name keeps both methods working. A module without such a model under it is left as it is.
+    ``Trainer.save_model`` under DeepSpeed ZeRO-3 passes the dict that DeepSpeed consolidates
+    by walking each module's parameters: a constrained tensor's stored rows under
+    ``parametrizations.<name>.original``, which a plain model's ``from_pretrained`` would not
+    find. A dict with plain keys (the model's own ``state_dict()``) is saved as it is.
+    """
+    state = kwargs.get("state_dict")
+    if state is not None:
+        kwargs["state_dict"] = plain_keys(model, state)
+    return type(model).save_pretrained(model, *args, **kwargs)  # type: ignore[attr-defined]
+
+
+def keep_constraints_through_hf_methods(model: nn.Module) -> None:
+    """Give a constrained Hugging Face model its own ``tie_weights``, ``resize_token_embeddings``
+    and ``save_pretrained``.
+
+    The first two bake, call the model's class's method, and constrain the same rows again
+    (module docstring), but for ``tie_weights`` with the ties in place; ``save_pretrained``
+    gives a state dict passed to it plain keys; with nothing constrained they are the class's
+    methods. `expand_vocabulary` calls it, and so may `fix_rows` (with the root it was given):
+    a model constrained by name keeps the methods working. A module without such a model
+    under it is left as it is.
 
     The outermost modules under ``model`` (``model`` itself, or the model inside a wrapper
     such as PEFT's) whose class has both get them: an inner one (``LlamaModel`` inside
@@ -1207,7 +1227,11 @@ def keep_constraints_through_hf_methods(model: nn.Module) -> None:
     instance, never the class: other models of the class are not touched, and a deep copy gets
     methods bound to itself (``functools.partial`` copies its arguments).
     """
-    methods = {"tie_weights": _tie_weights, "resize_token_embeddings": _resize_token_embeddings}
+    methods = {
+        "tie_weights": _tie_weights,
+        "resize_token_embeddings": _resize_token_embeddings,
+        "save_pretrained": _save_pretrained,
+    }
     if all(callable(getattr(type(model), name, None)) for name in methods):
         for name, method in methods.items():
             object.__setattr__(model, name, functools.partial(method, model))
