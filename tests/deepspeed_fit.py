@@ -2,7 +2,8 @@
 
 Run by tests/test_deepspeed.py as a script: ``--world 2`` spawns the ranks, which train at
 ZeRO stages 0 to 3 in turn on the CPU (``DS_ACCELERATOR=cpu``), then, at stage 3, save a ZeRO
-checkpoint and bake; the parent then consolidates the checkpoint with DeepSpeed's
+checkpoint and bake, then at stages 1 to 3 with ZeRO-Offload (the optimizer, and at stage 3 the
+parameters, on the host); the parent then consolidates the checkpoint with DeepSpeed's
 ``zero_to_fp32`` and trains the same model in one process without DeepSpeed. Everything the
 test compares is saved under ``--out``.
 """
@@ -37,6 +38,7 @@ WORLD, BATCH, STEPS = 2, 4, 4  # BATCH per rank; one process takes WORLD * BATCH
 ROWS = [9, 0, 4, 2, 7, 5]  # the embedding's fixed rows; the head's are its first 6
 ADAMW: dict[str, Any] = {"lr": 0.05, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
 STAGES = (0, 1, 2, 3)
+OFFLOADED = (1, 2, 3)  # trained again with ZeRO-Offload
 
 
 class Net(nn.Module):
@@ -81,15 +83,24 @@ def batches() -> list[Tensor]:
     return [torch.randint(0, VOCAB, (WORLD * BATCH, 3), generator=generator) for _ in range(STEPS)]
 
 
-def config(stage: int) -> dict[str, Any]:
-    """A DeepSpeed config that runs on the CPU without building ops, comparable to one process."""
+def config(stage: int, *, offload: bool = False) -> dict[str, Any]:
+    """A DeepSpeed config that runs on the CPU without building ops, comparable to one process.
+
+    ``offload``: ZeRO-Offload, the optimizer's state and step on the host (and at stage 3 the
+    parameters too), with torch's AdamW there (DeepSpeed's fused CPU Adam needs a compiler).
+    """
     zero: dict[str, Any] = {"stage": stage}
+    if offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
     if stage == 3:
         # Partition every parameter, however small (by default those under 100k elements
         # stay whole on every rank, and nothing would be sharded here).
         zero["stage3_param_persistence_threshold"] = 0
     params = {**ADAMW, "betas": [0.9, 0.999], "torch_adam": True}
     return {
+        "zero_force_ds_cpu_optimizer": False,
         "train_micro_batch_size_per_gpu": BATCH,
         "gradient_accumulation_steps": 1,
         # DeepSpeed clips at 1.0 by default; one process does not.
@@ -105,17 +116,17 @@ def plain_state(net: nn.Module) -> dict[str, Tensor]:
         return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
-def train_rank(rank: int, stage: int, out: Path) -> dict[str, Any]:
+def train_rank(rank: int, stage: int, out: Path, *, offload: bool = False) -> dict[str, Any]:
     net = build()
     engine, *_ = deepspeed.initialize(
-        model=net, model_parameters=net.parameters(), config=config(stage)
+        model=net, model_parameters=net.parameters(), config=config(stage, offload=offload)
     )
     for tokens in batches():
         loss = engine(tokens[rank * BATCH : (rank + 1) * BATCH])
         engine.backward(loss)
         engine.step()
     result: dict[str, Any] = {"state_dict": plain_state(net)}
-    if stage == 3:
+    if stage == 3 and not offload:
         stored: Any = dict(net.embedding.named_parameters())["parametrizations.weight.original"]
         result["partitioned"] = tuple(stored.shape), tuple(stored.ds_shape)
         engine.save_checkpoint(str(out / "checkpoint"), tag="end")
@@ -146,9 +157,12 @@ def rank_main(rank: int, out: Path) -> None:
     comm: Any = importlib.import_module("deepspeed.comm.torch")
     comm.build_shm_op = lambda: None
 
-    def body() -> dict[int, Any]:
+    def body() -> dict[int | str, Any]:
         deepspeed.init_distributed(dist_backend="gloo")
-        return {stage: train_rank(rank, stage, out) for stage in STAGES}
+        results: dict[int | str, Any] = {stage: train_rank(rank, stage, out) for stage in STAGES}
+        for stage in OFFLOADED:
+            results[f"{stage}-offload"] = train_rank(rank, stage, out, offload=True)
+        return results
 
     results = in_process_group(body, "gloo", str(out / "store"), rank, WORLD)
     torch.save(results, out / f"rank{rank}.pt")

@@ -1,4 +1,5 @@
-"""DeepSpeed: ZeRO stages 0 to 3 train a constrained model exactly, on 2 CPU processes.
+"""DeepSpeed: ZeRO stages 0 to 3 (1 to 3 with ZeRO-Offload too) train a constrained model
+exactly, on 2 CPU processes.
 
 ``deepspeed_fit.py`` trains with raw ``deepspeed.initialize`` at each stage on two gloo ranks
 (``DS_ACCELERATOR=cpu``), saves a ZeRO-3 checkpoint and bakes; its parent process consolidates
@@ -22,7 +23,7 @@ pytest.importorskip("deepspeed")
 SCRIPT = Path(__file__).with_name("deepspeed_fit.py")
 sys.path.insert(0, str(SCRIPT.parent))
 
-from deepspeed_fit import ROWS, STAGES, build, references
+from deepspeed_fit import OFFLOADED, ROWS, STAGES, build, references
 
 FREE = [r for r in range(10) if r not in ROWS]
 PLAIN_KEYS = ["embedding.weight", "head.weight", "head.bias"]
@@ -51,8 +52,11 @@ def _assert_fixed_rows_exact(state: dict[str, torch.Tensor]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", STAGES)
-def test_zero_stage_trains_exactly_as_one_process(stage: int, fitted: dict[str, Any]) -> None:
+@pytest.mark.parametrize("stage", [*STAGES, *(f"{s}-offload" for s in OFFLOADED)])
+def test_zero_stage_trains_exactly_as_one_process(stage: int | str, fitted: dict[str, Any]) -> None:
+    """Each stage, and stages 1 to 3 with ZeRO-Offload (on the CPU accelerator the host is the
+    device: this runs DeepSpeed's offload path, the host copies of the optimizer's state, not
+    a transfer)."""
     states = [rank[stage]["state_dict"] for rank in fitted["ranks"]]
     single = fitted["single"]
     for state in states:
