@@ -19,6 +19,8 @@ matrices after expanding); rank 0 then saves the model as the Trainer does under
   before accelerate runs, by hand.
 - ``*-ram-efficient``: ``cpu_ram_efficient_loading``; the added rows start apart on each rank,
   so only rank 0's weights reaching rank 1 makes the ranks equal.
+- ``untied-mixed``: the plugin's ``MixedPrecisionPolicy`` (bfloat16 parameters in the forward,
+  float32 gradient reduction); ``tied-offload``: its ``CPUOffloadPolicy``.
 
 A failed case writes ``{case}-rank{r}.err``; the ranks go on to the next case if they failed
 alike, and stop otherwise.
@@ -39,20 +41,30 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from hf_ddp_fit import NEW_VOCAB, OLD_VOCAB, STEPS, TIMEOUT_S, dataset, tiny_llama, vocab_tensors
 
 # name: (tied, the tied pair sharded as one group before accelerate, cpu_ram_efficient_loading).
-# What works first; then what fails today (tests/test_hf_distributed.py says why).
 CASES = {
     "untied": (False, False, False),
     "tied-pair": (True, True, False),
     "untied-ram-efficient": (False, False, True),
     "tied": (True, False, False),
     "tied-ram-efficient": (True, False, True),
+    "untied-mixed": (False, False, False),
+    "tied-offload": (True, False, False),
+}
+# The plugin's mixed precision and CPU offload, for the cases named after them.
+PLUGIN_OPTIONS: dict[str, dict[str, Any]] = {
+    "untied-mixed": {
+        "mixed_precision_policy": MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+        )
+    },
+    "tied-offload": {"cpu_offload": CPUOffloadPolicy(pin_memory=False)},
 }
 
 
@@ -98,6 +110,7 @@ def fit(out: Path, case: str, rank: int) -> None:
         reshard_after_forward=True,
         cpu_ram_efficient_loading=ram_efficient,
         state_dict_type="FULL_STATE_DICT",
+        **PLUGIN_OPTIONS.get(case, {}),
     )
     model = fsdp2_prepare_model(accelerator(plugin, rank), model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)

@@ -836,6 +836,115 @@ def test_model_parallel_strategy_with_the_embedding_sharded_on_its_own(
     torch.testing.assert_close(mean, single["val_loss"], rtol=1e-4, atol=1e-5)
 
 
+def _initial_embedding(fixed: int) -> torch.Tensor:
+    """The embedding `fsdp_lightning_fit` starts from: seed 0, after a reference of `fixed` rows."""
+    torch.manual_seed(0)
+    torch.randn(fixed, 4)
+    return nn.Embedding(10, 4).weight.detach()
+
+
+def _check_lightning_ranks(
+    ranks: list[dict[str, Any]], held: tuple[int, int], per_module: bool
+) -> None:
+    """Fixed rows exact in float32 on each rank, the ranks alike, the model baked into plain
+    FSDP2 (the embedding in a group of its own or in the root's), and every row of it trained on
+    after the fit."""
+    reference, fixed_at = ranks[0]["reference"], ranks[0]["rows"]
+    classes = ["FSDPEmbedding", "FSDPModule", "Embedding"] if per_module else ["Embedding"]
+    for rank in ranks:
+        assert rank["plain"]  # no parametrizations after the fit
+        assert rank["dtensor"]
+        assert rank["classes"][: len(classes)] == classes
+        assert rank["held"] == held  # (reference, free) rows of this rank during the fit
+        assert torch.equal(rank["state_dict"]["embedding.weight"][fixed_at], reference)
+        assert {v.dtype for v in rank["state_dict"].values()} == {torch.float32}
+        trained, after = rank["state_dict"]["embedding.weight"], rank["after"]["embedding.weight"]
+        assert after.ne(trained).any(dim=1).all()  # each row, the once fixed ones too
+    for stage in ("state_dict", "after"):
+        for key, value in ranks[0][stage].items():
+            assert torch.equal(ranks[1][stage][key], value), f"ranks differ in {stage} {key}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tie", [False, True], ids=["untied-per-module", "tied-per-module"])
+def test_model_parallel_strategy_with_a_mixed_precision_policy(tie: bool, tmp_path: Path) -> None:
+    """MixedPrecisionPolicy(bfloat16 parameters, float32 reduction) on every group: the fixed
+    rows exact in float32, the rest as the same fit on one process (FSDP2 on a world of one,
+    so that the policy applies there too).
+
+    Two ranks compute each gradient over half the batch in bfloat16 (unit roundoff 2**-9, about
+    2e-3), one process over all of it: the sums round apart, and 16 AdamW steps of lr 0.1 carry
+    that into the weights. Measured 3.5e-3 at most (untied), 1.5e-3 (tied), 1.5e-3 for the mean
+    validation loss; 1e-2, a few bfloat16 steps at these magnitudes (up to 2.3), leaves room,
+    while the free rows moved from their initial values by far more.
+    """
+    flavour = "lightning.pytorch"
+    more = ["--per-module", "--mixed", "--more", "1"]
+    ranks = _lightning_fit(flavour, 2, tmp_path / "fsdp", SCATTERED, tie, *more)
+    (single,) = _lightning_fit(flavour, 1, tmp_path / "single", SCATTERED, tie, *more)
+    _check_lightning_ranks(ranks, held=(3, 2), per_module=True)
+    for rank in [*ranks, single]:
+        assert rank["loss_dtype"] == "torch.bfloat16"  # the policy casts the parameters
+    for rank in ranks:
+        for key, value in rank["state_dict"].items():
+            torch.testing.assert_close(value, single["state_dict"][key], rtol=0, atol=1e-2, msg=key)
+    mean = sum(rank["val_loss"] for rank in ranks) / len(ranks)
+    torch.testing.assert_close(mean, single["val_loss"], rtol=0, atol=1e-2)
+    free = [r for r in range(10) if r not in single["rows"]]
+    moved = ranks[0]["state_dict"]["embedding.weight"][free]
+    assert not torch.allclose(moved, _initial_embedding(6)[free], rtol=0, atol=1e-2)
+    # After the bake (`--more`) 2 ranks and 1 process part by more than bfloat16 rounding: a
+    # fresh AdamW's first steps are about lr each, whatever the size of the gradient. Not
+    # compared; `_check_lightning_ranks` checks that each row trains on, on both ranks alike.
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("fixed", "tie", "per_module"),
+    [(10, False, True), (10, True, False), (0, False, True), (0, True, False)],
+    ids=["every-row-per-module", "every-row-tied-root", "no-row-per-module", "no-row-tied-root"],
+)
+def test_model_parallel_strategy_with_every_row_or_no_row_fixed(
+    fixed: int, tie: bool, per_module: bool, tmp_path: Path
+) -> None:
+    """A reference with as many rows as the weight, or none, through the callback: it trains.
+
+    Every row fixed: the embedding stays the reference bit for bit (no free rows: an empty
+    shard on each rank) while the head trains as on one process. No row fixed: the fit is the
+    unconstrained model's, on the same 2 ranks, within 1e-5 (measured: equal). Both then bake
+    into a plain FSDP2 model that evaluates and trains on, each row.
+    """
+    flavour = "lightning.pytorch"
+    more = ["--fixed", str(fixed), "--more", "1", *(["--per-module"] if per_module else [])]
+    ranks = _lightning_fit(flavour, 2, tmp_path / "fsdp", None, tie, *more)
+    _check_lightning_ranks(ranks, held=(5, 0) if fixed else (0, 5), per_module=per_module)
+    assert ranks[0]["reference"].shape == (fixed, 4)
+    if fixed:  # against one process, as the layouts with some rows fixed
+        (single,) = _lightning_fit(flavour, 1, tmp_path / "single", None, tie, *more)
+        assert torch.equal(single["state_dict"]["embedding.weight"], single["reference"])
+        oracles = [single] * len(ranks)
+        # Each rank logs the mean over its own batches, and their mean is one process's.
+        val_losses = [sum(rank["val_loss"] for rank in ranks) / len(ranks)]
+        expected = [single["val_loss"]]
+    else:  # against the unconstrained model, sharded alike: rank for rank
+        more.append("--unconstrained")
+        oracles = _lightning_fit(flavour, 2, tmp_path / "plain", None, tie, *more)
+        assert [oracle["held"] for oracle in oracles] == [(-1, -1)] * 2  # no callback at all
+        val_losses = [rank["val_loss"] for rank in ranks]
+        expected = [oracle["val_loss"] for oracle in oracles]
+    for rank, oracle in zip(ranks, oracles, strict=True):
+        for stage in ("state_dict", "after"):
+            for key, value in rank[stage].items():
+                # Gradients meet in another order across ranks than within one process.
+                torch.testing.assert_close(
+                    value, oracle[stage][key], rtol=1e-5, atol=1e-5, msg=f"{stage} {key}"
+                )
+    torch.testing.assert_close(val_losses, expected, rtol=1e-5, atol=1e-5)
+    if not fixed:  # every row trained during the fit
+        trained = ranks[0]["state_dict"]["embedding.weight"]
+        assert trained.ne(_initial_embedding(0)).any(dim=1).all()
+
+
 def _assert_baked_into_plain_fsdp2(result: dict[str, Any]) -> None:
     for name, mro in result["classes"].items():
         plain = "Embedding" if name == "tok_embeddings" else "Linear"

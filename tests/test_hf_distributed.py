@@ -30,7 +30,7 @@ from embedding_constraint import is_fixed
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).parent
 TIED = {"tied": True, "untied": False, "tied-pair": True, "untied-ram-efficient": False,
-        "tied-ram-efficient": True}  # fmt: skip
+        "tied-ram-efficient": True, "untied-mixed": False, "tied-offload": True}  # fmt: skip
 
 
 def _torchrun(script: str, out: Path) -> str:
@@ -187,6 +187,16 @@ def test_accelerate_fsdp2_prepare_model_keeps_the_old_rows(
     """``fsdp2_prepare_model`` shards each decoder layer, the embedding, the tail and the root;
     a few steps keep the old rows exact on both ranks; the full state dict has plain keys.
     ``tied-pair``: the tied embedding and head sharded as one group first."""
+    _fsdp2_case(fsdp2, case)
+
+
+@pytest.mark.parametrize("case", ["untied-mixed", "tied-offload"])
+def test_accelerate_fsdp2_with_mixed_precision_or_cpu_offload(
+    fsdp2: tuple[Path, str], case: str
+) -> None:
+    """The plugin's MixedPrecisionPolicy (bfloat16 reads, float32 reduction) and its
+    CPUOffloadPolicy: the old rows stay exact (the sharded parameters stay float32), the ranks
+    equal, the added rows trained, the saved model plain."""
     _fsdp2_case(fsdp2, case)
 
 
