@@ -206,3 +206,24 @@ def test_bake_keeps_one_parameter_for_the_tie() -> None:
     bake(model)
     assert model.head.weight is model.embed.weight
     assert torch.equal(model.head.weight.detach(), expected)
+
+
+@ROWS
+def test_double_backward_through_a_shared_read(rows: list[int] | None) -> None:
+    """A gradient penalty through both holders' read, as on a plain tied model."""
+    model, plain = _tied(rows), _TiedLM()
+    plain.embed.weight.data.copy_(model.embed.weight.detach())
+    inputs = torch.randn(4, 3)
+    grads = []
+    for m in (model, plain):
+        weight = m.embed.weight
+        assert m.head.weight is weight
+        out = (inputs @ m.head.weight.T).tanh().sum() + weight.pow(3).sum()
+        (first,) = torch.autograd.grad(out, weight, create_graph=True)
+        torch.autograd.backward(first.pow(2).sum())
+        grads.append(stored(m.embed).grad if m is model else m.embed.weight.grad)
+    free, full = grads
+    assert free is not None
+    assert full is not None
+    kept = [r for r in range(6) if r not in ([0, 1] if rows is None else rows)]
+    torch.testing.assert_close(free, full[kept], rtol=1e-6, atol=1e-6)
