@@ -104,6 +104,26 @@ def test_trainer_with_ddp_keeps_the_old_rows_and_trains_the_new(
         _assert_old_rows_kept(matrices, TIED[case])
 
 
+def test_trainer_with_ddp_and_every_row_fixed_trains_the_body_only(ddp: tuple[Path, str]) -> None:
+    """Every row of the tied embedding fixed: under DDP (which needs a gradient for every
+    parameter it was built with) the empty stored rows get one; the matrix stays the old one on
+    both ranks, the body trains, and ``save_model`` writes a plain model."""
+    out, log = ddp
+    ranks = [out / f"tied-every-row-rank{r}.pt" for r in (0, 1)]
+    assert all(path.exists() for path in ranks), log
+    rank0, rank1 = (torch.load(path) for path in ranks)
+    original = tiny_llama(True).get_input_embeddings().weight.detach()
+    for rank in (rank0, rank1):
+        assert torch.equal(rank["trained"]["input"], original)
+        assert torch.equal(rank["trained"]["head"], original)
+    body = rank0["body"]
+    assert torch.equal(body["trained"], rank1["body"]["trained"])  # ranks equal
+    assert not torch.allclose(body["trained"], body["before"])  # the body trained
+    plain = _load_plain(out / "tied-every-row" / "model")
+    assert torch.equal(plain.get_input_embeddings().weight, original)
+    assert plain.get_input_embeddings().weight is plain.get_output_embeddings().weight
+
+
 # transformers.Trainer(deepspeed=...), ZeRO stages 2 and 3.
 
 
