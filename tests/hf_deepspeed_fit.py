@@ -65,6 +65,9 @@ def fit_at(out: Path, case: str, rank: int, stage: int) -> None:
     zero = {**ZERO, "zero_optimization": {"stage": stage}}
     if stage == 3:  # save_model gathers the partitions into one state dict
         zero["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+        # Partition every parameter, however small (by default those under 100k elements
+        # stay whole on every rank: nothing of this tiny model would be partitioned).
+        zero["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     args = TrainingArguments(
         output_dir=str(out / name),
         max_steps=STEPS,

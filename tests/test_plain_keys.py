@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from support import stored
 from torch import Tensor, nn
 
 from embedding_constraint import fix_rows, plain_keys
@@ -102,3 +103,24 @@ def test_stored_rows_of_another_shape_are_refused() -> None:
     raw["embed.parametrizations.weight.original"] = torch.zeros(7, 3)
     with pytest.raises(ValueError, match=r"embed\.parametrizations\.weight\.original.*\(4, 3\)"):
         plain_keys(model, raw)
+
+
+def test_a_held_reference_of_another_shape_is_refused() -> None:
+    model = _constrained(False, [4, 1])
+    prepare_fully_shard(model)
+    raw = _by_parameter_names(model, copy=True)
+    raw["embed.parametrizations.weight.0.reference"] = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match=r"2 fixed rows, of shape \(2, 3\)\. Got \(3, 3\)"):
+        plain_keys(model, raw)
+
+
+def test_a_partitioned_parameter_is_compared_by_its_whole_shape() -> None:
+    """ZeRO-3 leaves a partitioned parameter empty, its shape in ``ds_shape``."""
+    model = _constrained(False, None)
+    raw = _by_parameter_names(model, copy=True)
+    free = stored(model.embed)
+    whole = free.shape
+    free.data = free.data.new_empty(0)
+    free.ds_shape = whole  # type: ignore[attr-defined]
+    plain = plain_keys(model, raw)
+    assert plain["embed.weight"].shape == (6, 3)

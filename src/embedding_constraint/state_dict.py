@@ -358,9 +358,11 @@ def plain_keys(module: nn.Module, state_dict: Mapping[str, Any]) -> dict[str, An
     parameters instead of calling ``state_dict()``), holds a constrained tensor's stored free
     rows under ``<prefix>parametrizations.<name>.original``. In its place this gives
     ``<prefix><name>``: the full tensor, the dict's free rows put together with ``module``'s
-    reference (or the dict's, for a reference held as a parameter). The constraint's other
-    entries go; every other entry is kept, in its order. Tied holders get one tensor, as in
-    a plain tied model's state dict. A dict with plain keys comes back equal.
+    reference (or the dict's, for a reference held as a parameter), in the dict's dtype and
+    device (a bfloat16 dict gives the fixed rows rounded to bfloat16, as the model's own
+    state dict in that dtype would). The constraint's other entries go; every other entry is
+    kept, in its order. Tied holders get one tensor, as in a plain tied model's state dict.
+    A dict with plain keys comes back equal.
 
     Args:
         module (nn.Module): the constrained module (or a root above it) the dict was taken of.
@@ -370,7 +372,8 @@ def plain_keys(module: nn.Module, state_dict: Mapping[str, Any]) -> dict[str, An
         dict[str, Any]: a new dict; ``state_dict`` is not changed.
 
     Raises:
-        ValueError: stored rows in the dict have another shape than ``module``'s.
+        ValueError: stored rows (or a held reference) in the dict have another shape than
+            ``module``'s.
 
     Examples:
 
@@ -424,16 +427,24 @@ def plain_keys(module: nn.Module, state_dict: Mapping[str, Any]) -> dict[str, An
 
 
 def _joined(
-    constraint: FixedRows, plist: ParametrizationList, free: Any, reference: Tensor, key: str
+    constraint: FixedRows, plist: ParametrizationList, free: Any, reference: Any, key: str
 ) -> Tensor:
     """The full tensor of stored rows ``free`` (a dict's ``key``) and ``reference``."""
     own = plist.original
-    expected = (own.shape[0], *own.shape[1:])
+    # Under ZeRO-3 a partitioned parameter is empty on every rank; DeepSpeed keeps its shape.
+    expected = tuple(getattr(own, "ds_shape", own.shape))
     if not isinstance(free, Tensor) or tuple(free.shape) != expected:
         got = tuple(free.shape) if isinstance(free, Tensor) else type(free).__name__
         raise ValueError(
             f"Expected `state_dict[{key!r}]` to hold the stored rows of the module's constrained "
             f"tensor, of shape {expected}. Got {got}."
+        )
+    fixed = (constraint.num_fixed, *expected[1:])
+    if not isinstance(reference, Tensor) or tuple(reference.shape) != fixed:
+        got = tuple(reference.shape) if isinstance(reference, Tensor) else type(reference).__name__
+        raise ValueError(
+            f"Expected the reference next to `state_dict[{key!r}]` to hold the constraint's "
+            f"{constraint.num_fixed} fixed rows, of shape {fixed}. Got {got}."
         )
     with torch.no_grad():
         reference = gathered(reference).detach().to(device=free.device, dtype=free.dtype)

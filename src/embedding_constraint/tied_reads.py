@@ -25,8 +25,9 @@ The read's own graph saves no tensor (``cat``, or `FixedRows`' scatter, which ke
 table on the autograd context), so the losses of several holders of one read can each run
 backward, as they can on a leaf Parameter.
 
-Only weak references are kept, in a table keyed by the parametrization that the holders share,
-which a deep copy does not share: no memory is held, and a copy's reads are its own. Nothing is
+Only a weak reference to the read is kept, in a table keyed by the parametrization that the
+holders share, which a deep copy does not share: no memory is held, and a copy's reads are
+its own. Nothing is
 handed on under ``torch.compile``, ``torch.func`` transforms and forward-mode AD (their tensors
 live in one trace), for FSDP2's modules and its DTensors (a read there is a collective that
 every rank must make alike).
@@ -55,8 +56,13 @@ class _Read:
 
     tensor: weakref.ref[Tensor]
     version: int  # the read's version counter when it was made
-    free: weakref.ref[Tensor]
-    reference: weakref.ref[Tensor]
+    # The ``id`` of the stored rows and of the reference it was made from. Not weak
+    # references: ``torch.utils.swap_tensors`` (``.to()`` in torch's swap mode) refuses a
+    # tensor that has one. While a read with a graph is alive, its graph holds the stored
+    # rows, so their id cannot pass to another tensor; a read without one is compared by
+    # its values.
+    free: int
+    reference: int
     spent: bool = False  # a backward ran through its graph
 
 
@@ -92,8 +98,8 @@ def _interchangeable(
     if (
         earlier.spent
         or _version(tensor) != earlier.version
-        or earlier.free() is not plist.original
-        or earlier.reference() is not _constraint(plist).reference
+        or earlier.free != id(plist.original)
+        or earlier.reference != id(_constraint(plist).reference)
         or type(tensor) is not type(fresh)
         or tensor.shape != fresh.shape
         or tensor.dtype != fresh.dtype
@@ -121,8 +127,8 @@ def _remember(plist: ParametrizationList, fresh: Tensor) -> None:
     entry = _Read(
         weakref.ref(fresh),
         _version(fresh),
-        weakref.ref(plist.original),
-        weakref.ref(_constraint(plist).reference),
+        id(plist.original),
+        id(_constraint(plist).reference),
     )
     node = fresh.grad_fn
     if node is not None:

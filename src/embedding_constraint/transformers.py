@@ -1204,10 +1204,12 @@ def _save_pretrained(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
     ``parametrizations.<name>.original``, which a plain model's ``from_pretrained`` would not
     find. A dict with plain keys (the model's own ``state_dict()``) is saved as it is.
     """
-    state = kwargs.get("state_dict")
+    save = type(model).save_pretrained  # type: ignore[attr-defined]
+    bound = inspect.signature(save).bind(model, *args, **kwargs)
+    state = bound.arguments.get("state_dict")
     if state is not None:
-        kwargs["state_dict"] = plain_keys(model, state)
-    return type(model).save_pretrained(model, *args, **kwargs)  # type: ignore[attr-defined]
+        bound.arguments["state_dict"] = plain_keys(model, state)
+    return save(*bound.args, **bound.kwargs)
 
 
 def keep_constraints_through_hf_methods(model: nn.Module) -> None:
