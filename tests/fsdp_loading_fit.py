@@ -18,6 +18,8 @@ scattered fixed rows, with the reference whole and sharded (`prepare_fully_shard
   replayed step by step (rank 1 on meta, then every rank, ``fully_shard``, the load).
 - ``dcp-2-to-1``, ``dcp-1-to-2``: a distributed checkpoint saved on 2 processes loads into one,
   and one saved in one process loads on 2; plain keys; a changed fixed row refused.
+- ``torchtitan``: the model built on the meta device, constrained there, sharded,
+  ``to_empty``, then the one-process checkpoint loaded, and a step taken.
 """
 
 from __future__ import annotations
@@ -48,8 +50,9 @@ from torch.multiprocessing.spawn import spawn
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from fsdp_fit import Net, build
+from fsdp_fit import Net, build, references
 
+from embedding_constraint import fix_rows
 from embedding_constraint.fsdp import prepare_fully_shard
 
 WORLD = 2
@@ -216,6 +219,37 @@ def case_dcp_1_to_2(out: Path, rows: list[int] | None, ref_sharded: bool, layout
     return refused(lambda: set_model_state_dict(net, state))
 
 
+def case_torchtitan(out: Path, rows: list[int] | None, ref_sharded: bool, layout: str) -> str:
+    """torchtitan's order: the model built on the meta device and constrained there (the
+    reference holds values), each module sharded, ``to_empty``, then the distributed
+    checkpoint that `main` saved in one process loaded; a step keeps the fixed rows."""
+    refs = references()  # values, on the CPU
+    with torch.device("meta"):
+        net = Net()
+    fix_rows(net, refs["embedding"], name="embedding.weight", rows=rows)
+    fix_rows(net.bag, refs["bag"], rows=rows)
+    fix_rows(net.classifier, refs["classifier"], rows=None if rows is None else [5, 0, 2])
+    if ref_sharded:
+        prepare_fully_shard(net)
+    shard(net)
+    net.to_empty(device="cpu")
+    state = get_model_state_dict(net)
+    dcp.load(state, checkpoint_id=str(out / f"dcp1-{layout}"))  # type: ignore[attr-defined]
+    set_model_state_dict(net, state)
+    expected = pretrained(rows)
+    result = compare(whole(net), expected)
+    if result != "ok":
+        return result
+    optimizer = torch.optim.AdamW(net.parameters(), lr=0.05, weight_decay=0.1)
+    net(torch.arange(6).view(2, 3)).backward()
+    optimizer.step()
+    after = whole(net)
+    for key, fixed in fixed_rows(rows).items():
+        if not torch.equal(after[key][fixed], expected[key][fixed]):
+            return f"{key}: a fixed row moved in the step"
+    return "ok"
+
+
 def run_rank(rank: int, out: Path) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     dist.init_process_group(
@@ -234,6 +268,7 @@ def run_rank(rank: int, out: Path) -> None:
         "accelerate": lambda r, s, _: case_accelerate(rank, r, s),
         "dcp-2-to-1-save": lambda r, s, layout: case_dcp_2_to_1(out, r, s, layout),
         "dcp-1-to-2": lambda r, s, layout: case_dcp_1_to_2(out, r, s, layout),
+        "torchtitan": lambda r, s, layout: case_torchtitan(out, r, s, layout),
     }
     order = [(n, layout) for layout in LAYOUTS for n in cases]
     for name, layout in order:

@@ -339,17 +339,6 @@ def test_a_meta_reference_is_refused() -> None:
     assert_tree_unchanged(emb, before)
 
 
-def test_a_module_on_the_meta_device_is_refused_with_what_to_do() -> None:
-    emb = nn.Embedding(4, 2, device="meta")
-    with pytest.raises(ValueError, match=r"meta device.*to_empty\(\).*then constrain it"):
-        fix_rows(emb, torch.zeros(2, 2))
-    assert not parametrize.is_parametrized(emb)
-    emb.to_empty(device="cpu")  # the way that works: materialise, load, then constrain
-    emb.load_state_dict({"weight": torch.arange(8.0).reshape(4, 2)})
-    fix_rows(emb, emb.weight[:2].detach())
-    assert torch.equal(emb.weight, torch.arange(8.0).reshape(4, 2))
-
-
 # -- stacked parametrizations -----------------------------------------------------------------
 
 

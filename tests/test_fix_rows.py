@@ -446,6 +446,43 @@ def test_a_round_trip_through_the_meta_device_keeps_the_fixed_rows(rows: list[in
     assert bag(torch.arange(6, device="meta").view(2, 3)).shape == (2, 2)
 
 
+@pytest.mark.parametrize("rows", [None, [5, 0, 3]], ids=["prefix", "scattered"])
+def test_a_module_built_on_the_meta_device_is_constrained_there(rows: list[int] | None) -> None:
+    """torchtitan's order (and Lightning's ``init_module(empty_init=True)``): build on meta,
+    constrain with a reference that holds values, ``to_empty``, initialise, load."""
+    torch.manual_seed(0)
+    reference = torch.randn(3, 2)
+    with torch.device("meta"):
+        emb, head = nn.Embedding(6, 2), nn.Linear(2, 6)
+    model = nn.Sequential(emb, head)
+    parts: list[nn.Embedding | nn.Linear] = [emb, head]
+    fix_rows(emb, reference, rows=rows)
+    fix_rows(head, reference, rows=rows)
+    assert stored(emb).is_meta
+    assert stored(emb).shape == (3, 2)
+    assert list(model.state_dict()) == ["0.weight", "1.weight", "1.bias"]
+    assert model(torch.arange(6, device="meta")).shape == (6, 6)
+    model.to_empty(device="cpu")
+    for module in parts:
+        module.reset_parameters()  # the model's own initialisation: free rows only
+    fixed = [0, 1, 2] if rows is None else sorted(rows)
+    expected = reference if rows is None else reference[torch.tensor(rows).argsort()]
+    for module in parts:
+        assert torch.equal(module.weight[fixed], expected)
+        assert torch.isfinite(module.weight).all()
+        assert constraint_of(module).joined(stored(module)) is not None  # one block again
+    plain_emb, plain_head = nn.Embedding(6, 2), nn.Linear(2, 6)
+    with torch.no_grad():
+        plain_emb.weight[fixed] = expected
+        plain_head.weight[fixed] = expected
+    model.load_state_dict(nn.Sequential(plain_emb, plain_head).state_dict())
+    assert torch.equal(emb.weight, plain_emb.weight)  # a checkpoint of the same fixed rows
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1)
+    torch.autograd.backward(model(torch.arange(6)).pow(2).sum())
+    opt.step()
+    assert torch.equal(emb.weight[fixed], expected)
+
+
 # -- optimizers made before fix_rows ----------------------------------------------------------
 
 

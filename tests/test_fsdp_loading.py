@@ -22,7 +22,7 @@ from embedding_constraint.fsdp import prepare_fully_shard
 
 SCRIPT = Path(__file__).with_name("fsdp_loading_fit.py")
 LAYOUTS = ["prefix", "scattered", "prefix-sharded", "scattered-sharded"]
-CASES = ["broadcast", "broadcast-lenient", "full", "dcp-2-to-1-save", "dcp-1-to-2"]
+CASES = ["broadcast", "broadcast-lenient", "full", "dcp-2-to-1-save", "dcp-1-to-2", "torchtitan"]
 META_CASES = ["meta-read", "accelerate"]
 
 pytestmark = pytest.mark.slow

@@ -239,8 +239,8 @@ class EmbeddingConstraintHooks(_Base):
                 ``target``'s (another row shape; NaN, Inf or a value too large for
                 ``target``'s dtype); an ``old`` module has more rows than ``target`` (the
                 arguments swapped), or only one of the two has a bias; ``target``'s weight
-                or bias is already constrained (by `fix_rows`: `bake` it first) or on the
-                meta device, or ``target`` uses ``sparse=True`` or ``max_norm``.
+                or bias is already constrained (by `fix_rows`: `bake` it first), or
+                ``target`` uses ``sparse=True`` or ``max_norm``.
 
         Examples:
 
@@ -362,7 +362,7 @@ class EmbeddingConstraintHooks(_Base):
                 tensor the others do not (`check_same_on_every_rank`).
             TypeError, ValueError: ``target`` changed since the callback was made so that it
                 no longer passes the constructor's checks (constrained meanwhile, converted
-                to a dtype that cannot hold the reference, moved to the meta device, sharded).
+                to a dtype that cannot hold the reference, sharded).
         """
         if stage != "fit" or self._fixed:
             return

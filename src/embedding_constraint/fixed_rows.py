@@ -400,9 +400,9 @@ class FixedRows(nn.Module):
         ValueError: ``reference`` is 0-d, on the meta device or holds NaN or Inf; ``rows``
             is not 1-D, has a different count than ``reference``, is negative or has
             duplicates. When registered (see `check_compatible`): the tensor is not
-            floating-point or on the meta device, has another trailing shape, fewer rows than
-            ``reference`` or fewer than ``max(rows) + 1`` rows, or a reference value would be
-            infinite in its dtype.
+            floating-point, has another trailing shape, fewer rows than ``reference`` or
+            fewer than ``max(rows) + 1`` rows, or a reference value would be infinite in its
+            dtype. (A tensor on the meta device is constrained there: `right_inverse`.)
 
     Examples:
 
@@ -583,9 +583,9 @@ class FixedRows(nn.Module):
         Raises:
             TypeError: ``tensor`` is not floating-point, or is a sharded ``DTensor`` (FSDP2
                 ran first).
-            ValueError: ``tensor`` is on the meta device, the trailing shape differs,
-                ``tensor`` has fewer rows than the reference, a fixed row lies past its last
-                row, or a reference value overflows ``tensor``'s dtype.
+            ValueError: the trailing shape differs, ``tensor`` has fewer rows than the
+                reference, a fixed row lies past its last row, or a reference value overflows
+                ``tensor``'s dtype.
         """
         if tensor.dim() == 0:
             raise ValueError("Expected a tensor with a row dimension. Got a 0-d tensor.")
@@ -601,13 +601,6 @@ class FixedRows(nn.Module):
             raise TypeError(
                 "Expected a floating-point tensor to constrain. Got a tensor of dtype "
                 f"{tensor.dtype}: it could not hold the reference's values exactly."
-            )
-        if tensor.is_meta:
-            raise ValueError(
-                "Expected a tensor with values to constrain. Got one on the meta device: the "
-                "reference is copied into the tensor's memory, which `to_empty()` would "
-                "replace with uninitialised memory. Materialise the module first (`to_empty()`, "
-                "then load its weights), then constrain it."
             )
         if tensor.shape[1:] != self.reference.shape[1:]:
             expected = ", ".join(["k", *map(str, tensor.shape[1:])])
@@ -702,6 +695,8 @@ class FixedRows(nn.Module):
         into one new buffer, ``[reference; free]``.
         """
         self.check_compatible(tensor)
+        if tensor.is_meta:
+            return self._meta_free_rows(tensor)
         if self.rows is None:
             free = self._join(tensor[self.num_fixed :])
         else:
@@ -711,6 +706,22 @@ class FixedRows(nn.Module):
             free = self._join(tensor, self.free_rows)
         self._derive_grad_rows(tensor.shape[0])
         return free
+
+    @_keeps_state
+    def _meta_free_rows(self, tensor: Tensor) -> Tensor:
+        """`right_inverse` of a tensor on the meta device (a model built there, as torchtitan
+        and Lightning's ``init_module(empty_init=True)`` build one): free rows of its shape
+        there, the reference and the tables kept with their values where they are, as for a
+        constrained module moved to the meta device. ``to_empty()`` then moves them to the
+        module's device and joins them with the free rows (`rejoin`), which the module's own
+        initialisation and a checkpoint then fill."""
+        total = tensor.shape[0]
+        self.reference = self.reference.to(dtype=tensor.dtype)
+        self._joined_buffer = None
+        if self.rows is not None:
+            self._derive_layout(total)
+        self._derive_grad_rows(total)
+        return tensor.new_empty((total - self.num_fixed, *tensor.shape[1:]))
 
     @_keeps_state
     def _join(self, free: Tensor, rows: Tensor | None = None) -> Tensor:
@@ -836,11 +847,10 @@ class FixedRows(nn.Module):
             if held is not None:
                 self._parameters["reference"] = held
         if target.device.type != "meta":
-            moved = self.reference.detach().to(device=target.device, dtype=target.dtype)
             if held is not None:
-                held.data = moved  # the same Parameter object, as torch's own conversion keeps
+                self._apply_to_held(fn, held)
             else:
-                self.reference = moved
+                self.reference = self.reference.to(device=target.device, dtype=target.dtype)
             for name in ("rows", "free_rows", "slot"):
                 table = getattr(self, name)
                 if table is not None:
@@ -849,6 +859,18 @@ class FixedRows(nn.Module):
         if self.grad_row is not None:  # the spare rows suit the device: derive them anew
             self._derive_grad_rows(self.grad_row.numel())
         return self
+
+    @torch.no_grad()
+    def _apply_to_held(self, fn: Any, held: nn.Parameter) -> None:
+        """``fn`` on a reference held as a parameter, its values kept: what ``fn`` gives (the
+        device, the dtype, shared or pinned memory), filled with the reference's values, which
+        ``to_empty`` would leave uninitialised. The same Parameter object, as torch's own
+        conversion keeps it."""
+        source = held.detach()
+        moved = fn(source)
+        if moved is not source:  # a new tensor (`share_memory_` works in place)
+            moved.copy_(source.to(device=moved.device, dtype=moved.dtype))
+            held.data = moved
 
     @torch.no_grad()
     def rejoin(self, free: Tensor) -> None:
