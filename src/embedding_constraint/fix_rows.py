@@ -44,7 +44,7 @@ from embedding_constraint.torch_internals import (
     parametrized_class,
     parametrized_original,
 )
-from embedding_constraint.write_through import write_through
+from embedding_constraint.write_through import plain_reads, write_through
 
 __all__ = ["bake", "fix_rows", "is_fixed"]
 
@@ -242,7 +242,9 @@ def _read_as_write_through(cls: type, attr: str) -> None:
 
     def get(self: nn.Module) -> Tensor:
         plist = parametrization_list(self, attr)
-        return shared_read(self, plist, lambda: write_through(read(self), plist))
+        return shared_read(
+            self, plist, lambda: write_through(read(self), plist, sharded_writes=True)
+        )
 
     get._write_through = True  # type: ignore[attr-defined]
     setattr(cls, attr, property(get, torch_property.fset))
@@ -690,11 +692,13 @@ def _remove_parametrization(module: nn.Module, attr: str, *, leave_parametrized:
     derived = type(module)
     parametrized = parametrized_class(derived, attr)  # the class whose property torch deletes
     if parametrized is derived:
-        parametrize.remove_parametrizations(module, attr, leave_parametrized=leave_parametrized)
+        with plain_reads():
+            parametrize.remove_parametrizations(module, attr, leave_parametrized=leave_parametrized)
         return
     module.__class__ = parametrized
     try:
-        parametrize.remove_parametrizations(module, attr, leave_parametrized=leave_parametrized)
+        with plain_reads():
+            parametrize.remove_parametrizations(module, attr, leave_parametrized=leave_parametrized)
     finally:
         rolled_back = type(module)
         module.__class__ = (

@@ -24,12 +24,17 @@ the fixed rows); reading or setting its ``.grad`` (``clip_grad_norm_([emb.weight
 with the stored rows' name, since this tensor never gets one.
 
 A copy (``clone``, ``deepcopy``, ``torch.save``, another dtype or device) is a plain tensor of
-its own, as a copy of a plain weight is. Under ``torch.compile``, ``torch.func`` transforms and
-FSDP2 (DTensors) the read stays a plain tensor.
+its own, as a copy of a plain weight is. Under ``torch.compile`` and ``torch.func`` transforms
+the read stays a plain tensor. Under FSDP2, outside the forward, ``module.weight`` is a
+``ShardedWriteThrough`` (a ``DTensor``): its in-place writes reach the stored rows' shards
+(`_write_back_sharded`, one all-gather); its ``state_dict()`` entry stays a plain ``DTensor``,
+as distributed checkpointing writes into such entries shard by shard.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, cast
@@ -40,9 +45,9 @@ from torch._C import DisableTorchFunctionSubclass
 from torch.nn.utils.parametrize import ParametrizationList
 from torch.utils.hooks import RemovableHandle
 
-from embedding_constraint.fixed_rows import FixedRows, composable_only, sharded
+from embedding_constraint.fixed_rows import FixedRows, composable_only, shard_like, sharded
 
-__all__ = ["WriteThrough", "plain", "write_through"]
+__all__ = ["WriteThrough", "plain", "plain_reads", "write_through"]
 
 # In-place operators that Python spells without a trailing underscore.
 _INPLACE_OPERATORS = frozenset(
@@ -346,20 +351,117 @@ def _make(
     return made
 
 
-def write_through(tensor: Tensor, plist: ParametrizationList) -> Tensor:
+def write_through(
+    tensor: Tensor, plist: ParametrizationList, *, sharded_writes: bool = False
+) -> Tensor:
     """Return ``tensor``, the full value of ``plist``'s tensor, as a `WriteThrough` of it.
 
-    Left as it is under ``torch.compile`` and ``torch.func`` transforms, on the meta device and
-    for FSDP2's DTensors: there it is what a plain parametrization gives.
+    Left as it is under ``torch.compile`` and ``torch.func`` transforms and on the meta device:
+    there it is what a plain parametrization gives. FSDP2's ``DTensor`` reads too, unless
+    ``sharded_writes`` (the module's own ``module.weight``, which a sharded model's
+    ``init_weights`` writes into): then a `sharded_write_through` of it.
     """
-    if (
-        type(tensor) is not Tensor
-        or torch.compiler.is_compiling()
-        or composable_only(tensor)
-        or sharded(tensor)
-    ):
+    if torch.compiler.is_compiling() or composable_only(tensor):
+        return tensor
+    if sharded(tensor):  # FSDP2's (tensor parallelism's reads are `_FixedShard`'s, as they are)
+        if sharded_writes and not _PLAIN_READS and isinstance(plist[0], FixedRows):
+            return _sharded_write_through(tensor, plist)
+        return tensor
+    if type(tensor) is not Tensor:
         return tensor
     return _make(tensor, weakref.ref(plist), None)
+
+
+# Set while torch's own code reads a sharded weight to replace it (`plain_reads`).
+_PLAIN_READS: list[bool] = []
+
+
+@contextlib.contextmanager
+def plain_reads() -> Iterator[None]:
+    """Within it, sharded reads are plain ``DTensor``s: torch's ``remove_parametrizations``
+    makes the baked Parameter of the read it takes (``Parameter(read)``), which takes only a
+    ``DTensor`` whose ``detach()`` is of its own type."""
+    _PLAIN_READS.append(True)
+    try:
+        yield
+    finally:
+        _PLAIN_READS.pop()
+
+
+@functools.cache
+def _sharded_class() -> type[Tensor]:
+    """`ShardedWriteThrough`, made on first use: ``DTensor`` is imported only where a sharded
+    read exists (importing it with this package would slow every import)."""
+    from torch.distributed.tensor import DTensor
+
+    class ShardedWriteThrough(DTensor):
+        """A read of a constrained tensor that FSDP2 shards (outside the forward): what is
+        written into it in place (``nn.init.normal_(module.weight)``, ``fill_``) reaches the
+        stored rows, its fixed rows set back, as `WriteThrough` does on one device.
+
+        The write-back gathers the written tensor (one all-gather): every rank must write, as
+        every rank runs a sharded model's ``init_weights``. Only the read itself writes back:
+        a ``DTensor`` made from it (a slice, a product) is a tensor of its own, as it is of
+        an unconstrained sharded weight.
+        """
+
+        _source: weakref.ref[ParametrizationList]
+
+        @classmethod
+        def __torch_function__(
+            cls,
+            func: Callable[..., Any],
+            types: Any,
+            args: tuple[Any, ...] = (),
+            kwargs: dict[str, Any] | None = None,
+        ) -> Any:
+            kwargs = kwargs or {}
+            name = _name(func)
+            kind = _KINDS.get(name) or _KINDS.setdefault(name, _kind(name))
+            with DisableTorchFunctionSubclass():
+                out = func(*args, **kwargs)
+            if kind == "write":
+                for target in _write_targets(args, kwargs):
+                    if isinstance(target, cls):
+                        _write_back_sharded(target)
+            return out
+
+    return ShardedWriteThrough
+
+
+def _write_targets(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+    """The tensors an in-place operation wrote into (see `_written`)."""
+    found = list(_tensors(args[0] if args else next(iter(kwargs.values()), None)))
+    return found + list(_tensors(kwargs["out"])) if "out" in kwargs else found
+
+
+def _sharded_write_through(tensor: Tensor, plist: ParametrizationList) -> Tensor:
+    made = tensor
+    made.__class__ = _sharded_class()  # a fresh result, as in `_make`
+    made._source = weakref.ref(plist)  # type: ignore[attr-defined]
+    return made
+
+
+def _write_back_sharded(read: Any) -> None:
+    """Copy a written sharded read's free rows into the stored rows' shards; set its fixed rows
+    back. One all-gather of the read; each rank then keeps its parts, sending nothing more."""
+    plist = read._source()
+    if plist is None:  # the module is gone: nothing to write to
+        return
+    constraint, free = plist[0], cast(Any, plist.original)  # a DTensor: read is one
+    assert isinstance(constraint, FixedRows)
+    with DisableTorchFunctionSubclass(), torch.no_grad():
+        full = read.full_tensor()
+        if constraint.free_rows is None:
+            rows = full[constraint.num_fixed :]
+        else:
+            rows = full.index_select(0, constraint.free_rows.to(full.device))
+        free_shard: Any = shard_like(rows.contiguous(), free)
+        free.to_local().copy_(free_shard.to_local())
+        reference = constraint.reference_for(full)
+        full.index_copy_(0, constraint.fixed_row_indices().to(full.device), reference)
+        read_shard: Any = shard_like(full, read)
+        read.to_local().copy_(read_shard.to_local())
 
 
 def plain(tensor: Tensor) -> Tensor:
