@@ -223,7 +223,7 @@ def test_accelerate_fsdp2_with_mixed_precision_or_cpu_offload(
 def test_accelerate_fsdp2_with_cpu_ram_efficient_loading(fsdp2: tuple[Path, str]) -> None:
     """Rank 1's added rows start apart from rank 0's; rank 0's weights reach it.
     ``fsdp2_prepare_model`` calls ``model.tie_weights()`` on the model moved to the meta device:
-    with its ties in place (none, here) it changes nothing, where a bake would be refused."""
+    with its ties in place (none, here) it changes nothing: no bake, no new constraint."""
     out, _ = fsdp2
     rank0, rank1 = (torch.load(out / f"untied-ram-efficient-rank{r}.pt") for r in (0, 1))
     assert not torch.equal(rank0["expanded"]["input"], rank1["expanded"]["input"])

@@ -2,7 +2,7 @@
 
 accelerate's ``fsdp2_prepare_model`` with ``cpu_ram_efficient_loading`` moves the model to the
 meta device and calls ``model.tie_weights()`` there: with every tie the model declares already
-one shared constraint, nothing is baked or constrained again (which the meta device refuses).
+one shared constraint, nothing is baked or constrained again.
 """
 
 from __future__ import annotations
@@ -127,13 +127,21 @@ def test_tie_weights_on_the_meta_device_with_the_ties_in_place(tied: bool) -> No
     assert tuple(head.weight.shape) == (len(NEW_VOCAB), 8)
 
 
-def test_tie_weights_making_a_new_tie_on_the_meta_device_is_refused() -> None:
-    """A tie not yet made is made by baking and constraining again, which needs values."""
+def test_tie_weights_making_a_new_tie_on_the_meta_device_keeps_the_fixed_rows() -> None:
+    """A tie not yet made is made by baking and constraining again, on the meta device too:
+    the reference keeps its values there (a module on the meta device is constrained with
+    them), and ``to_empty`` brings them back exact."""
     model = expand_vocabulary(_llama(False), OLD_VOCAB, NEW_VOCAB)
+    reference = model.get_input_embeddings().parametrizations.weight[0].reference.clone()
     model.to("meta")
     model.config.tie_word_embeddings = True
-    with pytest.raises(ValueError, match="meta device"):
-        model.tie_weights()
+    model.tie_weights()
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert embedding.parametrizations.weight is head.parametrizations.weight
+    constraint = embedding.parametrizations.weight[0]
+    assert torch.equal(constraint.reference, reference)
+    model.to_empty(device="cpu")
+    assert torch.equal(head.weight[constraint.fixed_row_indices()], reference)
 
 
 def test_tie_weights_making_a_new_tie_keeps_the_embeddings_rows() -> None:

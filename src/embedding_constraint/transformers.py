@@ -11,7 +11,7 @@ embedding's weight as a Parameter, which it no longer is. `expand_vocabulary` th
 the model instance its own two methods, which bake, call the model's class's method, and
 constrain the same rows again (`_constraints_lifted`); with nothing constrained they are the
 class's methods, and ``tie_weights`` with every tie already in place returns at once (no
-bake: the model may be on the meta device). Its ``save_pretrained`` saves a state dict given
+bake). Its ``save_pretrained`` saves a state dict given
 by parameter names (DeepSpeed ZeRO-3's, from ``Trainer.save_model``) with plain keys
 (`plain_keys`). `keep_constraints_through_hf_methods` installs the three, for `fix_rows` too.
 
@@ -1153,8 +1153,9 @@ def _tie_weights(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
 
     With every tie the class declares in place (one shared constraint, or one shared plain
     Parameter), it returns at once: the class would only set each tied weight to what it
-    reads already, and a bake would refuse a model on the meta device (accelerate's
-    ``fsdp2_prepare_model`` ties there under ``cpu_ram_efficient_loading``). Otherwise, and
+    reads already, and a bake and a new constraint would be needless work (accelerate's
+    ``fsdp2_prepare_model`` ties on the meta device under ``cpu_ram_efficient_loading``,
+    where they work too: the reference keeps its values). Otherwise, and
     for ``from_pretrained``'s call with ``missing_keys`` (which the class also reads to drop
     or swap ties), it bakes, ties and constrains again (`_constraints_lifted`).
     """
