@@ -17,6 +17,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import distribute_tensor
 from torch.multiprocessing.spawn import spawn
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -45,7 +46,25 @@ def initialised(rows: list[int] | None, constrained: bool) -> dict[str, Tensor]:
         emb.weight.fill_(0.5)
     out["fill"] = _whole(emb)
     out["trained"] = _step(emb)
+    # PEFT's merges, through `.data`: a change of the free rows only, then of every row.
+    delta = torch.zeros(7, 3)
+    delta[_free(rows)] = 0.25
+    weight: Any = emb.weight
+    weight.data += distribute_tensor(delta, weight.device_mesh, weight.placements)
+    out["merged"] = _whole(emb)
+    try:
+        weight = emb.weight
+        weight.data = weight.detach() + 1.0
+        out["refused"] = torch.tensor(0)
+    except ValueError as error:
+        out["refused"] = torch.tensor(int("fixed row" in str(error)))
+    out["after refusal"] = _whole(emb)
     return out
+
+
+def _free(rows: list[int] | None) -> list[int]:
+    fixed = [0, 1] if rows is None else rows
+    return [r for r in range(7) if r not in fixed]
 
 
 def _whole(emb: nn.Embedding) -> Tensor:

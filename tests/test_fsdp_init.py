@@ -53,3 +53,28 @@ def test_an_in_place_initialisation_of_a_sharded_weight_reaches_its_free_rows(
         assert torch.equal(got["fill"][free], torch.full((5, 3), 0.5))
         assert torch.equal(got["trained"][free], plain["trained"][free])
     assert all(torch.equal(ranks[0][layout][k], ranks[1][layout][k]) for k in ranks[0][layout])
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_merges_through_data_reach_the_free_rows_or_are_refused_on_every_rank(
+    ranks: list[dict[str, Any]], layout: str
+) -> None:
+    """PEFT's merges write through ``.data``: ``weight.data += delta`` of free rows reaches
+    them, as it does an unconstrained sharded weight's; ``weight.data = ...`` changing fixed
+    rows is refused on every rank, as on one device, and the stored rows keep their values."""
+    rows = LAYOUTS[layout]
+    fixed = [0, 1] if rows is None else sorted(rows)
+    reference = REFERENCE if rows is None else REFERENCE[torch.tensor(rows).argsort()]
+    free = [r for r in range(7) if r not in fixed]
+    for rank in ranks:
+        got, plain = rank[layout], rank[f"{layout}-plain"]
+        assert torch.equal(got["merged"][fixed], reference)
+        assert torch.equal(got["merged"][free], got["trained"][free] + 0.25)
+        torch.testing.assert_close(
+            got["merged"][free] - got["trained"][free],
+            plain["merged"][free] - plain["trained"][free],
+            rtol=0,
+            atol=0,
+        )
+        assert int(got["refused"]) == 1
+        assert torch.equal(got["after refusal"], got["merged"])

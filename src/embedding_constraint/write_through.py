@@ -423,7 +423,8 @@ def _sharded_class() -> type[Tensor]:
             if kind == "write":
                 for target in _write_targets(args, kwargs):
                     if isinstance(target, cls):
-                        _write_back_sharded(target)
+                        assigned = args[1] if name == "data.__set__" else None
+                        _write_back_sharded(target, assigned=assigned)
             return out
 
     return ShardedWriteThrough
@@ -442,23 +443,33 @@ def _sharded_write_through(tensor: Tensor, plist: ParametrizationList) -> Tensor
     return made
 
 
-def _write_back_sharded(read: Any) -> None:
+def _write_back_sharded(read: Any, *, assigned: Any = None) -> None:
     """Copy a written sharded read's free rows into the stored rows' shards; set its fixed rows
-    back. One all-gather of the read; each rank then keeps its parts, sending nothing more."""
+    back. One all-gather of the read; each rank then keeps its parts, sending nothing more.
+
+    ``assigned``: the value of an assignment through ``.data`` (PEFT's merges write so, and
+    ``weight.data += delta`` ends in one), which a ``DTensor``'s shards do not take: it is
+    what is written, and a value whose fixed rows differ from the reference is refused before
+    anything is copied, as `WriteThrough` does. Every rank holds the same gathered tensor, so
+    every rank refuses alike.
+    """
     plist = read._source()
     if plist is None:  # the module is gone: nothing to write to
         return
     constraint, free = plist[0], cast(Any, plist.original)  # a DTensor: read is one
     assert isinstance(constraint, FixedRows)
     with DisableTorchFunctionSubclass(), torch.no_grad():
-        full = read.full_tensor()
+        written = read if assigned is None else assigned
+        full = written.full_tensor() if sharded(written) else written.detach().clone()
+        reference = constraint.reference_for(full)
+        if assigned is not None:
+            _refuse_changed_fixed_rows(full, reference, constraint)
         if constraint.free_rows is None:
             rows = full[constraint.num_fixed :]
         else:
             rows = full.index_select(0, constraint.free_rows.to(full.device))
         free_shard: Any = shard_like(rows.contiguous(), free)
         free.to_local().copy_(free_shard.to_local())
-        reference = constraint.reference_for(full)
         full.index_copy_(0, constraint.fixed_row_indices().to(full.device), reference)
         read_shard: Any = shard_like(full, read)
         read.to_local().copy_(read_shard.to_local())
