@@ -10,8 +10,6 @@ the test compares. A layout that raises saves its error, so that the other still
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -19,7 +17,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.multiprocessing.spawn import spawn
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parametrize
 
@@ -27,7 +24,7 @@ from embedding_constraint import bake, fix_rows
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from support import in_process_group
+from support import script_main
 
 VOCAB, DIM, SEQ = 10, 4, 5
 WORLD, BATCH, STEPS, MORE = 2, 4, 3, 2  # BATCH per rank; one process takes WORLD * BATCH
@@ -127,25 +124,5 @@ def fit_all(rank: int, world: int) -> dict[str, Any]:
     return results
 
 
-def run_rank(rank: int, world: int, out: Path) -> None:
-    def body() -> None:
-        torch.save(fit_all(rank, world), out / f"rank{rank}.pt")
-
-    in_process_group(body, "gloo", str(out / "group"), rank, world)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--world", type=int, choices=[1, WORLD], required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    if args.world == 1:
-        torch.save(fit_all(0, 1), args.out / "rank0.pt")
-        return
-    spawn(run_rank, args=(WORLD, args.out), nprocs=WORLD)  # type: ignore[no-untyped-call]
-
-
 if __name__ == "__main__":
-    main()
+    script_main(fit_all, WORLD)

@@ -14,8 +14,6 @@ until the bake. A layout that raises saves its error, so that the others still r
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -26,7 +24,6 @@ from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
-from torch.multiprocessing.spawn import spawn
 from torch.nn.parallel import DistributedDataParallel
 
 from embedding_constraint import bake, fix_rows
@@ -34,7 +31,7 @@ from embedding_constraint.fsdp import bake_fully_sharded, prepare_fully_shard
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from support import in_process_group
+from support import script_main
 
 VOCAB, DIM = 10, 4
 WORLD, BATCH, STEPS, MORE = 2, 4, 3, 2  # BATCH per rank; one process takes WORLD * BATCH
@@ -336,25 +333,5 @@ def fit_all(rank: int, world: int) -> dict[str, Any]:
     return results
 
 
-def run_rank(rank: int, world: int, out: Path) -> None:
-    def body() -> None:
-        torch.save(fit_all(rank, world), out / f"rank{rank}.pt")
-
-    in_process_group(body, "gloo", str(out / "group"), rank, world)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--world", type=int, choices=[1, WORLD], required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    if args.world == 1:
-        torch.save(fit_all(0, 1), args.out / "rank0.pt")
-        return
-    spawn(run_rank, args=(WORLD, args.out), nprocs=WORLD)  # type: ignore[no-untyped-call]
-
-
 if __name__ == "__main__":
-    main()
+    script_main(fit_all, WORLD)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import gc
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.multiprocessing.spawn import spawn
 from torch.nn.utils import parametrize
 
 from embedding_constraint import FixedRows
@@ -81,3 +85,28 @@ def in_process_group(body: Callable[[], T], backend: str, store: str, rank: int,
     finally:
         dist.destroy_process_group()
     return result
+
+
+def _save_rank(rank: int, fit_all: Callable[[int, int], Any], world: int, out: Path) -> None:
+    def body() -> None:
+        torch.save(fit_all(rank, world), out / f"rank{rank}.pt")
+
+    in_process_group(body, "gloo", str(out / "group"), rank, world)
+
+
+def script_main(fit_all: Callable[[int, int], Any], world: int) -> None:
+    """Be a fit script's ``main``: ``--world 1`` runs ``fit_all(0, 1)`` here, ``--world N`` spawns.
+
+    Each rank saves what ``fit_all(rank, world)`` returns to ``--out/rank{rank}.pt``, for the
+    test to compare; the spawned ranks share one gloo group.
+    """
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--world", type=int, choices=[1, world], required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.world == 1:
+        torch.save(fit_all(0, 1), args.out / "rank0.pt")
+        return
+    spawn(_save_rank, args=(fit_all, world, args.out), nprocs=world)  # type: ignore[no-untyped-call]
