@@ -37,7 +37,7 @@ import contextlib
 import functools
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -48,6 +48,8 @@ from torch.utils.hooks import RemovableHandle
 from embedding_constraint.fixed_rows import FixedRows, composable_only, shard_like, sharded
 
 __all__ = ["WriteThrough", "plain", "plain_reads", "write_through"]
+
+W = TypeVar("W", bound=Tensor)
 
 # In-place operators that Python spells without a trailing underscore.
 _INPLACE_OPERATORS = frozenset(
@@ -126,8 +128,7 @@ class WriteThrough(Tensor):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
-        name = _name(func)
-        kind = _KINDS.get(name) or _KINDS.setdefault(name, _kind(name))
+        name, kind = _classify(func)
         if kind == "refused":
             self = args[0]
             if not (name == "grad.__get__" and self.retains_grad):
@@ -136,7 +137,7 @@ class WriteThrough(Tensor):
             return args[0]._register_hook(args[1] if len(args) > 1 else kwargs["hook"])
         with DisableTorchFunctionSubclass():
             out = func(*args, **kwargs)
-        written = _written(kind, args, kwargs)
+        written = _written(kind, args, kwargs, WriteThrough)
         for target in written:
             target._root._write_back(keep_fixed=name == "data.__set__")
         if written or kind != "read":
@@ -297,8 +298,14 @@ def _kind(name: str) -> str:
     return "set" if name.endswith("__set__") else "read"
 
 
-def _written(kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[WriteThrough]:
-    """The `WriteThrough` tensors that an operation of ``kind`` wrote into."""
+def _classify(func: Callable[..., Any]) -> tuple[str, str]:
+    """The name of the torch function ``func`` and its `_kind`, worked out once per name."""
+    name = _name(func)
+    return name, _KINDS.get(name) or _KINDS.setdefault(name, _kind(name))
+
+
+def _written(kind: str, args: tuple[Any, ...], kwargs: dict[str, Any], of_type: type[W]) -> list[W]:
+    """The tensors of ``of_type`` that an operation of ``kind`` wrote into."""
     targets: list[object] = []
     if kind == "write":
         # The first argument (`t.add_(...)`, `torch._foreach_mul_([t], ...)`), which functions
@@ -306,7 +313,7 @@ def _written(kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[W
         targets.extend(_tensors(args[0] if args else next(iter(kwargs.values()), None)))
     if "out" in kwargs:
         targets.extend(_tensors(kwargs["out"]))
-    return [t for t in targets if isinstance(t, WriteThrough)]
+    return [t for t in targets if isinstance(t, of_type)]
 
 
 def _wrap_views(out: Any, args: tuple[Any, ...], kwargs: dict[str, Any], *, of_data: bool) -> Any:
@@ -416,24 +423,14 @@ def _sharded_class() -> type[Tensor]:
             kwargs: dict[str, Any] | None = None,
         ) -> Any:
             kwargs = kwargs or {}
-            name = _name(func)
-            kind = _KINDS.get(name) or _KINDS.setdefault(name, _kind(name))
+            name, kind = _classify(func)
             with DisableTorchFunctionSubclass():
                 out = func(*args, **kwargs)
-            if kind == "write":
-                for target in _write_targets(args, kwargs):
-                    if isinstance(target, cls):
-                        assigned = args[1] if name == "data.__set__" else None
-                        _write_back_sharded(target, assigned=assigned)
+            for target in _written(kind, args, kwargs, cls):
+                _write_back_sharded(target, assigned=args[1] if name == "data.__set__" else None)
             return out
 
     return ShardedWriteThrough
-
-
-def _write_targets(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
-    """The tensors an in-place operation wrote into (see `_written`)."""
-    found = list(_tensors(args[0] if args else next(iter(kwargs.values()), None)))
-    return found + list(_tensors(kwargs["out"])) if "out" in kwargs else found
 
 
 def _sharded_write_through(tensor: Tensor, plist: ParametrizationList) -> Tensor:
