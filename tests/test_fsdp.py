@@ -590,7 +590,7 @@ def test_shard_reference_must_be_a_bool() -> None:
 
 @pytest.mark.usefixtures("group")
 def test_torch_removes_a_parametrization_only_from_the_class_it_made() -> None:
-    """Pins the torch behaviour `bake` works around (`fix_rows._remove_parametrization`).
+    """Pins the torch behaviour `bake` works around (`fix_rows.remove_parametrization`).
 
     ``fully_shard`` derives ``FSDP<class>(FSDPModule, <class>)`` from the module's class, the
     parametrized one included; torch's ``remove_parametrizations`` deletes the tensor's

@@ -61,6 +61,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     return _load(out / "tp", 2), single
 
 
+@pytest.fixture(scope="module")
+def runs_2d(runs: Runs, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """Every layout of `tp_fit` under 2-D FSDP2 x tensor parallel, on 4 ranks, once."""
+    out = tmp_path_factory.mktemp("tp2d")
+    _run([sys.executable, str(SCRIPT), "--world", "4", "--out", str(out)])
+    return _load(out, 4)
+
+
 def _fixed(layout: str) -> dict[str, tuple[list[int], torch.Tensor]]:
     """Each constrained tensor's fixed rows and their values, in row order."""
     rows = tp_fit.LAYOUTS[layout][0]
@@ -100,6 +108,46 @@ def test_tensor_parallel_trains_exactly_and_bakes(runs: Runs, layout: str) -> No
         torch.equal(v, ranks[1][layout]["trained"][k])
         for k, v in ranks[0][layout]["trained"].items()
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(tp_fit.LAYOUTS))
+def test_fully_shard_over_tensor_parallel_trains_exactly_and_bakes_into_its_groups(
+    runs: Runs, runs_2d: list[dict[str, Any]], layout: str
+) -> None:
+    """2-D FSDP2 x tensor parallel: per-module groups (or the root alone), with and without
+    resharding after the forward; the baked weights join the groups and train on."""
+    _, single = runs
+    per_module, _ = tp_fit.RECIPES_2D[layout]
+    for rank, ranks in enumerate(runs_2d):
+        result, alone = ranks[layout], single[layout]
+        assert "error" not in result, result.get("error")
+        # Split over the data-parallel ranks too: a half (3 or 2) of the rank's 5 rows.
+        local, mesh_dims = result["stored"]
+        assert mesh_dims == 2
+        assert local == ((5, 2) if layout == "embedding-dim" else ((3, 4), (2, 4))[rank // 2])
+        torch.testing.assert_close(result["losses"], alone["losses"], rtol=1e-5, atol=1e-5)
+        _check(result["trained"], alone["trained"], layout)
+        assert all(torch.equal(v, result["trained"][k]) for k, v in result["reloaded"].items())
+        assert result["plain"] == alone["plain"]
+        fsdp = ["FSDPEmbedding", "FSDPLinear"] if per_module else ["Embedding", "Linear"]
+        assert result["classes"] == fsdp
+        torch.testing.assert_close(
+            result["more_losses"], alone["more_losses"], rtol=1e-5, atol=1e-5
+        )
+        torch.testing.assert_close(result["after"], alone["after"], rtol=1e-5, atol=1e-5)
+        assert all(
+            torch.equal(v, runs_2d[0][layout]["trained"][k]) for k, v in result["trained"].items()
+        )
+
+
+@pytest.mark.slow
+def test_fully_shard_splitting_the_columns_of_a_column_split_weight_is_refused(
+    runs_2d: list[dict[str, Any]],
+) -> None:
+    for ranks in runs_2d:
+        assert "split further by rows only" in ranks["split-columns"]
+        assert "shard_placement_fn must keep Shard(0)" in ranks["split-columns"]
 
 
 @pytest.mark.slow
@@ -259,12 +307,20 @@ def test_state_dict_is_plain_and_loading_checks_the_fixed_rows() -> None:
 
 
 @pytest.mark.usefixtures("group")
-def test_fully_shard_over_tensor_parallel_is_refused_at_the_first_forward() -> None:
+# The vocabulary-parallel lookup's local output is a view; nothing here writes into it.
+@pytest.mark.filterwarnings("ignore:FSDP2-wrapped module .* returned a view tensor")
+def test_fully_shard_over_tensor_parallel_reads_the_reference_outside_the_forward() -> None:
+    """On a 1 x 1 mesh: the stored rows, split as FSDP2 splits them, read the reference."""
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("dp", "tp"))
-    model = nn.Sequential(fix_rows(nn.Embedding(10, 4), torch.zeros(3, 4)))
+    reference = torch.randn(3, 4)
+    model = nn.Sequential(fix_rows(nn.Embedding(10, 4), reference, rows=[8, 1, 5]))
     parallelize_fixed(model, mesh["tp"], {"0": RowwiseParallel(input_layouts=Replicate())})
     fully_shard(model, mesh=mesh["dp"])
-    with pytest.raises(ValueError, match=r"2-D FSDP2 x tensor parallel\), which is not supported"):
-        model(torch.arange(10))
+    model(torch.arange(10)).sum().backward()
+    weight = model[0].weight
+    assert isinstance(weight, DTensor)
+    assert weight.device_mesh.ndim == 2
+    assert torch.equal(weight.full_tensor()[[8, 1, 5]], reference)
+    assert torch.equal(model.state_dict()["0.weight"].full_tensor()[[8, 1, 5]], reference)

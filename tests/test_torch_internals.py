@@ -91,7 +91,7 @@ def test_remove_parametrizations_deletes_the_property_from_the_module_class() ->
 def test_remove_parametrizations_fails_on_a_class_derived_from_the_parametrized_one() -> None:
     # What `fully_shard` makes of a parametrized module (FSDPParametrizedEmbedding): torch
     # deletes the property from `module.__class__`, which does not hold it, so
-    # `fix_rows._remove_parametrization` runs torch on the parametrized class itself.
+    # `fix_rows.remove_parametrization` runs torch on the parametrized class itself.
     emb = nn.Embedding(4, 2)
     parametrize.register_parametrization(emb, "weight", _Double())
     parametrized = type(emb)

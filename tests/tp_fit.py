@@ -3,7 +3,9 @@
 Run by tests/test_tensor_parallel.py as a script: ``--world 2`` spawns 2 gloo ranks that
 parallelize the model (a vocabulary-parallel embedding and head, as torchtitan lays them out),
 ``--world 1`` trains the same constrained model in one process. Both ranks of a tensor-parallel
-group see the whole batch. ``--lightning`` fits through Lightning's
+group see the whole batch. ``--world 4`` adds ``fully_shard`` over 2 data-parallel groups of 2
+tensor-parallel ranks (2-D FSDP2 x tensor parallel, torchtitan's layout), each group taking half
+of every batch. ``--lightning`` fits through Lightning's
 ``ModelParallelStrategy(tensor_parallel_size=2)`` instead (its launcher runs this command again
 for the other rank). A layout that raises saves its error, so that the others still run.
 """
@@ -22,8 +24,13 @@ from typing import Any, cast
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    set_model_state_dict,
+)
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
@@ -51,6 +58,14 @@ LAYOUTS: dict[str, tuple[list[int] | None, str, str]] = {
     "vocab-loss-parallel": (ROWS, "rowwise", "loss-parallel"),
     "prefix": (None, "rowwise", "replicate"),
     "embedding-dim": (ROWS, "colwise", "replicate"),
+}
+# Under 2-D FSDP2 x tensor parallel (``--world 4``): (fully_shard on the embedding and the head
+# too, not on the root alone; reshard_after_forward).
+RECIPES_2D: dict[str, tuple[bool, bool]] = {
+    "vocab-replicated-logits": (True, True),
+    "vocab-loss-parallel": (True, False),
+    "prefix": (False, True),
+    "embedding-dim": (True, True),
 }
 
 
@@ -126,15 +141,23 @@ def step_loss(model: nn.Module, tokens: Tensor, layout: str) -> Tensor:
     return loss
 
 
-def train(model: nn.Module, steps: int, seed: int, layout: str) -> list[float]:
+def train(
+    model: nn.Module, steps: int, seed: int, layout: str, part: tuple[int, int] = (0, 1)
+) -> list[float]:
+    """Train on the batches; ``part`` (rank, ranks): of each batch, the rank's share."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
     losses = []
+    rank, ranks = part
     for tokens in batches(steps, seed):
         optimizer.zero_grad()
-        loss = step_loss(model, tokens, layout)
+        loss = step_loss(model, tokens[rank::ranks], layout)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)  # over DTensors under TP
         optimizer.step()
-        losses.append(float(loss.full_tensor() if isinstance(loss, DTensor) else loss))
+        loss = loss.full_tensor() if isinstance(loss, DTensor) else loss.detach()
+        if ranks > 1:  # the whole batch's loss: the mean of the ranks' shares
+            dist.all_reduce(loss)
+            loss = loss / dist.get_world_size()
+        losses.append(float(loss))
     return losses
 
 
@@ -182,12 +205,66 @@ def fit(layout: str, world: int, mesh: DeviceMesh | None) -> dict[str, Any]:
     return result
 
 
+def fit_2d(layout: str, mesh: DeviceMesh) -> dict[str, Any]:
+    """`fit`, under ``fully_shard`` over the tensor-parallel model (2-D FSDP2 x tensor parallel):
+    each data-parallel rank trains on its half of every batch."""
+    model = build(layout)
+    parallelize_fixed(model, mesh["tp"], plan(layout))
+    per_module, reshard = RECIPES_2D[layout]
+    if per_module:  # torchtitan's layout: the embedding and the head each in a group
+        for name in ("tok_embeddings", "output"):
+            fully_shard(model.get_submodule(name), mesh=mesh["dp"], reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh["dp"], reshard_after_forward=reshard)
+    part = (mesh["dp"].get_local_rank(), mesh["dp"].size())
+    result: dict[str, Any] = {"losses": train(model, STEPS, seed=3, layout=layout, part=part)}
+    result["trained"] = full_state(model)
+    stored = parametrization_list(model.tok_embeddings, "weight").original
+    assert isinstance(stored, DTensor)
+    result["stored"] = (tuple(stored.to_local().shape), stored.device_mesh.ndim)
+    # Its sharded state dict loads back (the 2-D shards; the fixed rows in them are checked).
+    # A full one would not, as for an unconstrained model: torch scatters no uneven 2-D shard.
+    set_model_state_dict(model, get_model_state_dict(model))
+    result["reloaded"] = full_state(model)
+    bake(model)  # hands the weights to bake_parallelized: they join their FSDP2 groups
+    result["plain"] = [n for n, _ in model.named_parameters()]
+    result["classes"] = [
+        type(model.get_submodule(n)).__name__ for n in ("tok_embeddings", "output")
+    ]
+    result["more_losses"] = train(model, MORE, seed=5, layout=layout, part=part)
+    result["after"] = full_state(model)
+    return result
+
+
+def split_columns_error(mesh: DeviceMesh) -> str:
+    """What a read says where ``fully_shard`` splits the columns of a column-split weight."""
+    model = build("embedding-dim")
+    parallelize_fixed(model, mesh["tp"], plan("embedding-dim"))
+    fully_shard(model.tok_embeddings, mesh=mesh["dp"], shard_placement_fn=lambda _: Shard(1))
+    try:
+        model.tok_embeddings.weight  # noqa: B018 - the read is the test
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
 def fit_all(world: int) -> dict[str, Any]:
-    mesh = init_device_mesh("cpu", (world,)) if world > 1 else None
+    two_d = world == 2 * WORLD
+    mesh: DeviceMesh | None = None
+    if two_d:
+        mesh = init_device_mesh("cpu", (2, WORLD), mesh_dim_names=("dp", "tp"))
+    elif world > 1:
+        mesh = init_device_mesh("cpu", (world,))
     results: dict[str, Any] = {}
+    if two_d:
+        assert mesh is not None
+        results["split-columns"] = split_columns_error(mesh)
     for layout in LAYOUTS:
         try:
-            results[layout] = fit(layout, world, mesh)
+            if two_d:
+                assert mesh is not None
+                results[layout] = fit_2d(layout, mesh)
+            else:
+                results[layout] = fit(layout, world, mesh)
         except Exception as error:  # noqa: BLE001 - the test shows it, the others go on
             results[layout] = {"error": "".join(traceback.format_exception(error))[-3000:]}
     return results
@@ -286,7 +363,7 @@ def lightning_fit(out: Path, *, callback: bool = False) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--world", type=int, choices=[1, WORLD], required=True)
+    parser.add_argument("--world", type=int, choices=[1, WORLD, 2 * WORLD], required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--lightning", action="store_true")
     parser.add_argument("--callback", action="store_true", help="with --lightning")
@@ -298,7 +375,7 @@ def main() -> None:
     elif args.world == 1:
         torch.save(fit_all(1), args.out / "rank0.pt")
     else:
-        spawn(run_rank, args=(WORLD, args.out), nprocs=WORLD)  # type: ignore[no-untyped-call]
+        spawn(run_rank, args=(args.world, args.out), nprocs=args.world)  # type: ignore[no-untyped-call]
 
 
 if __name__ == "__main__":

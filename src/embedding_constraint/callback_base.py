@@ -581,4 +581,4 @@ class EmbeddingConstraintHooks(_Base):
                 bake_fully_sharded(root, name=name)
             elif _tensor_parallel(root, name):
                 # Sharded by `parallelize_fixed` in configure_model: a plain DTensor weight.
-                bake_parallelized(root.get_submodule(name.rpartition(".")[0]))
+                bake_parallelized(root, name=name)

@@ -670,16 +670,16 @@ def _bake_checked(
         ]
         for holder, holder_attr in sharers:
             order = plain_parameter_order(holder)
-            _remove_parametrization(holder, holder_attr, leave_parametrized=False)
+            remove_parametrization(holder, holder_attr, leave_parametrized=False)
             remove_plain_hooks(holder, holder_attr)
-            _reorder_parameters(holder, order)
+            reorder_parameters(holder, order)
         order = plain_parameter_order(owner)
-        _remove_parametrization(owner, attr, leave_parametrized=True)
+        remove_parametrization(owner, attr, leave_parametrized=True)
         remove_plain_hooks(owner, attr)
-        _reorder_parameters(owner, order)
+        reorder_parameters(owner, order)
 
 
-def _remove_parametrization(module: nn.Module, attr: str, *, leave_parametrized: bool) -> None:
+def remove_parametrization(module: nn.Module, attr: str, *, leave_parametrized: bool) -> None:
     """Torch's ``remove_parametrizations``, also on a class derived from the parametrized one.
 
     Torch deletes the tensor's property from ``module.__class__`` and, once nothing is left
@@ -727,7 +727,7 @@ def _derived_without(cls: type, gone: type, base: type) -> type:
     return type(cls)(name, bases, own)
 
 
-def _reorder_parameters(module: nn.Module, order: tuple[str, ...]) -> None:
+def reorder_parameters(module: nn.Module, order: tuple[str, ...]) -> None:
     """Put ``module``'s parameters back in ``order`` (the unconstrained module's), which torch's
     ``remove_parametrizations`` does not keep: it adds the tensor back last."""
     params = module._parameters

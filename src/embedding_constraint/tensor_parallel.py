@@ -21,12 +21,13 @@ import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatch
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -39,10 +40,21 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.nn.utils import parametrize
 
-from embedding_constraint.fix_rows import bake, fixed_tensors
+from embedding_constraint.fix_rows import (
+    bake,
+    fixed_tensors,
+    remove_parametrization,
+    reorder_parameters,
+)
 from embedding_constraint.fixed_rows import FixedRows, parametrization_list
 from embedding_constraint.state_dict import plain_parameter_order, put_plain_entry
-from embedding_constraint.torch_internals import fsdp_managed
+from embedding_constraint.torch_internals import (
+    fsdp_managed,
+    fsdp_param_group,
+    fsdp_params_managing,
+    replace_fsdp_params,
+    splits_rows,
+)
 
 __all__ = ["bake_parallelized", "parallelize_fixed"]
 
@@ -55,20 +67,29 @@ _INPUT_OUTPUT_ONLY = (PrepareModuleInput, PrepareModuleOutput, PrepareModuleInpu
 class _FixedShard(nn.Module):
     """The parametrization of one rank's shard: the reference at the fixed rows it holds.
 
-    ``rows`` are the fixed rows' positions in the rank's local shard, ``reference`` their
-    values there (the reference laid out like the weight: a vocabulary slice of it for a
-    ``Shard(0)`` weight, the local columns for ``Shard(1)``). The stored rows at those
-    positions get a zero gradient and are never read.
+    ``ids`` are the fixed rows the rank's tensor-parallel shard holds (their rows of the whole
+    weight), ``reference`` their values there (the reference laid out like the weight: a
+    vocabulary slice of it for a ``Shard(0)`` weight, the local columns for ``Shard(1)``) and
+    ``rows`` their positions in the shard. The stored rows at those positions get a zero
+    gradient and are never read.
+
+    ``fully_shard`` over the tensor-parallel module (2-D FSDP2 x tensor parallel) splits the
+    stored shard's rows further over the data-parallel ranks; it gathers them for the forward,
+    which reads the tensor-parallel layout above. A read of the split rows (outside the
+    forward: ``state_dict()``, ``module.weight``) finds the fixed rows that the rank holds of
+    them from ``ids``, with no collective (`_fixed_in`).
     """
 
+    ids: Tensor
     reference: Tensor
     rows: Tensor
 
-    def __init__(self, owner: nn.Module, rows: Tensor, reference: Tensor) -> None:
+    def __init__(self, stored: DTensor, ids: Tensor, rows: Tensor, reference: Tensor) -> None:
         super().__init__()
+        self.register_buffer("ids", ids, persistent=False)
         self.register_buffer("rows", rows, persistent=False)
         self.register_buffer("reference", reference, persistent=False)
-        self._owner = weakref.ref(owner)
+        self._layout = (stored.device_mesh, tuple(stored.placements))
 
     def forward(self, stored: Tensor) -> Tensor:
         if not isinstance(stored, DTensor):
@@ -77,15 +98,9 @@ class _FixedShard(nn.Module):
                 f"DTensor. Got a {type(stored).__name__}: the module was changed after "
                 "parallelize_fixed."
             )
-        owner = self._owner()
-        if stored.device_mesh.ndim != 1 or (owner is not None and fsdp_managed(owner)):
-            raise ValueError(
-                "Expected tensor parallelism alone on a constrained weight. Got fully_shard "
-                "over the tensor-parallel module (2-D FSDP2 x tensor parallel), which is not "
-                "supported: shard with fully_shard alone, or with parallelize_fixed alone."
-            )
+        rows, reference = self.here(stored)
         local = stored.to_local()
-        pinned = local.index_put((self.rows,), self.reference.to(local.dtype))
+        pinned = local.index_put((rows,), reference.to(local.dtype))
         return DTensor.from_local(
             pinned,
             stored.device_mesh,
@@ -98,14 +113,63 @@ class _FixedShard(nn.Module):
     def right_inverse(self, value: Tensor) -> Tensor:
         return value
 
+    def here(self, stored: DTensor) -> tuple[Tensor, Tensor]:
+        """The fixed rows in this rank's part of ``stored``: (local positions, their values)."""
+        if (stored.device_mesh, tuple(stored.placements)) == self._layout:
+            return self.rows, self.reference
+        local_ids = _local_row_ids(stored)
+        slot = torch.full((stored.shape[0],), -1, dtype=torch.long, device=local_ids.device)
+        slot[self.ids.to(local_ids.device)] = torch.arange(self.ids.numel(), device=slot.device)
+        at = slot[local_ids]
+        rows = (at >= 0).nonzero().flatten()
+        reference = self.reference.to(local_ids.device)[at[rows]]
+        local = stored.to_local()
+        if reference.shape[1:] != local.shape[1:]:  # another split of the columns
+            raise ValueError(
+                "Expected the stored rows of a tensor-parallel constrained weight to be split "
+                "further by rows only (fully_shard's default Shard(0)). Got placements "
+                f"{list(stored.placements)} on a {stored.device_mesh.ndim}-D mesh, which split "
+                f"its columns to {tuple(local.shape[1:])} from {tuple(reference.shape[1:])}: "
+                "shard_placement_fn must keep Shard(0) for it."
+            )
+        return rows, reference
+
+    def in_tensor_parallel_layout(self, stored: DTensor) -> DTensor:
+        """``stored`` gathered over the data-parallel ranks (a collective) where ``fully_shard``
+        splits it: this rank's tensor-parallel shard, the layout ``parallelize_fixed`` made."""
+        mesh, placements = self._layout
+        detached = cast(DTensor, stored.detach())
+        if (stored.device_mesh, tuple(stored.placements)) == self._layout:
+            return detached
+        data_parallel = stored.device_mesh.ndim - mesh.ndim  # fully_shard puts its dims first
+        kept = [Replicate()] * data_parallel + list(stored.placements[data_parallel:])
+        whole = detached.redistribute(stored.device_mesh, kept).to_local()
+        return DTensor.from_local(
+            whole, mesh, placements, run_check=False, shape=stored.shape, stride=stored.stride()
+        )
+
     def pin(self, stored: DTensor) -> None:
         """Write the reference into the stored fixed rows (before a bake)."""
+        rows, reference = self.here(stored)
         with torch.no_grad():
             local = stored.to_local()
-            local[self.rows] = self.reference.to(local.dtype)
+            local[rows] = reference.to(local.dtype)
 
     def extra_repr(self) -> str:
         return f"fixed_here={self.rows.numel()}"
+
+
+def _local_row_ids(stored: DTensor) -> Tensor:
+    """Which rows of the whole tensor this rank's part of ``stored`` holds, in its order.
+
+    Torch's own splitting decides: the row numbers, distributed as ``stored``'s rows are (each
+    rank takes its part, no collective; a placement that does not split rows keeps them all).
+    """
+    device = stored.to_local().device
+    placements = [p if splits_rows(p) else Replicate() for p in stored.placements]
+    ids = torch.arange(stored.shape[0], device=device)
+    spread = distribute_tensor(ids, stored.device_mesh, placements, src_data_rank=None)
+    return spread.to_local()
 
 
 @dataclass(frozen=True)
@@ -223,22 +287,15 @@ def _targets(
     return targets, constraints
 
 
-def _fixed_here(stored: DTensor, fixed: Tensor) -> tuple[Tensor, Tensor]:
-    """The fixed rows in this rank's shard of ``stored``: (local positions, their values).
-
-    Torch's own chunking decides which rows a rank holds: a mask of the fixed rows, sharded
-    as the weight's rows are (each rank takes its chunk, no collective).
-    """
-    local = stored.to_local()
-    (placement,) = stored.placements
-    if isinstance(placement, Shard) and placement.dim == 0:
-        mask = torch.zeros(stored.shape[0], dtype=torch.bool, device=local.device)
-        mask[fixed.to(local.device)] = True
-        mine = distribute_tensor(mask, stored.device_mesh, [Shard(0)], src_data_rank=None)
-        rows = mine.to_local().nonzero().flatten()
-    else:  # Replicate, or another dimension split: every row, its local part
-        rows = fixed.to(local.device)
-    return rows, local[rows].detach().clone()
+def _fix_shard(stored: DTensor, fixed: Tensor) -> _FixedShard:
+    """The parametrization of this rank's shard ``stored`` of a weight whose ``fixed`` rows are
+    held at their values in it (the reference, baked in)."""
+    local_ids = _local_row_ids(stored)
+    mask = torch.zeros(stored.shape[0], dtype=torch.bool, device=local_ids.device)
+    mask[fixed.to(local_ids.device)] = True
+    rows = mask[local_ids].nonzero().flatten()
+    reference = stored.to_local()[rows].detach().clone()
+    return _FixedShard(stored, local_ids[rows], rows, reference)
 
 
 def parallelize_fixed(
@@ -287,9 +344,8 @@ def parallelize_fixed(
     for target in targets:
         stored = getattr(target.owner, target.attr)  # torch's new Parameter, a DTensor
         assert isinstance(stored, DTensor)
-        rows, reference = _fixed_here(stored, fixed[target.name])
         parametrize.register_parametrization(
-            target.owner, target.attr, _FixedShard(target.owner, rows, reference)
+            target.owner, target.attr, _fix_shard(stored, fixed[target.name])
         )
         _PlainKeys(target.attr, target.order).register(target.owner)
     return module
@@ -342,10 +398,8 @@ class _PlainKeys:
         constraint = parametrization_list(module, self.attr)[0]
         assert isinstance(constraint, _FixedShard)
         if isinstance(value, DTensor):
-            local = value.to_local()
-            if local.shape[0] > 0 and not torch.equal(
-                local[constraint.rows].to(constraint.reference.dtype), constraint.reference
-            ):
+            rows, reference = constraint.here(value)
+            if not torch.equal(value.to_local()[rows].to(reference.dtype), reference):
                 error_msgs.append(
                     f"Expected the fixed rows of {key!r} to equal the reference (they are held "
                     "fixed). Got other values in this rank's shard."
@@ -366,28 +420,72 @@ def parallelized(module: nn.Module) -> list[tuple[nn.Module, str]]:
     ]
 
 
-def bake_parallelized(module: nn.Module) -> nn.Module:
+def bake_parallelized(module: nn.Module, *, name: str | None = None) -> nn.Module:
     """Replace every tensor-parallel constrained weight under ``module`` by a plain one.
 
     The stored ``DTensor`` Parameter becomes the module's weight again, with the reference in
-    its fixed rows: the model trains on as an unconstrained tensor-parallel one. Every rank
-    calls it (`bake` calls it for such a module); make a new optimizer afterwards (the fixed
-    rows train from then on).
+    its fixed rows: the model trains on as an unconstrained tensor-parallel one. Under
+    ``fully_shard`` as well (2-D FSDP2 x tensor parallel), the plain weight takes the stored
+    rows' place in their FSDP2 group, as `embedding_constraint.fsdp.bake_fully_sharded` does:
+    pass the module that ``fully_shard`` was called on, or a root above it. Every rank calls it
+    (`bake` calls it for such a module), outside a forward and backward; make a new optimizer
+    afterwards (the fixed rows train from then on).
+
+    Args:
+        module (nn.Module): a module parallelized by `parallelize_fixed`, or a root above it.
+        name (str, optional): the constrained tensor, dotted under ``module``. Default:
+            ``None``, every one under ``module``.
 
     Raises:
-        ValueError: nothing under ``module`` was constrained by `parallelize_fixed`.
+        ValueError: nothing under ``module`` (or at ``name``) was constrained by
+            `parallelize_fixed`, or ``fully_shard`` manages it from a module above ``module``.
+            Nothing is changed.
     """
     found = parallelized(module)
+    if name is not None:
+        owner_name, _, attr = name.rpartition(".")
+        found = [(m, a) for m, a in found if m is module.get_submodule(owner_name) and a == attr]
     if not found:
-        raise ValueError(
-            "Expected a tensor constrained by parallelize_fixed under `module`. Got none."
-        )
-    for owner, attr in found:
+        where = "under `module`" if name is None else f"at {name!r}"
+        raise ValueError(f"Expected a tensor constrained by parallelize_fixed {where}. Got none.")
+    for fsdp_module in module.modules():
+        if isinstance(fsdp_module, FSDPModule):
+            fsdp_module.reshard()  # the stored rows are the shards FSDP2 manages
+    names = {id(m): n for n, m in module.named_modules()}
+    plans = [(owner, attr, _fsdp_param_of(module, owner, attr)) for owner, attr in found]
+    for owner, attr, managed in plans:  # every check is done: the module changes from here on
         plist = parametrization_list(owner, attr)
-        constraint = plist[0]
+        constraint, stored = plist[0], plist.original
         assert isinstance(constraint, _FixedShard)
-        assert isinstance(plist.original, DTensor)
-        constraint.pin(plist.original)
-        _HOOKS[owner][attr].remove(owner)
-        parametrize.remove_parametrizations(owner, attr, leave_parametrized=False)
+        assert isinstance(stored, DTensor)
+        constraint.pin(stored)
+        hooks = _HOOKS[owner][attr]
+        hooks.remove(owner)
+        remove_parametrization(owner, attr, leave_parametrized=False)  # FSDP2's class too
+        reorder_parameters(owner, hooks.order)  # torch puts the weight back last
+        if managed is not None:
+            group, fsdp_param = managed
+            whole = constraint.in_tensor_parallel_layout(stored)
+            weight = nn.Parameter(whole, requires_grad=stored.requires_grad)
+            owner._parameters[attr] = weight
+            qualified = f"{names[id(owner)]}.{attr}" if names[id(owner)] else attr
+            replace_fsdp_params(group, [fsdp_param], weight, [(owner, attr)], qualified)
     return module
+
+
+def _fsdp_param_of(module: nn.Module, owner: nn.Module, attr: str) -> tuple[object, object] | None:
+    """The FSDP2 group under ``module`` and its ``FSDPParam`` that shard ``owner.<attr>``'s
+    stored rows; None where ``fully_shard`` does not manage them."""
+    if not fsdp_managed(owner):
+        return None
+    stored = parametrization_list(owner, attr).original
+    for fsdp_module in module.modules():
+        group = fsdp_param_group(fsdp_module) if isinstance(fsdp_module, FSDPModule) else None
+        found = [] if group is None else fsdp_params_managing(group, [stored])
+        if found:
+            return group, found[0]
+    raise ValueError(
+        f"Expected an FSDP2 group under `module` that manages the tensor-parallel {attr!r} of "
+        f"a {type(owner).__name__}. Got none: fully_shard was called on a module above "
+        "`module`. Pass that module."
+    )

@@ -20,6 +20,10 @@ somewhere else in the package. Nothing else in the package reaches into torch's 
   public call to swap a parameter it manages, which baking a constrained weight needs: its
   stored rows (and reference) give way to the plain weight (`fsdp_param_group`,
   `fsdp_params_managing`, `replace_fsdp_params`).
+- The placement FSDP2 gives the rows of a tensor-parallel weight that it shards further,
+  ``_StridedShard(0)`` (``torch.distributed.tensor.placement_types``): a public ``Shard``
+  does not say it splits the rows (``is_shard(0)`` is false), so a rank's rows under 2-D
+  FSDP2 x tensor parallel are found by asking for it by type (`splits_rows`).
 - Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``) is active:
   ``torch._C._are_functorch_transforms_active``, what torch's own ``autograd.Function.apply``
   asks; there is no public test (`functorch_transform_active`).
@@ -159,6 +163,15 @@ def replace_fsdp_params(
     params[:] = [p for p in params if all(p is not s for s in stale)]
     params.insert(at, fresh)
     group._init_mp_dtypes()  # type: ignore[attr-defined]
+
+
+def splits_rows(placement: object) -> bool:
+    """Whether a ``DTensor`` placement splits dimension 0 (``Shard(0)``, or FSDP2's
+    ``_StridedShard(0)`` over a tensor-parallel ``Shard(0)``)."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    return isinstance(placement, Shard | _StridedShard) and placement.dim == 0
 
 
 # -- torch.func --------------------------------------------------------------------------------
