@@ -172,24 +172,30 @@ def test_each_rank_holds_its_vocabulary_slice_of_the_fixed_rows(runs: Runs) -> N
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("data_parallel", [1, 2], ids=["tp", "fsdp2-x-tp"])
 @pytest.mark.parametrize("by", ["parallelize_fixed", "callback"])
 def test_model_parallel_strategy_tensor_parallel_matches_one_process(
-    runs: Runs, tmp_path: Path, by: str
+    runs: Runs, tmp_path: Path, by: str, data_parallel: int
 ) -> None:
     """Constrained in __init__, or by EmbeddingConstraint at setup (then parallelize_fixed in
-    configure_model shards the constrained modules, and the callback bakes at the end)."""
+    configure_model shards the constrained modules, and the callback bakes at the end); with
+    ``data_parallel=2``, configure_model also calls fully_shard on the embedding, the head
+    and the model (2-D), and the bake puts the weights into their FSDP2 groups."""
     _, single = runs
     more = ["--callback"] if by == "callback" else []
-    command = [sys.executable, str(SCRIPT), "--world", "2", "--lightning", *more]
-    _run([*command, "--out", str(tmp_path)])
+    world = 2 * data_parallel
+    command = [sys.executable, str(SCRIPT), "--world", str(world), "--lightning", *more]
+    _run([*command, "--data-parallel", str(data_parallel), "--out", str(tmp_path)])
     alone = single["vocab-replicated-logits"]
-    for result in _load(tmp_path, 2):
+    for rank, result in enumerate(_load(tmp_path, world)):
         assert result["weights"] == {"tok_embeddings": True, "output": True}
         assert not [n for n in result["plain"] if "parametrizations" in n]
         torch.testing.assert_close(result["losses"], alone["losses"], rtol=1e-5, atol=1e-5)
         _check(result["trained"], alone["trained"], "vocab-replicated-logits")
         _check(result["after_bake"], alone["trained"], "vocab-replicated-logits")
-        assert result["held"]["output"]["stored_local"] == (5, 4)
+        # The rank's 5 rows of the head, split again over the data-parallel ranks.
+        expected = (5, 4) if data_parallel == 1 else ((3, 4), (2, 4))[rank // 2]
+        assert result["held"]["output"]["stored_local"] == expected
 
 
 # -- refusals, in one process ------------------------------------------------------------

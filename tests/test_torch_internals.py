@@ -22,7 +22,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam, ParamModuleInfo
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
 from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
@@ -37,6 +38,7 @@ from embedding_constraint.torch_internals import (
     parametrized_class,
     parametrized_original,
     replace_fsdp_params,
+    splits_rows,
 )
 
 
@@ -184,6 +186,20 @@ def group(tmp_path: Path) -> Iterator[None]:
     finally:
         gc.collect()  # the test's sharded modules go before their group (see test_ddp.py)
         dist.destroy_process_group()
+
+
+def test_fsdp2s_strided_row_split_is_no_public_row_split() -> None:
+    """FSDP2 splits a tensor-parallel ``Shard(0)`` weight's rows with ``_StridedShard(0)``,
+    which ``is_shard(0)`` does not count (tests/test_tensor_parallel.py runs the 2-D case)."""
+    strided = _StridedShard(0, split_factor=2)
+    assert not strided.is_shard(0)
+    assert [splits_rows(p) for p in (strided, Shard(0), Shard(1), Replicate())] == [
+        True,
+        True,
+        False,
+        False,
+    ]
+    assert not splits_rows(_StridedShard(1, split_factor=2))
 
 
 @pytest.mark.usefixtures("group")

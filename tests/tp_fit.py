@@ -277,12 +277,14 @@ def run_rank(rank: int, world: int, out: Path) -> None:
     in_process_group(body, "gloo", str(out / "group"), rank, world)
 
 
-def lightning_fit(out: Path, *, callback: bool = False) -> None:
+def lightning_fit(out: Path, *, callback: bool = False, data_parallel: int = 1) -> None:
     """Fit `Titan` with ModelParallelStrategy(tensor_parallel_size=2), constrained in __init__
-    (``callback``: by EmbeddingConstraint callbacks, one per module, at setup)."""
+    (``callback``: by EmbeddingConstraint callbacks, one per module, at setup). With
+    ``data_parallel=2``, ``configure_model`` also calls ``fully_shard`` on the embedding, the
+    head and the model over the data-parallel mesh (2-D), as Lightning's examples do."""
     import lightning as L
     from lightning.pytorch.strategies import ModelParallelStrategy
-    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
     from embedding_constraint.lightning import EmbeddingConstraint
 
@@ -302,11 +304,27 @@ def lightning_fit(out: Path, *, callback: bool = False) -> None:
             mesh = self.device_mesh
             assert mesh is not None
             parallelize_fixed(self.model, mesh["tensor_parallel"], plan(layout))
+            if data_parallel > 1:
+                for part in (self.model.tok_embeddings, self.model.output, self.model):
+                    fully_shard(part, mesh=mesh["data_parallel"])
 
         def training_step(self, batch: list[Tensor], index: int) -> Tensor:
             loss = loss_of(self.model(batch[0]), batch[0])
-            self.losses.append(float(loss.detach()))
+            whole = loss.detach().clone()  # the whole batch's: the mean of the ranks' shares
+            dist.all_reduce(whole)
+            self.losses.append(float(whole) / dist.get_world_size())
             return loss
+
+        def train_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
+            """Each data-parallel rank takes every other sample of a batch, as `fit_2d`'s."""
+            mesh = self.device_mesh
+            assert mesh is not None
+            tokens = TensorDataset(batches(STEPS, seed=3).reshape(-1, 5))
+            dp = mesh["data_parallel"]
+            sampler: DistributedSampler[tuple[Tensor, ...]] = DistributedSampler(
+                tokens, num_replicas=dp.size(), rank=dp.get_local_rank(), shuffle=False
+            )
+            return DataLoader(tokens, batch_size=BATCH // dp.size(), sampler=sampler)
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.AdamW(self.parameters(), lr=0.05, weight_decay=0.1)
@@ -323,22 +341,22 @@ def lightning_fit(out: Path, *, callback: bool = False) -> None:
             EmbeddingConstraint(module.model.tok_embeddings, embedding, rows=LAYOUTS[layout][0]),
             EmbeddingConstraint(module.model.output, head, rows=HEAD_ROWS),
         ]
-    tokens = batches(STEPS, seed=3).reshape(-1, 5)
-    loader = DataLoader(TensorDataset(tokens), batch_size=BATCH, shuffle=False)
     trainer = L.Trainer(
         accelerator="cpu",
-        devices=WORLD,
-        strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=WORLD),
+        devices=WORLD * data_parallel,
+        strategy=ModelParallelStrategy(
+            data_parallel_size=data_parallel, tensor_parallel_size=WORLD
+        ),
         max_epochs=1,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         gradient_clip_val=0.5,
-        use_distributed_sampler=False,  # the ranks of a tensor-parallel group see one batch
+        use_distributed_sampler=False,  # train_dataloader gives each rank its samples
         callbacks=callbacks,
     )
-    trainer.fit(module, loader)
+    trainer.fit(module)
     if not callback:  # the callbacks bake at the end of the fit
         bake(module.model)  # hands the tensor-parallel weights to bake_parallelized
     plain = [n for n, _ in module.model.named_parameters()]
@@ -367,11 +385,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--lightning", action="store_true")
     parser.add_argument("--callback", action="store_true", help="with --lightning")
+    parser.add_argument("--data-parallel", type=int, choices=[1, 2], default=1)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if args.lightning:
-        lightning_fit(args.out, callback=args.callback)
+        lightning_fit(args.out, callback=args.callback, data_parallel=args.data_parallel)
     elif args.world == 1:
         torch.save(fit_all(1), args.out / "rank0.pt")
     else:
