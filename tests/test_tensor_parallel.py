@@ -151,6 +151,27 @@ def test_fully_shard_splitting_the_columns_of_a_column_split_weight_is_refused(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("layout", tp_fit.CONSTRAINED_AFTER)
+def test_fix_rows_on_a_tensor_parallel_model_matches_parallelize_fixed(
+    runs: Runs, layout: str
+) -> None:
+    """parallelize_module first, then fix_rows on the shards: as fix_rows, then parallelize_fixed."""
+    ranks, single = runs
+    for rank in ranks:
+        result, before = rank[f"{layout}/after"], rank[layout]
+        assert "error" not in result, result.get("error")
+        assert result["losses"] == before["losses"]
+        assert all(torch.equal(v, before["trained"][k]) for k, v in result["trained"].items())
+        _check(result["trained"], single[layout]["trained"], layout)
+        assert result["plain"] == before["plain"]
+        for name in ("tok_embeddings", "output"):  # each rank holds what parallelize_fixed gives it
+            mine, theirs = result["held"][name], before["held"][name]
+            assert mine["rows"] == theirs["rows"]
+            assert torch.equal(mine["reference"], theirs["reference"])
+        assert all(torch.equal(v, before["after"][k]) for k, v in result["after"].items())
+
+
+@pytest.mark.slow
 def test_each_rank_holds_its_vocabulary_slice_of_the_fixed_rows(runs: Runs) -> None:
     ranks, _ = runs
     rows, reference = _fixed("vocab-replicated-logits")["tok_embeddings.weight"]
@@ -330,3 +351,82 @@ def test_fully_shard_over_tensor_parallel_reads_the_reference_outside_the_forwar
     assert weight.device_mesh.ndim == 2
     assert torch.equal(weight.full_tensor()[[8, 1, 5]], reference)
     assert torch.equal(model.state_dict()["0.weight"].full_tensor()[[8, 1, 5]], reference)
+
+
+def _vocabulary_parallel(vocab: int = 10) -> nn.Sequential:
+    """An embedding and a head that torch's parallelize_module sharded by vocabulary (1 rank)."""
+    model = nn.Sequential(nn.Embedding(vocab, 4), nn.Linear(4, vocab))
+    plan = {"0": RowwiseParallel(input_layouts=Replicate()), "1": ColwiseParallel()}
+    parallelize_module(model, init_device_mesh("cpu", (1,)), plan)
+    return model
+
+
+@pytest.mark.usefixtures("group")
+def test_fix_rows_constrains_a_model_that_tensor_parallelism_sharded_first() -> None:
+    model = _vocabulary_parallel()
+    reference, head = torch.randn(3, 4), nn.Linear(4, 2)
+    fix_rows(model[0], reference, rows=[8, 1, 5])
+    fix_rows(model[1], head, rows=[0, 9])  # weight and bias
+    weight = model[0].weight
+    assert isinstance(weight, DTensor)
+    assert torch.equal(weight.full_tensor()[[8, 1, 5]], reference)
+    assert list(model.state_dict()) == ["0.weight", "1.weight", "1.bias"]
+    assert torch.equal(model.state_dict()["1.bias"].full_tensor()[[0, 9]], head.bias.detach())
+    model(torch.arange(10)).sum().backward()
+    stored = [p for n, p in model.named_parameters() if n.startswith("0.")]
+    (grad,) = [p.grad for p in stored]
+    assert isinstance(grad, DTensor)
+    assert not grad.full_tensor()[[8, 1, 5]].any()  # the fixed rows are never read
+    assert grad.full_tensor()[[0, 2]].abs().sum() > 0
+    bake_parallelized(model)
+    assert [n for n, _ in model.named_parameters()] == ["0.weight", "1.weight", "1.bias"]
+    baked = model[0].weight
+    assert isinstance(baked, DTensor)
+    assert torch.equal(baked.full_tensor()[[8, 1, 5]], reference)
+
+
+def _tied_after() -> tuple[nn.Module, str, Any]:
+    model = _vocabulary_parallel()
+    model[1].weight = model[0].weight  # a head tied to the sharded embedding by hand
+    return model, "0.weight", torch.zeros(3, 4)
+
+
+def _two_d() -> tuple[nn.Module, str, Any]:
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    embedding = nn.Embedding(10, 4)
+    mesh = init_device_mesh("cpu", (1, 1))
+    weight = distribute_tensor(embedding.weight.detach(), mesh, [Replicate(), Shard(0)])
+    embedding.weight = nn.Parameter(weight)
+    return nn.Sequential(embedding), "0.weight", torch.zeros(3, 4)
+
+
+def _bias_not_sharded() -> tuple[nn.Module, str | None, Any]:
+    model = _vocabulary_parallel()
+    model[1].bias = nn.Parameter(torch.zeros(10))
+    return model[1], None, nn.Linear(4, 2)
+
+
+def _wrong_width() -> tuple[nn.Module, str, Any]:
+    return _vocabulary_parallel(), "0.weight", torch.zeros(3, 5)
+
+
+@pytest.mark.usefixtures("group")
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        (_tied_after, "tied to another module.*Untie them before parallelizing"),
+        (_two_d, r"tensor parallelism alone \(a 1-D mesh\).*2-D mesh: constrain it before"),
+        (_bias_not_sharded, r"`module.bias` to be sharded by tensor parallelism.*Got a Parameter"),
+        (_wrong_width, r"rows of shape \(4,\).*Got a reference of shape \(3, 5\)"),
+    ],
+    ids=["tied", "2-d", "bias-not-sharded", "wrong-width"],
+)
+def test_fix_rows_on_tensor_parallel_shards_refuses_before_anything_changes(
+    case: Any, match: str
+) -> None:
+    module, name, reference = case()
+    before = _snapshot(module)
+    with pytest.raises(ValueError, match=match):
+        fix_rows(module, reference, name=name, rows=[8, 1, 5] if name else [0, 9])
+    assert _same(module, before)

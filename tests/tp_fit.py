@@ -37,6 +37,7 @@ from torch.distributed.tensor.parallel import (
     ParallelStyle,
     RowwiseParallel,
     loss_parallel,
+    parallelize_module,
 )
 from torch.multiprocessing.spawn import spawn
 
@@ -59,6 +60,8 @@ LAYOUTS: dict[str, tuple[list[int] | None, str, str]] = {
     "prefix": (None, "rowwise", "replicate"),
     "embedding-dim": (ROWS, "colwise", "replicate"),
 }
+# Also constrained after torch's parallelize_module sharded the plain model (``--world 2``).
+CONSTRAINED_AFTER = ("vocab-replicated-logits", "embedding-dim")
 # Under 2-D FSDP2 x tensor parallel (``--world 4``): (fully_shard on the embedding and the head
 # too, not on the root alone; reshard_after_forward).
 RECIPES_2D: dict[str, tuple[bool, bool]] = {
@@ -186,10 +189,23 @@ def held(model: nn.Module) -> dict[str, Any]:
     return out
 
 
-def fit(layout: str, world: int, mesh: DeviceMesh | None) -> dict[str, Any]:
-    """Train, bake, train on; what the test compares."""
-    model = build(layout)
-    if world > 1:
+def fit(
+    layout: str, world: int, mesh: DeviceMesh | None, *, constrain_after: bool = False
+) -> dict[str, Any]:
+    """Train, bake, train on; what the test compares. ``constrain_after``: torch's
+    ``parallelize_module`` shards the plain model, then `fix_rows` constrains the shards (the
+    order Hugging Face's ``tp_plan`` imposes)."""
+    if constrain_after:
+        assert mesh is not None
+        torch.manual_seed(0)  # as `build` makes it, unconstrained
+        model = Titan()
+        parallelize_module(model, mesh, plan(layout))
+        embedding, head = references(LAYOUTS[layout][0])
+        fix_rows(model.tok_embeddings, embedding, rows=LAYOUTS[layout][0])
+        fix_rows(model.output, head, rows=HEAD_ROWS)
+    else:
+        model = build(layout)
+    if world > 1 and not constrain_after:
         assert mesh is not None
         parallelize_fixed(model, mesh, plan(layout))
     result: dict[str, Any] = {"losses": train(model, STEPS, seed=3, layout=layout)}
@@ -267,6 +283,11 @@ def fit_all(world: int) -> dict[str, Any]:
                 results[layout] = fit(layout, world, mesh)
         except Exception as error:  # noqa: BLE001 - the test shows it, the others go on
             results[layout] = {"error": "".join(traceback.format_exception(error))[-3000:]}
+    for layout in CONSTRAINED_AFTER if world == WORLD else ():
+        try:
+            results[f"{layout}/after"] = fit(layout, world, mesh, constrain_after=True)
+        except Exception as error:  # noqa: BLE001 - the test shows it, the others go on
+            results[f"{layout}/after"] = {"error": "".join(traceback.format_exception(error))}
     return results
 
 

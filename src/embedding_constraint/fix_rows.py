@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import gc
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrize import ParametrizationList
 
-from embedding_constraint.fixed_rows import FixedRows, parametrization_list
+from embedding_constraint.fixed_rows import FixedRows, parametrization_list, sharded
 from embedding_constraint.reads import FAST_FORWARDS
 from embedding_constraint.state_dict import (
     plain_parameter_order,
@@ -376,10 +376,17 @@ def fix_rows(
     if not isinstance(module, nn.Module):
         raise TypeError(f"Expected `module` to be a torch.nn.Module. Got {type(module).__name__}.")
     references = references_of(module, reference, name=name)
-    plans = [_plan(module, value, key, rows) for key, value in references.items()]
-    # Nothing below can fail on user input: the module changes only from here on.
-    for plan in plans:
-        _register(plan)
+    if _tensor_parallel_already(module, references):
+        # Sharded before the constraint (Hugging Face's tp_plan loads a model so): each rank
+        # constrains its shard, as `parallelize_fixed` would have.
+        from embedding_constraint.tensor_parallel import fix_parallelized  # it imports this
+
+        fix_parallelized(module, references, rows)
+    else:
+        plans = [_plan(module, value, key, rows) for key, value in references.items()]
+        # Nothing below can fail on user input: the module changes only from here on.
+        for plan in plans:
+            _register(plan)
     if "transformers" in sys.modules:  # else no Hugging Face model can be under `module`
         # A Hugging Face model keeps tie_weights and resize_token_embeddings working, and
         # PEFT finds its tied head by name, as on the plain model.
@@ -389,6 +396,22 @@ def fix_rows(
         keep_constraints_through_hf_methods(module)
         declare_constrained_ties(module)
     return module
+
+
+def _tensor_parallel_already(module: nn.Module, names: Iterable[object]) -> bool:
+    """Whether a tensor ``names`` has under ``module`` is a ``DTensor`` that ``fully_shard``
+    does not manage: sharded by tensor parallelism (FSDP2's shards are refused as such)."""
+    for name in names:
+        if not isinstance(name, str):
+            continue  # `_plan` says what is wrong with it, as below
+        owner_name, _, attr = name.rpartition(".")
+        try:
+            owner = module.get_submodule(owner_name)
+        except AttributeError:
+            continue
+        if sharded(owner._parameters.get(attr)) and not fsdp_managed(owner):
+            return True
+    return False
 
 
 def references_of(

@@ -18,7 +18,7 @@ turns the result into a plain sharded weight.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from typing import Any, cast
@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -42,7 +42,11 @@ from torch.nn.utils import parametrize
 
 from embedding_constraint.fix_rows import (
     bake,
+    check_lookup_options,
     fixed_tensors,
+    held_outside,
+    holders_of,
+    owner_of,
     remove_parametrization,
     reorder_parameters,
 )
@@ -56,7 +60,7 @@ from embedding_constraint.torch_internals import (
     splits_rows,
 )
 
-__all__ = ["bake_parallelized", "parallelize_fixed"]
+__all__ = ["bake_parallelized", "fix_parallelized", "parallelize_fixed"]
 
 # The state-dict hooks of each module that `parallelize_fixed` constrained, by tensor name.
 _HOOKS: weakref.WeakKeyDictionary[nn.Module, dict[str, _PlainKeys]] = weakref.WeakKeyDictionary()
@@ -118,11 +122,8 @@ class _FixedShard(nn.Module):
         if (stored.device_mesh, tuple(stored.placements)) == self._layout:
             return self.rows, self.reference
         local_ids = _local_row_ids(stored)
-        slot = torch.full((stored.shape[0],), -1, dtype=torch.long, device=local_ids.device)
-        slot[self.ids.to(local_ids.device)] = torch.arange(self.ids.numel(), device=slot.device)
-        at = slot[local_ids]
-        rows = (at >= 0).nonzero().flatten()
-        reference = self.reference.to(local_ids.device)[at[rows]]
+        rows, at = _rows_among(local_ids, self.ids, stored.shape[0])
+        reference = self.reference.to(local_ids.device)[at]
         local = stored.to_local()
         if reference.shape[1:] != local.shape[1:]:  # another split of the columns
             raise ValueError(
@@ -287,15 +288,30 @@ def _targets(
     return targets, constraints
 
 
-def _fix_shard(stored: DTensor, fixed: Tensor) -> _FixedShard:
-    """The parametrization of this rank's shard ``stored`` of a weight whose ``fixed`` rows are
-    held at their values in it (the reference, baked in)."""
+def _fix_shard(stored: DTensor, fixed: Tensor, reference: Tensor | None = None) -> _FixedShard:
+    """The parametrization of this rank's shard ``stored`` of a weight whose ``fixed`` rows
+    (global positions) are held at ``reference``'s rows (``None``: their values in ``stored``,
+    the reference baked in)."""
     local_ids = _local_row_ids(stored)
-    mask = torch.zeros(stored.shape[0], dtype=torch.bool, device=local_ids.device)
-    mask[fixed.to(local_ids.device)] = True
-    rows = mask[local_ids].nonzero().flatten()
-    reference = stored.to_local()[rows].detach().clone()
-    return _FixedShard(stored, local_ids[rows], rows, reference)
+    rows, at = _rows_among(local_ids, fixed, stored.shape[0])
+    if reference is None:
+        values = stored.to_local()[rows].detach().clone()
+    else:  # the rank's part of each reference row: its columns, where the weight splits them
+        placements = [Replicate() if splits_rows(p) else p for p in stored.placements]
+        whole_rows = reference.detach().to(device=local_ids.device, dtype=stored.dtype)
+        spread = distribute_tensor(whole_rows, stored.device_mesh, placements, src_data_rank=None)
+        values = spread.to_local()[at].clone()
+    return _FixedShard(stored, local_ids[rows], rows, values)
+
+
+def _rows_among(local_ids: Tensor, fixed: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
+    """Where the ``fixed`` rows lie among a rank's rows ``local_ids`` (both global positions):
+    (their local positions, in order, and the index of each into ``fixed``)."""
+    slot = torch.full((vocab,), -1, dtype=torch.long, device=local_ids.device)
+    slot[fixed.to(local_ids.device)] = torch.arange(fixed.numel(), device=slot.device)
+    found = slot[local_ids]
+    rows = (found >= 0).nonzero().flatten()
+    return rows, found[rows]
 
 
 def parallelize_fixed(
@@ -349,6 +365,73 @@ def parallelize_fixed(
         )
         _PlainKeys(target.attr, target.order).register(target.owner)
     return module
+
+
+def fix_parallelized(
+    module: nn.Module,
+    references: Mapping[str, Tensor],
+    rows: Tensor | Sequence[int] | None,
+) -> None:
+    """`fix_rows` for tensors that tensor parallelism sharded already (``parallelize_module``,
+    or Hugging Face's ``from_pretrained(..., tp_plan=...)``, which loads a model sharded).
+
+    Each tensor of ``references`` (by dotted name under ``module``) is constrained as
+    `parallelize_fixed` leaves it: each rank's shard reads the reference at the fixed rows it
+    holds (its part of each of them, where the weight splits its columns), and the stored shard
+    gets the reference there too. Every rank calls it with the same reference. All checked
+    before anything changes.
+
+    Raises:
+        TypeError, ValueError: as `fix_rows` does; a tensor of a reference module is not sharded
+            as the others are; a tensor lies on a mesh of more than one dimension (2-D: constrain
+            it before ``fully_shard``), or is laid out other than by ``Shard`` and ``Replicate``
+            placements; it is tied to another module (tensor parallelism unties them).
+    """
+    plans = [_check_parallelized(module, name, value, rows) for name, value in references.items()]
+    orders = [plain_parameter_order(owner) for owner, *_ in plans]  # before any is registered
+    # Nothing below can fail on user input: the module changes only from here on.
+    for (owner, attr, stored, constraint), order in zip(plans, orders, strict=True):
+        shard = _fix_shard(stored, constraint.fixed_row_indices(), constraint.reference)
+        shard.pin(stored)
+        parametrize.register_parametrization(owner, attr, shard)
+        _PlainKeys(attr, order).register(owner)
+
+
+def _check_parallelized(
+    module: nn.Module, name: str, reference: Tensor, rows: Tensor | Sequence[int] | None
+) -> tuple[nn.Module, str, DTensor, FixedRows]:
+    """Check what `fix_parallelized` checks of ``module.<name>``, changing nothing."""
+    owner, attr = owner_of(module, name)
+    stored: object = owner._parameters.get(attr)
+    label = f"`module.{name}`"
+    if not isinstance(stored, DTensor):
+        raise ValueError(  # noqa: TRY004 - as fix_rows refuses a tensor it cannot constrain
+            f"Expected {label} to be sharded by tensor parallelism, as the other tensors of the "
+            f"reference module are. Got a {type(stored).__name__}."
+        )
+    layout = f"placements {list(stored.placements)} on a {stored.device_mesh.ndim}-D mesh"
+    if stored.device_mesh.ndim != 1:
+        raise ValueError(
+            f"Expected {label} to be sharded by tensor parallelism alone (a 1-D mesh). Got "
+            f"{layout}: constrain it before fully_shard (fix_rows, then parallelize, then "
+            "fully_shard)."
+        )
+    if not all(isinstance(p, Shard | Replicate) for p in stored.placements):
+        raise ValueError(
+            f"Expected {label} to be laid out by Shard or Replicate placements. Got {layout}."
+        )
+    check_lookup_options(owner)
+    if len(holders_of(module, stored)) > 1 or held_outside(module, stored, "_parameters"):
+        raise ValueError(
+            f"Expected {label} to be read by one module under tensor parallelism. Got it tied to "
+            "another module (an output head tied to the embedding, say), which tensor "
+            "parallelism unties. Untie them before parallelizing."
+        )
+    constraint = FixedRows.borrowing(reference, rows=rows)
+    # The checks need the tensor's shape and dtype only, which a meta tensor has.
+    stand_in = torch.empty(stored.shape, dtype=stored.dtype, device="meta")
+    constraint.check_compatible(stand_in, tensor_name=label)
+    return owner, attr, stored, constraint
 
 
 class _PlainKeys:
