@@ -238,3 +238,44 @@ def test_accelerate_fsdp2_on_a_tied_model_left_to_accelerate(
     device too, with cpu_ram_efficient_loading): the two read one tensor, so it shards them as
     one group, as a plain tied model's."""
     _fsdp2_case(fsdp2, case)
+
+
+# Tensor parallelism: from_pretrained(..., tp_plan="auto"), then fix_rows on the shards.
+
+
+@pytest.fixture(scope="module")
+def hf_tp(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("hf-tp")
+    return out, _torchrun("hf_tp_fit.py", out)
+
+
+def test_tp_plan_model_constrained_on_its_shards_trains_as_one_process(
+    hf_tp: tuple[Path, str],
+) -> None:
+    """An expanded checkpoint loaded sharded by vocabulary, then constrained: the ranks train
+    as one process does (within 1e-5), the old rows exact, and ``save_pretrained`` writes a
+    plain checkpoint of the trained values."""
+    import hf_tp_fit
+    from transformers import LlamaForCausalLM
+
+    out, log = hf_tp
+    assert (out / "rank1.pt").exists(), log
+    start = LlamaForCausalLM.from_pretrained(out / "expanded-rank0")
+    alone = LlamaForCausalLM.from_pretrained(out / "expanded-rank0")
+    hf_tp_fit.constrain(alone)
+    losses = hf_tp_fit.train(alone)
+    expected = hf_tp_fit.full_state(alone)
+    old = tiny_llama(False)
+    for rank in (0, 1):
+        result = torch.load(out / f"rank{rank}.pt")
+        assert result["sharded"] == "DTensor"  # transformers sharded it, not this library
+        torch.testing.assert_close(result["losses"], losses, rtol=1e-5, atol=1e-5)
+        assert list(result["trained"]) == list(expected)  # plain keys, plain order
+        torch.testing.assert_close(result["trained"], expected, rtol=1e-5, atol=1e-5)
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            kept = old.get_parameter(name).detach()[KEPT]
+            assert torch.equal(result["trained"][name][KEPT_AT], kept), name
+            moved = result["trained"][name][ADDED_AT] - start.get_parameter(name)[ADDED_AT]
+            assert moved.abs().amax(dim=1).gt(0).all(), name  # every added row trained
+    saved = _load_plain(out / "model").state_dict()
+    assert all(torch.equal(value, result["trained"][key]) for key, value in saved.items())
