@@ -334,6 +334,11 @@ def fix_rows(
     through ``.data`` (``weight.data = x``, ``weight.data += d``: PEFT's merge) that changes a
     fixed row, which is refused: bake first.
 
+    A tensor that tensor parallelism sharded already (a ``DTensor`` that ``fully_shard`` does
+    not manage: ``parallelize_module`` ran, or Hugging Face's ``tp_plan`` loaded the model) is
+    constrained shard by shard on every rank, as
+    `embedding_constraint.tensor_parallel.fix_parallelized` says.
+
     ``name`` may be dotted (``"transformer.wte.weight"``). Every module under ``module``
     that holds the same Parameter (an output head tied to the embedding) reads the
     constrained tensor, and the optimizer sees the parameter once.

@@ -13,6 +13,12 @@ Under tensor parallelism the stored parameter is torch's ``DTensor`` shard of th
 distributed checkpoints see the layout they see without the constraint. The fixed rows in it get
 a zero gradient and are never read: the weight reads the reference there. `bake_parallelized`
 turns the result into a plain sharded weight.
+
+A model sharded before the constraint (Hugging Face's ``tp_plan`` loads one so) is constrained
+by `fix_rows` on its shards, which hands them to `fix_parallelized`: the same `_FixedShard`,
+made from the reference. ``fully_shard`` over a constrained tensor-parallel model (2-D)
+splits the stored shard again; `_FixedShard` finds the fixed rows in any split of it, and
+`bake_parallelized` puts the plain weight into the FSDP2 group.
 """
 
 from __future__ import annotations
