@@ -142,6 +142,27 @@ def test_fully_shard_over_tensor_parallel_trains_exactly_and_bakes_into_its_grou
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("layout", tp_fit.HSDP)
+def test_hsdp_per_module_trains_exactly_and_bakes(
+    runs: Runs, runs_2d: list[dict[str, Any]], layout: str
+) -> None:
+    """fully_shard on a replicate x shard mesh (torchtitan's HSDP), the embedding and the head
+    each in a group; ``prefix`` with its references sharded too (prepare_fully_shard)."""
+    _, single = runs
+    for ranks in runs_2d:
+        result, alone = ranks[f"{layout}/hsdp"], single[layout]
+        assert "error" not in result, result.get("error")
+        assert result["stored"] == ["R", "S(0)"]  # replicated over one dimension, split over one
+        torch.testing.assert_close(result["losses"], alone["losses"], rtol=1e-5, atol=1e-5)
+        _check(result["trained"], alone["trained"], layout)
+        assert result["plain"] == alone["plain"]
+        torch.testing.assert_close(
+            result["more_losses"], alone["more_losses"], rtol=1e-5, atol=1e-5
+        )
+        torch.testing.assert_close(result["after"], alone["after"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_fully_shard_splitting_the_columns_of_a_column_split_weight_is_refused(
     runs_2d: list[dict[str, Any]],
 ) -> None:

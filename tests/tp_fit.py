@@ -5,7 +5,8 @@ parallelize the model (a vocabulary-parallel embedding and head, as torchtitan l
 ``--world 1`` trains the same constrained model in one process. Both ranks of a tensor-parallel
 group see the whole batch. ``--world 4`` adds ``fully_shard`` over 2 data-parallel groups of 2
 tensor-parallel ranks (2-D FSDP2 x tensor parallel, torchtitan's layout), each group taking half
-of every batch. ``--lightning`` fits through Lightning's
+of every batch, and HSDP (``fully_shard`` on a 2 x 2 replicate x shard mesh, no tensor
+parallelism), each rank taking a quarter. ``--lightning`` fits through Lightning's
 ``ModelParallelStrategy(tensor_parallel_size=2)`` instead (its launcher runs this command again
 for the other rank). A layout that raises saves its error, so that the others still run.
 """
@@ -43,6 +44,7 @@ from torch.multiprocessing.spawn import spawn
 
 from embedding_constraint import bake, fix_rows
 from embedding_constraint.fixed_rows import parametrization_list
+from embedding_constraint.fsdp import prepare_fully_shard
 from embedding_constraint.tensor_parallel import bake_parallelized, parallelize_fixed
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -62,6 +64,8 @@ LAYOUTS: dict[str, tuple[list[int] | None, str, str]] = {
 }
 # Also constrained after torch's parallelize_module sharded the plain model (``--world 2``).
 CONSTRAINED_AFTER = ("vocab-replicated-logits", "embedding-dim")
+# Also under HSDP, without tensor parallelism (``--world 4``).
+HSDP = ("vocab-replicated-logits", "prefix")
 # Under 2-D FSDP2 x tensor parallel (``--world 4``): (fully_shard on the embedding and the head
 # too, not on the root alone; reshard_after_forward).
 RECIPES_2D: dict[str, tuple[bool, bool]] = {
@@ -251,6 +255,28 @@ def fit_2d(layout: str, mesh: DeviceMesh) -> dict[str, Any]:
     return result
 
 
+def fit_hsdp(layout: str, mesh: DeviceMesh) -> dict[str, Any]:
+    """`fit` without tensor parallelism, under HSDP (``fully_shard`` on a 2-D replicate x shard
+    mesh, per module): each of the 4 ranks trains on its quarter of every batch. The
+    ``prefix`` layout holds its references as parameters, sharded with the free rows."""
+    model = build(layout)
+    if layout == "prefix":
+        prepare_fully_shard(model)
+    for part in (model.tok_embeddings, model.output, model):
+        fully_shard(part, mesh=mesh)
+    share = (dist.get_rank(), dist.get_world_size())
+    result: dict[str, Any] = {"losses": train(model, STEPS, seed=3, layout=layout, part=share)}
+    result["trained"] = full_state(model)
+    stored = parametrization_list(model.tok_embeddings, "weight").original
+    assert isinstance(stored, DTensor)
+    result["stored"] = [str(p) for p in stored.placements]
+    bake(model)
+    result["plain"] = [n for n, _ in model.named_parameters()]
+    result["more_losses"] = train(model, MORE, seed=5, layout=layout, part=share)
+    result["after"] = full_state(model)
+    return result
+
+
 def split_columns_error(mesh: DeviceMesh) -> str:
     """What a read says where ``fully_shard`` splits the columns of a column-split weight."""
     model = build("embedding-dim")
@@ -283,6 +309,12 @@ def fit_all(world: int) -> dict[str, Any]:
                 results[layout] = fit(layout, world, mesh)
         except Exception as error:  # noqa: BLE001 - the test shows it, the others go on
             results[layout] = {"error": "".join(traceback.format_exception(error))[-3000:]}
+    for layout in HSDP if two_d else ():
+        hsdp = init_device_mesh("cpu", (2, WORLD), mesh_dim_names=("replicate", "shard"))
+        try:
+            results[f"{layout}/hsdp"] = fit_hsdp(layout, hsdp)
+        except Exception as error:  # noqa: BLE001 - the test shows it, the others go on
+            results[f"{layout}/hsdp"] = {"error": "".join(traceback.format_exception(error))}
     for layout in CONSTRAINED_AFTER if world == WORLD else ():
         try:
             results[f"{layout}/after"] = fit(layout, world, mesh, constrain_after=True)
