@@ -2,7 +2,7 @@
 
 Run by tests/test_deepspeed.py as a script: ``--world 2`` spawns the ranks, which train at
 ZeRO stages 0 to 3 in turn on the CPU (``DS_ACCELERATOR=cpu``), then, at stage 3, save a ZeRO
-checkpoint and bake, then at stages 1 to 3 with ZeRO-Offload (the optimizer, and at stage 3 the
+checkpoint, bake and train on with a new engine, then at stages 1 to 3 with ZeRO-Offload (the optimizer, and at stage 3 the
 parameters, on the host); the parent then consolidates the checkpoint with DeepSpeed's
 ``zero_to_fp32`` and trains the same model in one process without DeepSpeed. Everything the
 test compares is saved under ``--out``.
@@ -35,6 +35,7 @@ from support import in_process_group
 
 VOCAB, DIM = 10, 4
 WORLD, BATCH, STEPS = 2, 4, 4  # BATCH per rank; one process takes WORLD * BATCH
+MORE = 2  # steps after the bake at stage 3, by a new engine
 ROWS = [9, 0, 4, 2, 7, 5]  # the embedding's fixed rows; the head's are its first 6
 ADAMW: dict[str, Any] = {"lr": 0.05, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
 STAGES = (0, 1, 2, 3)
@@ -133,19 +134,26 @@ def train_rank(rank: int, stage: int, out: Path, *, offload: bool = False) -> di
         # Read outside a forward, the constrained weight is gathered whole by the
         # parametrization's own module hooks (the unconstrained head's is not).
         result["read_outside_forward"] = net.embedding.weight.detach().clone()
-        try:
-            with deepspeed.zero.GatheredParameters(list(net.parameters())):
-                bake(net)
-        except (RuntimeError, ValueError) as error:  # a refusal, which the test reads
-            result["baked"] = {
-                "error": str(error),
-                "still_fixed": is_fixed(net.embedding) and is_fixed(net.head),
-            }
-        else:
-            result["baked"] = {
-                "plain": not is_fixed(net.embedding) and not is_fixed(net.head),
-                "state_dict": plain_state(net),
-            }
+        bake(net)  # gathers the stored rows: every rank bakes
+        baked: dict[str, Any] = {
+            "plain": not is_fixed(net.embedding) and not is_fixed(net.head),
+            "whole": {
+                n: tuple(p.shape) for n, p in net.named_parameters() if "ds_id" not in vars(p)
+            },
+            "state_dict": plain_state(net),
+        }
+        # Trained on by a new engine, which partitions the baked weights too.
+        engine.destroy()
+        engine, *_ = deepspeed.initialize(
+            model=net, model_parameters=net.parameters(), config=config(stage)
+        )
+        baked["partitioned"] = sorted(n for n, p in net.named_parameters() if p.numel() == 0)
+        for tokens in batches()[:MORE]:
+            loss = engine(tokens[rank * BATCH : (rank + 1) * BATCH])
+            engine.backward(loss)
+            engine.step()
+        baked["more"] = plain_state(net)
+        result["baked"] = baked
     return result
 
 
@@ -179,6 +187,18 @@ def one_process() -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
+def one_process_more(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`one_process`'s model (``state``), baked and trained on with a new AdamW."""
+    net = Net()
+    net.load_state_dict(state)
+    optimizer = torch.optim.AdamW(net.parameters(), **ADAMW)
+    for tokens in batches()[:MORE]:
+        optimizer.zero_grad()
+        net(tokens).backward()
+        optimizer.step()
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True)
@@ -186,9 +206,11 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     spawn(rank_main, args=(args.out,), nprocs=WORLD)  # type: ignore[no-untyped-call]
     consolidated = get_fp32_state_dict_from_zero_checkpoint(str(args.out / "checkpoint"), "end")
+    single = one_process()
     torch.save(
         {
-            "single": one_process(),
+            "single": single,
+            "single_more": one_process_more(single),
             "references": references(),
             "rows": ROWS,
             "consolidated": dict(consolidated),

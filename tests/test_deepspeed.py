@@ -2,7 +2,7 @@
 exactly, on 2 CPU processes.
 
 ``deepspeed_fit.py`` trains with raw ``deepspeed.initialize`` at each stage on two gloo ranks
-(``DS_ACCELERATOR=cpu``), saves a ZeRO-3 checkpoint and bakes; its parent process consolidates
+(``DS_ACCELERATOR=cpu``), saves a ZeRO-3 checkpoint, bakes and trains on; its parent process consolidates
 the checkpoint and trains the same model without DeepSpeed. The script runs once per session.
 """
 
@@ -121,14 +121,25 @@ def test_zero_to_fp32_consolidates_the_free_rows_for_the_constrained_model(
 
 
 @pytest.mark.slow
-def test_bake_under_zero3_is_refused_and_changes_nothing(fitted: dict[str, Any]) -> None:
-    # The baked weight could not be written back into DeepSpeed's partitions (it was, before:
-    # DeepSpeed re-partitioned it with the free rows' shape, a [4, 4] "weight", silently).
+def test_bake_under_zero3_gathers_the_weights_and_a_new_engine_trains_on(
+    fitted: dict[str, Any],
+) -> None:
+    """Every rank bakes: the plain weights are whole, exact, and a new engine partitions them
+    and trains them as one process trains its baked model (the fixed rows train now)."""
     for rank in fitted["ranks"]:
-        baked = rank[3]["baked"]
-        assert "ZeRO-3" in baked.get("error", ""), baked
-        assert "GatheredParameters" in baked["error"]
-        assert baked["still_fixed"]
+        baked, trained = rank[3]["baked"], rank[3]["state_dict"]
+        assert baked["plain"]
+        assert baked["whole"] == {
+            "embedding.weight": (10, 4),
+            "head.weight": (10, 4),
+            "head.bias": (10,),
+        }
+        assert list(baked["state_dict"]) == PLAIN_KEYS
+        assert all(torch.equal(v, trained[k]) for k, v in baked["state_dict"].items())
+        assert baked["partitioned"] == ["embedding.weight", "head.bias", "head.weight"]
+        more, single = baked["more"], fitted["single_more"]
+        torch.testing.assert_close(more, single, rtol=1e-5, atol=1e-5)
+        assert not torch.equal(more["embedding.weight"][ROWS], references()["embedding.weight"])
 
 
 @pytest.mark.parametrize("package", ["pytorch_lightning", "lightning.pytorch"])

@@ -135,15 +135,16 @@ def _zero_stage(strategy: object) -> int | None:
 
 
 def _check_zero_stage(strategy: object) -> None:
-    """Refuse ZeRO-3, whose partitions the bake at the end of the fit cannot write back."""
+    """Refuse ZeRO-3: the bake at the end of the fit would leave a whole weight beside the
+    engine that Lightning keeps and checkpoints, a path no test runs."""
     if _zero_stage(strategy) == 3:
         raise RuntimeError(
             "Expected DeepSpeedStrategy at ZeRO stage 0, 1 or 2. Got stage 3: ZeRO-3 "
             "partitions the stored free rows across ranks, and the callback's bake at the end "
-            "of the fit (the plain weight in place of the free rows) cannot be written back "
-            "into DeepSpeed's partitions. Use stage 2 (or 1), or, under ZeRO-3, call fix_rows "
-            "before deepspeed.initialize yourself and read the trained model's plain state "
-            "dict inside deepspeed.zero.GatheredParameters (see docs/distributed.md)."
+            "of the fit would leave a whole plain weight beside the engine that Lightning "
+            "keeps and checkpoints, which is not supported. Use stage 2 (or 1), or, under "
+            "ZeRO-3, call fix_rows before deepspeed.initialize and bake after it yourself "
+            "(every rank; see docs/distributed.md)."
         )
 
 

@@ -687,6 +687,10 @@ def _bake_checked(
     for owner, attr, plist in checked:
         if not parametrize.is_parametrized(owner, attr):
             continue  # baked already, as a sharer of a tensor before it (tied weights)
+        # DeepSpeed's ZeRO-3 partitions the stored rows (each rank holds a part): the whole
+        # value is gathered first, and a new Parameter holds it; the partitioned one stays
+        # DeepSpeed's, of the free rows' shape (a new engine partitions the baked one).
+        whole = _gathered_whole(plist) if hasattr(plist.original, "ds_id") else None
         # Modules that share the parametrization (tied weights) get the stored Parameter back
         # first; baking the owner last then sets that same Parameter to the full value.
         sharers = [
@@ -702,9 +706,24 @@ def _bake_checked(
             remove_plain_hooks(holder, holder_attr)
             reorder_parameters(holder, order)
         order = plain_parameter_order(owner)
-        remove_parametrization(owner, attr, leave_parametrized=True)
+        remove_parametrization(owner, attr, leave_parametrized=whole is None)
         remove_plain_hooks(owner, attr)
+        if whole is not None:
+            stored = owner._parameters[attr]
+            assert stored is not None  # torch put the stored rows back
+            weight = nn.Parameter(whole, requires_grad=stored.requires_grad)
+            for holder, holder_attr in [(owner, attr), *sharers]:
+                holder._parameters[holder_attr] = weight
         reorder_parameters(owner, order)
+
+
+def _gathered_whole(plist: ParametrizationList) -> Tensor:
+    """The whole value of a constrained tensor whose stored rows DeepSpeed's ZeRO-3 partitions,
+    gathered from every rank (a collective: every rank bakes together)."""
+    import deepspeed  # type: ignore[import-untyped,import-not-found,unused-ignore]
+
+    with deepspeed.zero.GatheredParameters([plist.original]), torch.no_grad():
+        return cast(Tensor, plist()).detach().clone()
 
 
 def remove_parametrization(module: nn.Module, attr: str, *, leave_parametrized: bool) -> None:
@@ -852,13 +871,5 @@ def _bake_check(module: nn.Module, name: str) -> tuple[nn.Module, str, Parametri
             "here would leave that module reading a tensor of the wrong size. Bake from the "
             "root module that holds both, with the dotted name: "
             "bake(model, name='embedding.weight')."
-        )
-    if hasattr(plist.original, "ds_id"):  # the mark DeepSpeed's ZeRO-3 leaves on its Parameters
-        raise ValueError(
-            f"Expected {name!r} to be a tensor that DeepSpeed's ZeRO-3 does not partition. Got "
-            "one it does: the baked weight, of another shape than the free rows, cannot be "
-            "written back into DeepSpeed's partitions. Take the trained model's plain state "
-            "dict inside deepspeed.zero.GatheredParameters(model.parameters()) (its keys and "
-            "values are a plain model's) and load it into a plain model instead."
         )
     return owner, attr, plist
