@@ -25,8 +25,9 @@ from torch.distributed.tensor.parallel import (
     RowwiseParallel,
     parallelize_module,
 )
+from torch.nn.utils import parametrize
 
-from embedding_constraint import fix_rows
+from embedding_constraint import bake, fix_rows
 from embedding_constraint.tensor_parallel import bake_parallelized, parallelize_fixed
 
 SCRIPT = Path(__file__).with_name("tp_fit.py")
@@ -190,6 +191,26 @@ def test_fix_rows_on_a_tensor_parallel_model_matches_parallelize_fixed(
             assert mine["rows"] == theirs["rows"]
             assert torch.equal(mine["reference"], theirs["reference"])
         assert all(torch.equal(v, before["after"][k]) for k, v in result["after"].items())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(tp_fit.LAYOUTS))
+def test_state_dicts_load_back_whole_from_rank_0_or_sharded_and_a_changed_fixed_row_is_refused(
+    runs: Runs, layout: str
+) -> None:
+    """``set_model_state_dict`` with a full state dict on every rank, with one on rank 0 alone
+    (``broadcast_from_rank0``), and a sharded one whose fixed row rank 0 changed: refused on
+    both ranks, the model left as it was."""
+    ranks, _ = runs
+    for rank in ranks:
+        result = rank[layout]
+        assert "error" not in result, result.get("error")
+        trained, loads = result["trained"], result["loads"]
+        for case in ("full", "broadcast", "after_tampered"):
+            assert list(loads[case]) == list(trained), case
+            assert all(torch.equal(v, trained[k]) for k, v in loads[case].items()), case
+        assert "fixed rows of 'tok_embeddings.weight' to equal the reference" in loads["tampered"]
+        assert "on at least one rank" in loads["tampered"]
 
 
 @pytest.mark.slow
@@ -451,3 +472,70 @@ def test_fix_rows_on_tensor_parallel_shards_refuses_before_anything_changes(
     with pytest.raises(ValueError, match=match):
         fix_rows(module, reference, name=name, rows=[8, 1, 5] if name else [0, 9])
     assert _same(module, before)
+
+
+def _parallel_embedding(model: nn.Module, mesh: Any) -> None:
+    parallelize_fixed(model, mesh, {"0": RowwiseParallel(input_layouts=Replicate())})
+
+
+@pytest.mark.usefixtures("group")
+def test_bake_bakes_tensor_parallel_and_plain_constrained_tensors_together() -> None:
+    """The embedding through parallelize_fixed, the head left out of the plan: bake(model)
+    bakes both (it baked the head alone, and the embedding's fixed rows never trained)."""
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10))
+    fix_rows(model[0], torch.randn(3, 4))
+    fix_rows(model[1], torch.randn(2, 4))
+    _parallel_embedding(model, init_device_mesh("cpu", (1,)))
+    bake(model)
+    assert [n for n, _ in model.named_parameters()] == ["0.weight", "1.weight", "1.bias"]
+    assert not parametrize.is_parametrized(model[0])
+    assert not parametrize.is_parametrized(model[1])
+
+
+@pytest.mark.usefixtures("group")
+def test_bake_by_name_hands_a_tensor_parallel_tensor_to_bake_parallelized() -> None:
+    model = nn.Sequential(nn.Embedding(10, 4))
+    fix_rows(model[0], torch.randn(3, 4))
+    _parallel_embedding(model, init_device_mesh("cpu", (1,)))
+    with pytest.raises(ValueError, match="there is no submodule 'nope'"):
+        bake_parallelized(model, name="nope.weight")
+    bake(model, name="0.weight")
+    assert [n for n, _ in model.named_parameters()] == ["0.weight"]
+    assert isinstance(model[0].weight, DTensor)
+
+
+@pytest.mark.usefixtures("group")
+def test_a_copy_of_a_tensor_parallel_model_keeps_hooks_of_its_own() -> None:
+    import copy
+
+    reference = torch.randn(3, 4)
+    model = nn.Sequential(nn.Embedding(10, 4))
+    fix_rows(model[0], reference, rows=[8, 1, 5])
+    _parallel_embedding(model, init_device_mesh("cpu", (1,)))
+    twin = copy.deepcopy(model)
+    bake_parallelized(twin)  # raised KeyError: the hooks were kept in a table by module
+    assert list(twin.state_dict()) == ["0.weight"]
+    assert parametrize.is_parametrized(model[0])  # the original is still constrained
+    assert list(model.state_dict()) == ["0.weight"]
+    weight = model.state_dict()["0.weight"]
+    assert torch.equal(weight.full_tensor()[[8, 1, 5]], reference)
+
+
+@pytest.mark.usefixtures("group")
+@pytest.mark.filterwarnings("ignore:FSDP2-wrapped module .* returned a view tensor")
+def test_stored_rows_that_fully_shard_ignores_bake_as_tensor_parallel_ones() -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("dp", "tp"))
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10))
+    reference = torch.randn(3, 4)
+    fix_rows(model[0], reference)
+    _parallel_embedding(model, mesh["tp"])
+    stored = model.get_parameter("0.parametrizations.weight.original")
+    fully_shard(model, mesh=mesh["dp"], ignored_params={stored})
+    model(torch.arange(10)).sum().backward()
+    bake(model)  # refused: "fully_shard was called on a module above `module`"
+    weight = model[0].weight
+    assert isinstance(weight, DTensor)
+    assert weight.device_mesh.ndim == 1  # the tensor-parallel layout: FSDP2 ignores it
+    assert torch.equal(weight.full_tensor()[:3], reference)

@@ -216,6 +216,8 @@ def fit(
     result["trained"] = full_state(model)
     if world > 1:
         result["held"] = held(model)
+        if not constrain_after:
+            result["loads"] = loads(model, result["trained"])
         bake_parallelized(model)
     else:
         bake(model)
@@ -223,6 +225,33 @@ def fit(
     result["more_losses"] = train(model, MORE, seed=5, layout=layout)
     result["after"] = full_state(model)
     return result
+
+
+def loads(model: nn.Module, trained: dict[str, Tensor]) -> dict[str, Any]:
+    """Load state dicts back into the trained tensor-parallel ``model``: what each left."""
+    rank = dist.get_rank()
+    full = StateDictOptions(full_state_dict=True)
+    out: dict[str, Any] = {}
+    # (torch's loading turns the given dict's tensors into the model's DTensors: a copy each)
+    set_model_state_dict(model, dict(trained), options=full)  # every rank holds it whole
+    out["full"] = full_state(model)
+    from_first = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, dict(trained) if rank == 0 else {}, options=from_first)
+    out["broadcast"] = full_state(model)
+    # A sharded state dict whose fixed row is changed on one rank only: refused on both.
+    sharded = get_model_state_dict(model)
+    entry = sharded["tok_embeddings.weight"]
+    assert isinstance(entry, DTensor)
+    shard = entry.to_local()
+    if rank == 0:
+        with torch.no_grad():
+            shard[held(model)["tok_embeddings"]["rows"][0]] += 1
+    try:
+        set_model_state_dict(model, sharded)
+    except RuntimeError as error:
+        out["tampered"] = str(error)
+    out["after_tampered"] = full_state(model)
+    return out
 
 
 def fit_2d(layout: str, mesh: DeviceMesh) -> dict[str, Any]:
@@ -282,6 +311,12 @@ def split_columns_error(mesh: DeviceMesh) -> str:
     model = build("embedding-dim")
     parallelize_fixed(model, mesh["tp"], plan("embedding-dim"))
     fully_shard(model.tok_embeddings, mesh=mesh["dp"], shard_placement_fn=lambda _: Shard(1))
+    before = [n for n, _ in model.named_parameters()]
+    try:
+        bake(model)  # refused before it changes anything (the head would bake first)
+    except ValueError:
+        if [n for n, _ in model.named_parameters()] != before:
+            return "bake changed the model before it refused"
     try:
         model.tok_embeddings.weight  # noqa: B018 - the read is the test
     except ValueError as error:

@@ -273,7 +273,21 @@ def _set_up_class(module: nn.Module, attr: str) -> None:
     if attr == "weight" and original in FAST_FORWARDS:
         setattr(cls, "forward", FAST_FORWARDS[original])  # noqa: B010 - on its own class
     _read_as_write_through(cls, attr)
+    keep_copies_apart(cls)
     if "_fixed_rows_class" in cls.__dict__:
+        return
+    setattr(cls, "_apply", _apply)  # noqa: B010
+    setattr(cls, "_fixed_rows_class", True)  # noqa: B010
+
+
+def keep_copies_apart(cls: type) -> None:
+    """Give a deep copy of a module of the parametrized class ``cls`` a class of its own.
+
+    Torch's ``deepcopy`` of a parametrized module keeps its class, so baking the copy would
+    delete the property from the original's class too (`_own_class`). The copy's constrained
+    tensors are rejoined to their references (`_rejoin_all`).
+    """
+    if "_fixed_rows_copies" in cls.__dict__:
         return
     copier = getattr(cls, "__deepcopy__")  # noqa: B009 - torch's, or the module's own
 
@@ -283,9 +297,8 @@ def _set_up_class(module: nn.Module, attr: str) -> None:
         _rejoin_all(replica)
         return replica
 
-    setattr(cls, "_apply", _apply)  # noqa: B010
     setattr(cls, "__deepcopy__", __deepcopy__)  # noqa: B010
-    setattr(cls, "_fixed_rows_class", True)  # noqa: B010
+    setattr(cls, "_fixed_rows_copies", True)  # noqa: B010
 
 
 def is_fixed(module: nn.Module, name: str = "weight") -> bool:
@@ -643,22 +656,29 @@ def bake(module: nn.Module, *, name: str | None = None) -> nn.Module:
         raise TypeError(f"Expected `module` to be a torch.nn.Module. Got {type(module).__name__}.")
     if name is not None:
         _split(name)  # a str, before anything else is asked of it
-    names = [name] if name is not None else _fixed_names(module)
     parallel = sys.modules.get("embedding_constraint.tensor_parallel")  # loaded if ever used
-    if not names and parallel is not None and parallel.parallelized(module):
-        return parallel.bake_parallelized(module)  # type: ignore[no-any-return]
-    if not names:
+    # Tensors that `parallelize_fixed` (or `fix_rows` on tensor-parallel shards) constrained.
+    shards = [] if parallel is None else parallel.parallelized(module)
+    if name is not None:
+        owner, attr = owner_of(module, name)
+        if any(m is owner and a == attr for m, a in shards):
+            return parallel.bake_parallelized(module, name=name)  # type: ignore[union-attr,no-any-return]
+    names = [name] if name is not None else _fixed_names(module)
+    if not names and not shards:
         raise ValueError(
             "Expected a tensor constrained by fix_rows under `module`. Got none: its "
             "parametrized tensors are "
             f"{[n for n, m in module.named_modules() if parametrize.is_parametrized(m)]}."
         )
     checked = [_bake_check(module, n) for n in names]
-    if dist.is_available() and _under_fsdp2(module, checked):
+    if checked and dist.is_available() and _under_fsdp2(module, checked):
         from embedding_constraint.fsdp import bake_fully_sharded  # it imports this module
 
-        return bake_fully_sharded(module, name=name)
-    _bake_checked(module, checked)
+        bake_fully_sharded(module, name=name)
+    elif checked:
+        _bake_checked(module, checked)
+    if shards and name is None:  # every constrained tensor, the tensor-parallel ones too
+        parallel.bake_parallelized(module)  # type: ignore[union-attr]
     return module
 
 

@@ -174,32 +174,16 @@ class _PlainStateDict:
         rank checks its fixed rows and keeps its shard of the free rows.
         """
         like = plist.original
-        announced: list[object] = [None]
-        if isinstance(value, Tensor):
-            announced = [(tuple(value.shape), value.dtype)]
-        elif value is not None:
-            announced = [type(value).__name__]
-        _broadcast_from_first(like, objects=announced)
-        (what,) = announced
-        if what is None:
+        expected = (constraint.num_fixed + like.shape[0], *like.shape[1:])
+        whole = whole_from_first_rank(like, value, expected)
+        if whole is None:
             missing_keys.append(key)
             self._keep_own(constraint, plist, state_dict, inner)
             return
-        expected = (constraint.num_fixed + like.shape[0], *like.shape[1:])
-        shape, dtype = what if isinstance(what, tuple) else (None, None)
-        if shape is None or tuple(shape) != expected:  # refused on every rank alike
-            got = what if shape is None else tuple(shape)
-            error_msgs.append(
-                f"size mismatch for {key}: expected a tensor of shape {expected}, got {got}."
-            )
+        if isinstance(whole, str):  # refused on every rank alike
+            error_msgs.append(f"size mismatch for {key}: {whole}")
             self._keep_own(constraint, plist, state_dict, inner)
             return
-        device = torch.device(like.device_mesh.device_type)  # type: ignore[attr-defined]
-        if isinstance(value, Tensor) and _first_on_mesh(like):
-            whole = value.detach().to(device).contiguous()
-        else:
-            whole = torch.empty(shape, dtype=dtype, device=device)
-        _broadcast_from_first(like, tensor=whole)
         self._route(constraint, plist, state_dict, key, inner, whole, error_msgs)
 
     def _route(
@@ -277,6 +261,50 @@ class _PlainStateDict:
             state_dict[inner + "original"] = plist.original
         for buffer_name, buffer in constraint.state_dict(prefix=inner + "0.").items():
             state_dict[buffer_name] = buffer
+
+
+def whole_from_first_rank(
+    like: Tensor, value: object, expected: tuple[int, ...]
+) -> Tensor | str | None:
+    """The tensor that the first rank of ``like``'s (a ``DTensor``'s) mesh holds, on every rank.
+
+    Every rank makes the same collectives, whatever it holds: a broadcast of what the first rank
+    holds (its shape and dtype, or that it holds none), then of the tensor. None where the
+    first rank holds no tensor; a message where it holds one of another shape than
+    ``expected`` (or no tensor at all), on every rank alike.
+    """
+    announced: list[object] = [None]
+    if isinstance(value, Tensor):
+        announced = [(tuple(value.shape), value.dtype)]
+    elif value is not None:
+        announced = [type(value).__name__]
+    _broadcast_from_first(like, objects=announced)
+    (what,) = announced
+    if what is None:
+        return None
+    shape, dtype = what if isinstance(what, tuple) else (None, None)
+    if shape is None or tuple(shape) != expected:
+        got = what if shape is None else tuple(shape)
+        return f"expected a tensor of shape {expected}, got {got}."
+    device = torch.device(like.device_mesh.device_type)  # type: ignore[attr-defined]
+    if isinstance(value, Tensor) and _first_on_mesh(like):
+        whole = value.detach().to(device).contiguous()
+    else:
+        whole = torch.empty(shape, dtype=dtype, device=device)
+    _broadcast_from_first(like, tensor=whole)
+    return whole
+
+
+def any_on_mesh(flag: bool, like: Tensor) -> bool:
+    """Whether ``flag`` is true on any rank of ``like``'s (a ``DTensor``'s) mesh: one small
+    all-reduce per mesh dimension, which every rank makes."""
+    import torch.distributed as dist
+
+    mesh = like.device_mesh  # type: ignore[attr-defined]
+    count = torch.tensor([int(flag)], device=mesh.device_type)
+    for dim in range(mesh.ndim):
+        dist.all_reduce(count, group=mesh.get_group(dim))
+    return bool(count.item())
 
 
 def _first_on_mesh(like: Tensor) -> bool:

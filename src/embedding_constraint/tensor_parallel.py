@@ -23,7 +23,6 @@ splits the stored shard again; `_FixedShard` finds the fixed rows in any split o
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatch
@@ -52,12 +51,18 @@ from embedding_constraint.fix_rows import (
     fixed_tensors,
     held_outside,
     holders_of,
+    keep_copies_apart,
     owner_of,
     remove_parametrization,
     reorder_parameters,
 )
 from embedding_constraint.fixed_rows import FixedRows, parametrization_list
-from embedding_constraint.state_dict import plain_parameter_order, put_plain_entry
+from embedding_constraint.state_dict import (
+    any_on_mesh,
+    plain_parameter_order,
+    put_plain_entry,
+    whole_from_first_rank,
+)
 from embedding_constraint.torch_internals import (
     fsdp_managed,
     fsdp_param_group,
@@ -68,8 +73,6 @@ from embedding_constraint.torch_internals import (
 
 __all__ = ["bake_parallelized", "fix_parallelized", "parallelize_fixed"]
 
-# The state-dict hooks of each module that `parallelize_fixed` constrained, by tensor name.
-_HOOKS: weakref.WeakKeyDictionary[nn.Module, dict[str, _PlainKeys]] = weakref.WeakKeyDictionary()
 # Styles that change no parameter: a constrained module under them keeps its constraint as is.
 _INPUT_OUTPUT_ONLY = (PrepareModuleInput, PrepareModuleOutput, PrepareModuleInputOutput)
 
@@ -123,9 +126,13 @@ class _FixedShard(nn.Module):
     def right_inverse(self, value: Tensor) -> Tensor:
         return value
 
+    def in_its_layout(self, stored: DTensor) -> bool:
+        """Whether ``stored`` is laid out as the tensor-parallel shard the rows are for."""
+        return (stored.device_mesh, tuple(stored.placements)) == self._layout
+
     def here(self, stored: DTensor) -> tuple[Tensor, Tensor]:
         """The fixed rows in this rank's part of ``stored``: (local positions, their values)."""
-        if (stored.device_mesh, tuple(stored.placements)) == self._layout:
+        if self.in_its_layout(stored):
             return self.rows, self.reference
         local_ids = _local_row_ids(stored)
         rows, at = _rows_among(local_ids, self.ids, stored.shape[0])
@@ -146,7 +153,7 @@ class _FixedShard(nn.Module):
         splits it: this rank's tensor-parallel shard, the layout ``parallelize_fixed`` made."""
         mesh, placements = self._layout
         detached = cast(DTensor, stored.detach())
-        if (stored.device_mesh, tuple(stored.placements)) == self._layout:
+        if self.in_its_layout(stored):
             return detached
         data_parallel = stored.device_mesh.ndim - mesh.ndim  # fully_shard puts its dims first
         kept = [Replicate()] * data_parallel + list(stored.placements[data_parallel:])
@@ -176,7 +183,9 @@ def _local_row_ids(stored: DTensor) -> Tensor:
     placements = [p if splits_rows(p) else Replicate() for p in stored.placements]
     ids = torch.arange(stored.shape[0], device=device)
     spread = distribute_tensor(ids, stored.device_mesh, placements, src_data_rank=None)
-    return spread.to_local()
+    # On the shard's device: torch puts the spread on the mesh's (CPU offload keeps the shard
+    # on the host of a CUDA mesh).
+    return spread.to_local().to(device)
 
 
 @dataclass(frozen=True)
@@ -306,7 +315,7 @@ def _fix_shard(stored: DTensor, fixed: Tensor, reference: Tensor | None = None) 
         placements = [Replicate() if splits_rows(p) else p for p in stored.placements]
         whole_rows = reference.detach().to(device=local_ids.device, dtype=stored.dtype)
         spread = distribute_tensor(whole_rows, stored.device_mesh, placements, src_data_rank=None)
-        values = spread.to_local()[at].clone()
+        values = spread.to_local().to(local_ids.device)[at].clone()
     return _FixedShard(stored, local_ids[rows], rows, values)
 
 
@@ -369,6 +378,7 @@ def parallelize_fixed(
         parametrize.register_parametrization(
             target.owner, target.attr, _fix_shard(stored, fixed[target.name])
         )
+        keep_copies_apart(type(target.owner))
         _PlainKeys(target.attr, target.order).register(target.owner)
     return module
 
@@ -400,6 +410,7 @@ def fix_parallelized(
         shard = _fix_shard(stored, constraint.fixed_row_indices(), constraint.reference)
         shard.pin(stored)
         parametrize.register_parametrization(owner, attr, shard)
+        keep_copies_apart(type(owner))
         _PlainKeys(attr, order).register(owner)
 
 
@@ -441,23 +452,25 @@ def _check_parallelized(
 
 
 class _PlainKeys:
-    """State-dict hooks: ``<prefix><attr>`` holds the constrained weight (a DTensor)."""
+    """State-dict hooks: ``<prefix><attr>`` holds the constrained weight (a DTensor).
+
+    Held by the module's own hook registries only (`_plain_keys_of` finds them there), so a
+    copy of the module (``copy.deepcopy``) carries hooks of its own.
+    """
 
     def __init__(self, attr: str, order: tuple[str, ...]) -> None:
         self.attr, self.order = attr, order
 
     def register(self, module: nn.Module) -> None:
-        self.handles = (
-            # The object itself: torch marks the hook, which a bound method cannot take.
-            module.register_state_dict_post_hook(self),  # type: ignore[no-untyped-call]
-            module.register_load_state_dict_pre_hook(self.load),  # type: ignore[no-untyped-call]
-        )
-        _HOOKS.setdefault(module, {})[self.attr] = self
+        # The object itself: torch marks the hook, which a bound method cannot take.
+        module.register_state_dict_post_hook(self)  # type: ignore[no-untyped-call]
+        module.register_load_state_dict_pre_hook(self.load)  # type: ignore[no-untyped-call]
 
     def remove(self, module: nn.Module) -> None:
-        for handle in self.handles:
-            handle.remove()
-        del _HOOKS[module][self.attr]
+        for registry in (module._state_dict_hooks, module._load_state_dict_pre_hooks):
+            for handle_id, hook in list(registry.items()):
+                if _as_plain_keys(hook) is self:
+                    del registry[handle_id]
 
     def __call__(
         self, module: nn.Module, state_dict: dict[str, Any], prefix: str, metadata: Any
@@ -480,22 +493,65 @@ class _PlainKeys:
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
+        """Load the plain entry into the stored shard, checking its fixed rows on every rank.
+
+        A ``DTensor`` (a sharded state dict: this rank's part) loads as it is. A whole tensor
+        (``full_state_dict=True``), or none where the first rank holds one
+        (``broadcast_from_rank0=True``), is the first rank's on every rank, split as the stored
+        shard is. Fixed rows that differ on any rank refuse the load on every rank (a small
+        all-reduce), so the ranks keep one model.
+        """
         key, inner = prefix + self.attr, f"{prefix}parametrizations.{self.attr}.original"
-        if key not in state_dict:
-            return
-        value = state_dict.pop(key)
-        constraint = parametrization_list(module, self.attr)[0]
+        plist = parametrization_list(module, self.attr)
+        constraint, stored = plist[0], plist.original
         assert isinstance(constraint, _FixedShard)
-        if isinstance(value, DTensor):
-            rows, reference = constraint.here(value)
-            if not torch.equal(value.to_local()[rows].to(reference.dtype), reference):
-                error_msgs.append(
-                    f"Expected the fixed rows of {key!r} to equal the reference (they are held "
-                    "fixed). Got other values in this rank's shard."
-                )
-                state_dict[inner] = parametrization_list(module, self.attr).original
+        assert isinstance(stored, DTensor)
+        own, incoming = state_dict.get(inner), state_dict.get(key)
+        if not isinstance(incoming, DTensor) and (
+            key in state_dict or own is None or own is stored
+        ):
+            state_dict.pop(key, None)
+            whole = whole_from_first_rank(stored, incoming, tuple(stored.shape))
+            if whole is None:
+                missing_keys.append(key)
+                state_dict[inner] = stored
                 return
+            if isinstance(whole, str):
+                error_msgs.append(f"size mismatch for {key}: {whole}")
+                state_dict[inner] = stored
+                return
+            placements = list(stored.placements)
+            value = distribute_tensor(whole, stored.device_mesh, placements, src_data_rank=None)
+        elif isinstance(incoming, DTensor):
+            value = state_dict.pop(key)
+        else:
+            return
+        rows, reference = constraint.here(value)
+        held = value.to_local()[rows].to(reference.device, reference.dtype)
+        if any_on_mesh(not torch.equal(held, reference), stored):
+            error_msgs.append(
+                f"Expected the fixed rows of {key!r} to equal the reference (they are held "
+                "fixed). Got other values on at least one rank."
+            )
+            state_dict[inner] = stored
+            return
         state_dict[inner] = value
+
+
+def _as_plain_keys(hook: object) -> _PlainKeys | None:
+    """The `_PlainKeys` behind a hook of a module's registry, or None."""
+    target = getattr(hook, "hook", hook)  # torch keeps load pre-hooks wrapped in .hook
+    target = getattr(target, "__self__", target)  # and ours are bound methods there
+    return target if isinstance(target, _PlainKeys) else None
+
+
+def _plain_keys_of(module: nn.Module, attr: str) -> _PlainKeys:
+    """The `_PlainKeys` that ``module`` keeps for its tensor ``attr``."""
+    for hook in module._state_dict_hooks.values():
+        found = _as_plain_keys(hook)
+        if found is not None and found.attr == attr:
+            return found
+    raise AssertionError(f"no plain-key hooks for {attr!r}")  # registered with the constraint
 
 
 def parallelized(module: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -532,8 +588,8 @@ def bake_parallelized(module: nn.Module, *, name: str | None = None) -> nn.Modul
     """
     found = parallelized(module)
     if name is not None:
-        owner_name, _, attr = name.rpartition(".")
-        found = [(m, a) for m, a in found if m is module.get_submodule(owner_name) and a == attr]
+        named, attr = owner_of(module, name)
+        found = [(m, a) for m, a in found if m is named and a == attr]
     if not found:
         where = "under `module`" if name is None else f"at {name!r}"
         raise ValueError(f"Expected a tensor constrained by parallelize_fixed {where}. Got none.")
@@ -542,13 +598,19 @@ def bake_parallelized(module: nn.Module, *, name: str | None = None) -> nn.Modul
             fsdp_module.reshard()  # the stored rows are the shards FSDP2 manages
     names = {id(m): n for n, m in module.named_modules()}
     plans = [(owner, attr, _fsdp_param_of(module, owner, attr)) for owner, attr in found]
+    for owner, attr, _ in plans:  # a layout that `pin` cannot pin raises here, not half-way
+        plist = parametrization_list(owner, attr)
+        constraint, stored = plist[0], plist.original
+        assert isinstance(constraint, _FixedShard)
+        assert isinstance(stored, DTensor)
+        constraint.here(stored)
     for owner, attr, managed in plans:  # every check is done: the module changes from here on
         plist = parametrization_list(owner, attr)
         constraint, stored = plist[0], plist.original
         assert isinstance(constraint, _FixedShard)
         assert isinstance(stored, DTensor)
         constraint.pin(stored)
-        hooks = _HOOKS[owner][attr]
+        hooks = _plain_keys_of(owner, attr)
         hooks.remove(owner)
         remove_parametrization(owner, attr, leave_parametrized=False)  # FSDP2's class too
         reorder_parameters(owner, hooks.order)  # torch puts the weight back last
@@ -564,10 +626,14 @@ def bake_parallelized(module: nn.Module, *, name: str | None = None) -> nn.Modul
 
 def _fsdp_param_of(module: nn.Module, owner: nn.Module, attr: str) -> tuple[object, object] | None:
     """The FSDP2 group under ``module`` and its ``FSDPParam`` that shard ``owner.<attr>``'s
-    stored rows; None where ``fully_shard`` does not manage them."""
-    if not fsdp_managed(owner):
+    stored rows; None where ``fully_shard`` does not shard them (it does not manage the
+    module, or ``ignored_params`` holds them: they keep the tensor-parallel layout)."""
+    plist = parametrization_list(owner, attr)
+    constraint, stored = plist[0], plist.original
+    assert isinstance(constraint, _FixedShard)
+    assert isinstance(stored, DTensor)
+    if not fsdp_managed(owner) or constraint.in_its_layout(stored):
         return None
-    stored = parametrization_list(owner, attr).original
     for fsdp_module in module.modules():
         group = fsdp_param_group(fsdp_module) if isinstance(fsdp_module, FSDPModule) else None
         found = [] if group is None else fsdp_params_managing(group, [stored])
