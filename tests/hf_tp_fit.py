@@ -5,9 +5,9 @@ Run by tests/test_hf_distributed.py as
 (transformers starts the gloo group on the CPU). The order that ``tp_plan`` imposes: the
 vocabulary is expanded on one process and saved (`expand_vocabulary`, then ``save_pretrained``),
 the expanded checkpoint is loaded sharded by vocabulary, and only then are the old rows held
-fixed (`fix_rows` on the shards). Each rank trains a few steps on the whole batch (the ranks of
-a tensor-parallel group see one batch), saves ``rank{r}.pt`` (the full state after training)
-and ``save_pretrained`` writes ``DIR/model``. `train` is the loop the test runs on one process.
+fixed (`fix_rows` on the shards). For an untied and a tied model, each rank trains a few steps on the whole batch (the
+ranks of a tensor-parallel group see one batch), saves ``DIR/{case}/rank{r}.pt`` (the full
+state after training) and ``save_pretrained`` writes ``DIR/{case}/model``. `train` is the loop the test runs on one process.
 """
 
 from __future__ import annotations
@@ -24,24 +24,31 @@ from embedding_constraint import fix_rows
 STEPS = 3
 
 
-def expanded(path: Path) -> Path:
-    """Save the untied tiny Llama grown to the new vocabulary at ``path``, in one process."""
+CASES = {"untied": False, "tied": True}  # Hugging Face's tp_plan keeps a tied head tied
+
+
+def expanded(path: Path, tied: bool) -> Path:
+    """Save the tiny Llama grown to the new vocabulary at ``path``, in one process."""
     from hf_ddp_fit import NEW_VOCAB, OLD_VOCAB, tiny_llama
 
     from embedding_constraint import bake
     from embedding_constraint.transformers import expand_vocabulary
 
-    model = bake(expand_vocabulary(tiny_llama(False), OLD_VOCAB, NEW_VOCAB))
+    model = bake(expand_vocabulary(tiny_llama(tied), OLD_VOCAB, NEW_VOCAB))
     model.save_pretrained(path)  # type: ignore[operator]  # transformers: partly typed
     return path
 
 
-def constrain(model: Any) -> None:
-    """Hold the old tokens' rows of the input embedding and the head at the old model's."""
+def constrain(model: Any, tied: bool) -> None:
+    """Hold the old tokens' rows of the input embedding and the head at the old model's (a
+    tied head reads the embedding's)."""
     from hf_ddp_fit import KEPT, KEPT_AT, tiny_llama
 
-    old = tiny_llama(False)
-    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+    old = tiny_llama(tied)
+    names = (
+        ["model.embed_tokens.weight"] if tied else ["model.embed_tokens.weight", "lm_head.weight"]
+    )
+    for name in names:
         reference = old.get_parameter(name).detach()[KEPT]
         fix_rows(model, reference, name=name, rows=KEPT_AT)
 
@@ -83,16 +90,26 @@ def main() -> None:
     out = parser.parse_args().out
     logging.set_verbosity_error()  # type: ignore[no-untyped-call]
     rank = int(os.environ["RANK"])
-    source = expanded(out / f"expanded-rank{rank}")  # each rank its own copy: no waiting
-    model = LlamaForCausalLM.from_pretrained(source, tp_plan="auto")
-    constrain(model)
-    result: dict[str, Any] = {
-        "sharded": type(model.get_input_embeddings().weight).__name__,
-        "losses": train(model),
+    # Each rank its own copy, written before transformers starts the process group (after it,
+    # only rank 0 writes): no rank waits for another's.
+    sources = {
+        case: expanded(out / case / f"expanded-rank{rank}", tied) for case, tied in CASES.items()
     }
-    result["trained"] = full_state(model)
-    model.save_pretrained(out / "model")
-    torch.save(result, out / f"rank{rank}.pt")
+    for case, tied in CASES.items():
+        model = LlamaForCausalLM.from_pretrained(sources[case], tp_plan="auto")
+        constrain(model, tied)
+        head: Any = model.get_output_embeddings()  # type: ignore[no-untyped-call]
+        embedding: Any = model.get_input_embeddings()
+        result: dict[str, Any] = {
+            "sharded": type(embedding.weight).__name__,
+            "losses": train(model),
+        }
+        result["trained"] = full_state(model)
+        model.save_pretrained(out / case / "model")
+        result["still_tied"] = (
+            head.parametrizations.weight is embedding.parametrizations.weight if tied else None
+        )
+        torch.save(result, out / case / f"rank{rank}.pt")
 
 
 if __name__ == "__main__":

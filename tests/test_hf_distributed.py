@@ -249,33 +249,44 @@ def hf_tp(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return out, _torchrun("hf_tp_fit.py", out)
 
 
+@pytest.mark.parametrize("case", ["untied", "tied"])
 def test_tp_plan_model_constrained_on_its_shards_trains_as_one_process(
-    hf_tp: tuple[Path, str],
+    hf_tp: tuple[Path, str], case: str
 ) -> None:
     """An expanded checkpoint loaded sharded by vocabulary, then constrained: the ranks train
-    as one process does (within 1e-5), the old rows exact, and ``save_pretrained`` writes a
-    plain checkpoint of the trained values."""
+    as one process does (the vocabulary matrices within 1e-5), the old rows exact, and ``save_pretrained`` writes a
+    plain checkpoint of the trained values. A tied head stays tied and reads the embedding's
+    constrained tensor."""
     import hf_tp_fit
     from transformers import LlamaForCausalLM
 
-    out, log = hf_tp
+    root, log = hf_tp
+    out, tied = root / case, hf_tp_fit.CASES[case]
     assert (out / "rank1.pt").exists(), log
     start = LlamaForCausalLM.from_pretrained(out / "expanded-rank0")
     alone = LlamaForCausalLM.from_pretrained(out / "expanded-rank0")
-    hf_tp_fit.constrain(alone)
+    hf_tp_fit.constrain(alone, tied)
     losses = hf_tp_fit.train(alone)
     expected = hf_tp_fit.full_state(alone)
-    old = tiny_llama(False)
+    old = tiny_llama(tied)
     for rank in (0, 1):
         result = torch.load(out / f"rank{rank}.pt")
         assert result["sharded"] == "DTensor"  # transformers sharded it, not this library
+        assert result["still_tied"] is (True if tied else None)
         torch.testing.assert_close(result["losses"], losses, rtol=1e-5, atol=1e-5)
         assert list(result["trained"]) == list(expected)  # plain keys, plain order
-        torch.testing.assert_close(result["trained"], expected, rtol=1e-5, atol=1e-5)
+        for key, value in result["trained"].items():
+            # The body's sums meet in another order across ranks, and AdamW's first steps
+            # scale the difference up (measured 1.9e-5 in a tied model's attention).
+            body = key not in ("model.embed_tokens.weight", "lm_head.weight")
+            tolerance = 1e-4 if body else 1e-5
+            torch.testing.assert_close(value, expected[key], rtol=tolerance, atol=tolerance)
         for name in ("model.embed_tokens.weight", "lm_head.weight"):
             kept = old.get_parameter(name).detach()[KEPT]
             assert torch.equal(result["trained"][name][KEPT_AT], kept), name
             moved = result["trained"][name][ADDED_AT] - start.get_parameter(name)[ADDED_AT]
             assert moved.abs().amax(dim=1).gt(0).all(), name  # every added row trained
-    saved = _load_plain(out / "model").state_dict()
+    plain = _load_plain(out / "model")
+    saved = plain.state_dict()
     assert all(torch.equal(value, result["trained"][key]) for key, value in saved.items())
+    assert (plain.get_input_embeddings().weight is plain.get_output_embeddings().weight) == tied

@@ -427,10 +427,25 @@ def test_fix_rows_constrains_a_model_that_tensor_parallelism_sharded_first() -> 
     assert torch.equal(baked.full_tensor()[[8, 1, 5]], reference)
 
 
-def _tied_after() -> tuple[nn.Module, str, Any]:
+@pytest.mark.usefixtures("group")
+def test_fix_rows_on_a_tied_tensor_parallel_pair_constrains_both_holders() -> None:
+    """Hugging Face's tp_plan keeps a tied head tied (one DTensor Parameter): both read the
+    constrained tensor, train one stored shard and stay tied through the bake."""
     model = _vocabulary_parallel()
-    model[1].weight = model[0].weight  # a head tied to the sharded embedding by hand
-    return model, "0.weight", torch.zeros(3, 4)
+    model[1].weight = model[0].weight  # tied, as transformers ties a sharded pair
+    reference = torch.randn(3, 4)
+    fix_rows(model, reference, name="0.weight", rows=[8, 1, 5])
+    for holder in model:
+        weight = holder.weight
+        assert isinstance(weight, DTensor)
+        assert torch.equal(weight.full_tensor()[[8, 1, 5]], reference)
+    stored = [n for n, _ in model.named_parameters()]
+    assert stored == ["0.parametrizations.weight.original", "1.bias"]  # once, as a tie
+    assert list(model.state_dict()) == ["0.weight", "1.weight", "1.bias"]
+    model[1](model[0](torch.arange(10))).sum().backward()
+    bake(model)
+    assert model[0].weight is model[1].weight
+    assert [n for n, _ in model.named_parameters()] == ["0.weight", "1.bias"]
 
 
 def _two_d() -> tuple[nn.Module, str, Any]:
@@ -457,12 +472,11 @@ def _wrong_width() -> tuple[nn.Module, str, Any]:
 @pytest.mark.parametrize(
     ("case", "match"),
     [
-        (_tied_after, "tied to another module.*Untie them before parallelizing"),
         (_two_d, r"tensor parallelism alone \(a 1-D mesh\).*2-D mesh: constrain it before"),
         (_bias_not_sharded, r"`module.bias` to be sharded by tensor parallelism.*Got a Parameter"),
         (_wrong_width, r"rows of shape \(4,\).*Got a reference of shape \(3, 5\)"),
     ],
-    ids=["tied", "2-d", "bias-not-sharded", "wrong-width"],
+    ids=["2-d", "bias-not-sharded", "wrong-width"],
 )
 def test_fix_rows_on_tensor_parallel_shards_refuses_before_anything_changes(
     case: Any, match: str

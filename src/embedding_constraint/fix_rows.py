@@ -188,7 +188,7 @@ def check_lookup_options(module: nn.Module) -> None:
             )
 
 
-def _share_parametrization(
+def share_parametrization(
     source: nn.Module, source_attr: str, module: nn.Module, attr: str
 ) -> None:
     """Make ``module.<attr>`` read the same parametrization as ``source.<source_attr>``."""
@@ -616,7 +616,7 @@ def _register(plan: _Plan) -> None:
     parametrize.register_parametrization(owner, attr, plan.constraint)
     for (holder, holder_attr), order in zip(plan.holders, plan.orders, strict=True):
         if holder is not owner or holder_attr != attr:
-            _share_parametrization(owner, attr, holder, holder_attr)
+            share_parametrization(owner, attr, holder, holder_attr)
         register_plain_hooks(holder, holder_attr, order)
         _set_up_class(holder, holder_attr)
 

@@ -55,6 +55,7 @@ from embedding_constraint.fix_rows import (
     owner_of,
     remove_parametrization,
     reorder_parameters,
+    share_parametrization,
 )
 from embedding_constraint.fixed_rows import FixedRows, parametrization_list
 from embedding_constraint.state_dict import (
@@ -401,17 +402,23 @@ def fix_parallelized(
         TypeError, ValueError: as `fix_rows` does; a tensor of a reference module is not sharded
             as the others are; a tensor lies on a mesh of more than one dimension (2-D: constrain
             it before ``fully_shard``), or is laid out other than by ``Shard`` and ``Replicate``
-            placements; it is tied to another module (tensor parallelism unties them).
+            placements; a module outside ``module`` holds it too (a tied head: pass the root).
     """
     plans = [_check_parallelized(module, name, value, rows) for name, value in references.items()]
-    orders = [plain_parameter_order(owner) for owner, *_ in plans]  # before any is registered
+    # Every module under `module` that holds the Parameter (a head tied to the embedding, which
+    # Hugging Face's tp_plan keeps tied) reads the constrained tensor, as under `fix_rows`.
+    holders = [holders_of(module, stored) for _, _, stored, _ in plans]
+    orders = [[plain_parameter_order(h) for h, _ in found] for found in holders]  # before any
     # Nothing below can fail on user input: the module changes only from here on.
-    for (owner, attr, stored, constraint), order in zip(plans, orders, strict=True):
+    for (owner, attr, stored, constraint), found, order in zip(plans, holders, orders, strict=True):
         shard = _fix_shard(stored, constraint.fixed_row_indices(), constraint.reference)
         shard.pin(stored)
         parametrize.register_parametrization(owner, attr, shard)
-        keep_copies_apart(type(owner))
-        _PlainKeys(attr, order).register(owner)
+        for (holder, holder_attr), holder_order in zip(found, order, strict=True):
+            if holder is not owner or holder_attr != attr:
+                share_parametrization(owner, attr, holder, holder_attr)
+            keep_copies_apart(type(holder))
+            _PlainKeys(holder_attr, holder_order).register(holder)
 
 
 def _check_parallelized(
@@ -438,12 +445,14 @@ def _check_parallelized(
             f"Expected {label} to be laid out by Shard or Replicate placements. Got {layout}."
         )
     check_lookup_options(owner)
-    if len(holders_of(module, stored)) > 1 or held_outside(module, stored, "_parameters"):
+    if held_outside(module, stored, "_parameters"):
         raise ValueError(
-            f"Expected {label} to be read by one module under tensor parallelism. Got it tied to "
-            "another module (an output head tied to the embedding, say), which tensor "
-            "parallelism unties. Untie them before parallelizing."
+            f"Expected {label} to be held only by modules under `module`. Got a Parameter that "
+            "a module outside it holds too (an output head tied to this embedding, say): pass "
+            "the root module that holds both, with the dotted name."
         )
+    for holder, _ in holders_of(module, stored):
+        check_lookup_options(holder)
     constraint = FixedRows.borrowing(reference, rows=rows)
     # The checks need the tensor's shape and dtype only, which a meta tensor has.
     stand_in = torch.empty(stored.shape, dtype=stored.dtype, device="meta")
@@ -593,34 +602,50 @@ def bake_parallelized(module: nn.Module, *, name: str | None = None) -> nn.Modul
     if not found:
         where = "under `module`" if name is None else f"at {name!r}"
         raise ValueError(f"Expected a tensor constrained by parallelize_fixed {where}. Got none.")
+    everyone = parallelized(module)
+    ties: dict[int, list[tuple[nn.Module, str]]] = {}  # each tensor's holders (tied modules)
+    for owner, attr in found:
+        plist = parametrization_list(owner, attr)
+        ties.setdefault(
+            id(plist), [(m, a) for m, a in everyone if parametrization_list(m, a) is plist]
+        )
+        if held_outside(module, plist, "_modules"):
+            raise ValueError(
+                f"Expected the tensor-parallel {attr!r} of a {type(owner).__name__} to be read "
+                "only by modules under `module`. Got one that a module outside it reads too (a "
+                "tied head): bake from the root module that holds both."
+            )
     for fsdp_module in module.modules():
         if isinstance(fsdp_module, FSDPModule):
             fsdp_module.reshard()  # the stored rows are the shards FSDP2 manages
     names = {id(m): n for n, m in module.named_modules()}
-    plans = [(owner, attr, _fsdp_param_of(module, owner, attr)) for owner, attr in found]
-    for owner, attr, _ in plans:  # a layout that `pin` cannot pin raises here, not half-way
-        plist = parametrization_list(owner, attr)
+    plans = [(holders, _fsdp_param_of(module, *holders[0])) for holders in ties.values()]
+    for holders, _ in plans:  # a layout that `pin` cannot pin raises here, not half-way
+        plist = parametrization_list(*holders[0])
         constraint, stored = plist[0], plist.original
         assert isinstance(constraint, _FixedShard)
         assert isinstance(stored, DTensor)
         constraint.here(stored)
-    for owner, attr, managed in plans:  # every check is done: the module changes from here on
-        plist = parametrization_list(owner, attr)
+    for holders, managed in plans:  # every check is done: the module changes from here on
+        plist = parametrization_list(*holders[0])
         constraint, stored = plist[0], plist.original
         assert isinstance(constraint, _FixedShard)
         assert isinstance(stored, DTensor)
         constraint.pin(stored)
-        hooks = _plain_keys_of(owner, attr)
-        hooks.remove(owner)
-        remove_parametrization(owner, attr, leave_parametrized=False)  # FSDP2's class too
-        reorder_parameters(owner, hooks.order)  # torch puts the weight back last
+        for holder, holder_attr in holders:
+            hooks = _plain_keys_of(holder, holder_attr)
+            hooks.remove(holder)
+            remove_parametrization(holder, holder_attr, leave_parametrized=False)
+            reorder_parameters(holder, hooks.order)  # torch puts the weight back last
         if managed is not None:
             group, fsdp_param = managed
             whole = constraint.in_tensor_parallel_layout(stored)
             weight = nn.Parameter(whole, requires_grad=stored.requires_grad)
-            owner._parameters[attr] = weight
+            for holder, holder_attr in holders:
+                holder._parameters[holder_attr] = weight
+            owner, attr = holders[0]
             qualified = f"{names[id(owner)]}.{attr}" if names[id(owner)] else attr
-            replace_fsdp_params(group, [fsdp_param], weight, [(owner, attr)], qualified)
+            replace_fsdp_params(group, [fsdp_param], weight, holders, qualified)
     return module
 
 
