@@ -134,7 +134,9 @@ def train_rank(rank: int, stage: int, out: Path, *, offload: bool = False) -> di
         # Read outside a forward, the constrained weight is gathered whole by the
         # parametrization's own module hooks (the unconstrained head's is not).
         result["read_outside_forward"] = net.embedding.weight.detach().clone()
-        bake(net)  # gathers the stored rows: every rank bakes
+        bake(net, name="embedding.weight")  # gathers the stored rows: every rank bakes
+        with deepspeed.zero.GatheredParameters(list(net.parameters())):
+            bake(net)  # the rest, gathered already
         baked: dict[str, Any] = {
             "plain": not is_fixed(net.embedding) and not is_fixed(net.head),
             "whole": {

@@ -200,17 +200,25 @@ def test_state_dicts_load_back_whole_from_rank_0_or_sharded_and_a_changed_fixed_
 ) -> None:
     """``set_model_state_dict`` with a full state dict on every rank, with one on rank 0 alone
     (``broadcast_from_rank0``), and a sharded one whose fixed row rank 0 changed: refused on
-    both ranks, the model left as it was."""
+    both ranks, the model left as it was; a sharded tensor of another shape is refused on both
+    too, and a plain bfloat16 checkpoint (the reference rounded) loads."""
     ranks, _ = runs
     for rank in ranks:
         result = rank[layout]
         assert "error" not in result, result.get("error")
         trained, loads = result["trained"], result["loads"]
-        for case in ("full", "broadcast", "after_tampered"):
+        for case in ("full", "broadcast", "after_tampered", "after_refused"):
             assert list(loads[case]) == list(trained), case
             assert all(torch.equal(v, trained[k]) for k, v in loads[case].items()), case
         assert "fixed rows of 'tok_embeddings.weight' to equal the reference" in loads["tampered"]
         assert "on at least one rank" in loads["tampered"]
+        expected = f"expected a tensor of shape ({tp_fit.VOCAB}, {tp_fit.DIM}), got ({tp_fit.VOCAB - 2}, {tp_fit.DIM})"
+        assert expected in loads["other_vocabulary"]
+        # bfloat16: the free rows take the rounded values, the fixed rows stay the reference.
+        for key, (rows, reference) in _fixed(layout).items():
+            assert torch.equal(loads["bfloat16"][key][rows], reference), key
+        rounded = {k: v.to(torch.bfloat16).float() for k, v in trained.items()}
+        torch.testing.assert_close(loads["bfloat16"], rounded, rtol=0, atol=0.02)
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ for the other rank). A layout that raises saves its error, so that the others st
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import os
 import sys
@@ -32,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -42,7 +43,7 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.multiprocessing.spawn import spawn
 
-from embedding_constraint import bake, fix_rows
+from embedding_constraint import bake, fix_rows, is_fixed
 from embedding_constraint.fixed_rows import parametrization_list
 from embedding_constraint.fsdp import prepare_fully_shard
 from embedding_constraint.tensor_parallel import bake_parallelized, parallelize_fixed
@@ -251,6 +252,19 @@ def loads(model: nn.Module, trained: dict[str, Tensor]) -> dict[str, Any]:
     except RuntimeError as error:
         out["tampered"] = str(error)
     out["after_tampered"] = full_state(model)
+    # A sharded tensor of another vocabulary: refused on every rank alike (no rank waits).
+    stored = model.get_parameter("tok_embeddings.parametrizations.weight.original")
+    assert isinstance(stored, DTensor)
+    other = distribute_tensor(torch.zeros(VOCAB - 2, DIM), stored.device_mesh, stored.placements)
+    try:
+        model.load_state_dict({"tok_embeddings.weight": other}, strict=False)
+    except RuntimeError as error:
+        out["other_vocabulary"] = str(error)
+    out["after_refused"] = full_state(model)
+    # A plain bfloat16 checkpoint holds the reference rounded: it loads (into a copy).
+    twin = copy.deepcopy(model)
+    set_model_state_dict(twin, {k: v.to(torch.bfloat16) for k, v in trained.items()}, options=full)
+    out["bfloat16"] = full_state(twin)
     return out
 
 
@@ -309,13 +323,15 @@ def fit_hsdp(layout: str, mesh: DeviceMesh) -> dict[str, Any]:
 def split_columns_error(mesh: DeviceMesh) -> str:
     """What a read says where ``fully_shard`` splits the columns of a column-split weight."""
     model = build("embedding-dim")
-    parallelize_fixed(model, mesh["tp"], plan("embedding-dim"))
+    styles = plan("embedding-dim")
+    del styles["output"]  # the head keeps its plain constraint (FixedRows)
+    parallelize_fixed(model, mesh["tp"], styles)
     fully_shard(model.tok_embeddings, mesh=mesh["dp"], shard_placement_fn=lambda _: Shard(1))
     before = [n for n, _ in model.named_parameters()]
     try:
         bake(model)  # refused before it changes anything (the head would bake first)
     except ValueError:
-        if [n for n, _ in model.named_parameters()] != before:
+        if [n for n, _ in model.named_parameters()] != before or not is_fixed(model.output):
             return "bake changed the model before it refused"
     try:
         model.tok_embeddings.weight  # noqa: B018 - the read is the test

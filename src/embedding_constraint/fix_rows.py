@@ -18,6 +18,7 @@ caller's argument names), `check_lookup_options`, and the lookups `owner_of`, `h
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import sys
 from collections.abc import Iterable, Sequence
@@ -670,6 +671,8 @@ def bake(module: nn.Module, *, name: str | None = None) -> nn.Module:
             "parametrized tensors are "
             f"{[n for n, m in module.named_modules() if parametrize.is_parametrized(m)]}."
         )
+    # Every constrained tensor, the tensor-parallel ones too, all checked before any bakes.
+    bake_shards = parallel.prepare_bake(module) if shards and name is None else None  # type: ignore[union-attr]
     checked = [_bake_check(module, n) for n in names]
     if checked and dist.is_available() and _under_fsdp2(module, checked):
         from embedding_constraint.fsdp import bake_fully_sharded  # it imports this module
@@ -677,8 +680,8 @@ def bake(module: nn.Module, *, name: str | None = None) -> nn.Module:
         bake_fully_sharded(module, name=name)
     elif checked:
         _bake_checked(module, checked)
-    if shards and name is None:  # every constrained tensor, the tensor-parallel ones too
-        parallel.bake_parallelized(module)  # type: ignore[union-attr]
+    if bake_shards is not None:
+        bake_shards()
     return module
 
 
@@ -741,8 +744,18 @@ def _gathered_whole(plist: ParametrizationList) -> Tensor:
     """The whole value of a constrained tensor whose stored rows DeepSpeed's ZeRO-3 partitions,
     gathered from every rank (a collective: every rank bakes together)."""
     import deepspeed  # type: ignore[import-untyped,import-not-found,unused-ignore]
+    from deepspeed.runtime.zero.partition_parameters import (  # type: ignore[import-untyped,import-not-found,unused-ignore]
+        ZeroParamStatus,
+    )
 
-    with deepspeed.zero.GatheredParameters([plist.original]), torch.no_grad():
+    # Gathered already inside the caller's GatheredParameters, which refuses to be nested.
+    available = getattr(plist.original, "ds_status", None) == ZeroParamStatus.AVAILABLE
+    gather = (
+        contextlib.nullcontext()
+        if available
+        else deepspeed.zero.GatheredParameters([plist.original])
+    )
+    with gather, torch.no_grad():
         return cast(Tensor, plist()).detach().clone()
 
 

@@ -68,7 +68,7 @@ def _full_tensor(plist: ParametrizationList, state_dict: dict[str, Any], key: st
     return full
 
 
-def _narrower(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+def narrower_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
     """The one of two dtypes with the coarser resolution (``b`` unless both are floating)."""
     if not (a.is_floating_point and b.is_floating_point):
         return b
@@ -236,7 +236,7 @@ class _PlainStateDict:
             # In the narrower of the two dtypes: a checkpoint of a run in a lower precision
             # holds the reference rounded to it (Lightning loads it before it converts the
             # module), one in a higher precision a reference this module holds rounded.
-            narrow = _narrower(incoming.dtype, reference.dtype)
+            narrow = narrower_dtype(incoming.dtype, reference.dtype)
             incoming, reference = incoming.to(reference.device, narrow), reference.to(narrow)
             differ = (incoming != reference).reshape(constraint.num_fixed, -1).any(1)
             if not bool(differ.any()):

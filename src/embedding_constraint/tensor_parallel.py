@@ -23,7 +23,7 @@ splits the stored shard again; `_FixedShard` finds the fixed rows in any split o
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from typing import Any, cast
@@ -60,6 +60,7 @@ from embedding_constraint.fix_rows import (
 from embedding_constraint.fixed_rows import FixedRows, parametrization_list
 from embedding_constraint.state_dict import (
     any_on_mesh,
+    narrower_dtype,
     plain_parameter_order,
     put_plain_entry,
     whole_from_first_rank,
@@ -533,10 +534,21 @@ class _PlainKeys:
             value = distribute_tensor(whole, stored.device_mesh, placements, src_data_rank=None)
         elif isinstance(incoming, DTensor):
             value = state_dict.pop(key)
+            if tuple(value.shape) != tuple(stored.shape):  # the same on every rank
+                error_msgs.append(
+                    f"size mismatch for {key}: expected a tensor of shape "
+                    f"{tuple(stored.shape)}, got {tuple(value.shape)}."
+                )
+                state_dict[inner] = stored
+                return
         else:
             return
         rows, reference = constraint.here(value)
-        held = value.to_local()[rows].to(reference.device, reference.dtype)
+        held = value.to_local()[rows]
+        # In the narrower of the two dtypes, as a whole tensor loads (a checkpoint of a run in
+        # a lower precision holds the reference rounded to it).
+        narrow = narrower_dtype(held.dtype, reference.dtype)
+        held, reference = held.to(reference.device, narrow), reference.to(narrow)
         if any_on_mesh(not torch.equal(held, reference), stored):
             error_msgs.append(
                 f"Expected the fixed rows of {key!r} to equal the reference (they are held "
@@ -595,6 +607,18 @@ def bake_parallelized(module: nn.Module, *, name: str | None = None) -> nn.Modul
             `parallelize_fixed`, or ``fully_shard`` manages it from a module above ``module``.
             Nothing is changed.
     """
+    prepare_bake(module, name=name)()
+    return module
+
+
+def prepare_bake(module: nn.Module, *, name: str | None = None) -> Callable[[], None]:
+    """Check what `bake_parallelized` checks, changing nothing; return the call that bakes.
+
+    `bake` checks every constrained tensor before it bakes any: the tensor-parallel ones here.
+
+    Raises:
+        ValueError: as `bake_parallelized` does.
+    """
     found = parallelized(module)
     if name is not None:
         named, attr = owner_of(module, name)
@@ -626,6 +650,18 @@ def bake_parallelized(module: nn.Module, *, name: str | None = None) -> nn.Modul
         assert isinstance(constraint, _FixedShard)
         assert isinstance(stored, DTensor)
         constraint.here(stored)
+
+    def apply() -> None:
+        _bake(plans, names)
+
+    return apply
+
+
+def _bake(
+    plans: list[tuple[list[tuple[nn.Module, str]], tuple[object, object] | None]],
+    names: dict[int, str],
+) -> None:
+    """Bake each checked tensor (its holders, and its FSDP2 group if any) of ``plans``."""
     for holders, managed in plans:  # every check is done: the module changes from here on
         plist = parametrization_list(*holders[0])
         constraint, stored = plist[0], plist.original
@@ -646,7 +682,6 @@ def bake_parallelized(module: nn.Module, *, name: str | None = None) -> nn.Modul
             owner, attr = holders[0]
             qualified = f"{names[id(owner)]}.{attr}" if names[id(owner)] else attr
             replace_fsdp_params(group, [fsdp_param], weight, holders, qualified)
-    return module
 
 
 def _fsdp_param_of(module: nn.Module, owner: nn.Module, attr: str) -> tuple[object, object] | None:
