@@ -632,8 +632,11 @@ def bake(module: nn.Module, *, name: str | None = None) -> nn.Module:
     Parameter object is the one that was constrained, now of the full shape, with the fixed
     rows equal to the reference. Tied modules still share it afterwards.
 
-    A module whose weights `parallelize_fixed` sharded is baked by
-    `embedding_constraint.tensor_parallel.bake_parallelized`. A module that FSDP2 manages is
+    Under DeepSpeed's ZeRO-3, which partitions the stored rows, every rank must call it: the
+    rows are gathered, and the module gets a new, whole Parameter (a new engine partitions it).
+    A module whose weights `parallelize_fixed` sharded (or `fix_rows` on tensor-parallel
+    shards) is baked by `embedding_constraint.tensor_parallel.bake_parallelized`, with the
+    rest. A module that FSDP2 manages is
     baked by `embedding_constraint.fsdp.bake_fully_sharded`
     (every rank must call it). A class derived from the parametrized one (FSDP2's
     ``FSDPParametrizedEmbedding``) is kept, without the parametrized class (``FSDPEmbedding``).
