@@ -92,7 +92,7 @@ class _FixedShard(nn.Module):
     stored shard's rows further over the data-parallel ranks; it gathers them for the forward,
     which reads the tensor-parallel layout above. A read of the split rows (outside the
     forward: ``state_dict()``, ``module.weight``) finds the fixed rows that the rank holds of
-    them from ``ids``, with no collective (`_fixed_in`).
+    them from ``ids``, with no collective (`here`).
     """
 
     ids: Tensor
@@ -110,8 +110,8 @@ class _FixedShard(nn.Module):
         if not isinstance(stored, DTensor):
             raise TypeError(
                 "Expected the stored rows of a tensor-parallel constrained weight to be a "
-                f"DTensor. Got a {type(stored).__name__}: the module was changed after "
-                "parallelize_fixed."
+                f"DTensor. Got a {type(stored).__name__}: the module was changed after it was "
+                "constrained."
             )
         rows, reference = self.here(stored)
         local = stored.to_local()
