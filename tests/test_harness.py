@@ -8,7 +8,10 @@ the reference rows and the free rows put together with nothing but ``cat`` and
 ``index_select``. Checked: values, first gradients (free rows, float inputs, other
 parameters), double gradients (a gradient penalty), ``torch.func`` (``grad``, ``vmap``,
 ``jvp``), forward-mode AD, ``torch.compile`` and bad ids (the same kind of error, the module
-unchanged).
+unchanged). The tensor-parallel reads (``tp-*``: `parallelize_fixed`, or `fix_rows` on the
+shards) run on a one-rank mesh against the unconstrained module parallelized the same way, the
+plain read done in ``DTensor`` operations; where torch has no rule for a ``DTensor`` (``torch.func``,
+gradcheck), the constrained read fails as the unconstrained one does.
 
 On the CPU by default; ``EMBEDDING_CONSTRAINT_TEST_DEVICE=cuda`` runs it on a GPU, where the
 reads take their accelerator paths (``tests/benchmarks/gpu_check.sh`` does).
@@ -18,20 +21,30 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from support import stored
 from torch import Tensor, nn
 from torch.autograd import forward_ad
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    RowwiseParallel,
+    parallelize_module,
+)
 from torch.func import functional_call
 
 from embedding_constraint import fix_rows
+from embedding_constraint.tensor_parallel import parallelize_fixed
 
 DEVICE = torch.device(os.environ.get("EMBEDDING_CONSTRAINT_TEST_DEVICE", "cpu"))
 VOCAB, DIM, FIXED = 10, 4, 4
@@ -51,7 +64,26 @@ def plain_read(reference: Tensor, free: Tensor, rows: list[int] | None) -> Tenso
     places = torch.empty(total, dtype=torch.int64)
     places[rows] = torch.arange(len(rows))
     places[free_rows] = torch.arange(len(rows), total)
-    return weight.index_select(0, places.to(weight.device))
+    return weight.index_select(0, _like(places.to(DEVICE), weight))
+
+
+def plain_parallel_read(reference: Tensor, stored: DTensor, rows: list[int] | None) -> DTensor:
+    """`plain_read` of a tensor-parallel weight, in torch's ``DTensor`` operations: the free
+    rows of ``stored`` (the whole weight's shard, fixed rows included) taken with
+    ``index_select``, read with the reference as above and laid out as ``stored`` is."""
+    fixed = range(reference.shape[0]) if rows is None else rows
+    free_rows = torch.tensor([r for r in range(stored.shape[0]) if r not in fixed], device=DEVICE)
+    free = stored.index_select(0, _like(free_rows, stored))
+    weight = plain_read(_like(reference, stored), free, rows)
+    assert isinstance(weight, DTensor)
+    return weight.redistribute(stored.device_mesh, stored.placements)
+
+
+def _like(tensor: Tensor, weight: Tensor) -> Tensor:
+    """``tensor`` replicated on ``weight``'s mesh where ``weight`` is a DTensor."""
+    if isinstance(weight, DTensor):
+        return distribute_tensor(tensor, weight.device_mesh, [Replicate()])
+    return tensor
 
 
 class _Tied(nn.Module):
@@ -109,6 +141,10 @@ class Path:
     inputs: Callable[[torch.dtype], tuple[Tensor, ...]]
     name: str = "weight"  # the constrained parameter, dotted under the module
     takes_ids: bool = False  # the first input holds row ids
+    # Tensor parallelism on a one-rank mesh: the style that shards the module, and whether
+    # it shards before the constraint (`fix_rows` on the shards) or after (`parallelize_fixed`).
+    parallel: Callable[[], ParallelStyle] | None = None
+    sharded_first: bool = False
 
 
 PATHS = {
@@ -137,7 +173,53 @@ PATHS = {
     "head": Path(lambda d: nn.Linear(DIM, VOCAB, dtype=d), _features),
     "tied": Path(_Tied, _ids, name="emb.weight", takes_ids=True),
     "generic": Path(_Reader, _features),
+    "tp-lookup": Path(
+        lambda d: nn.Embedding(VOCAB, DIM, dtype=d),
+        _ids,
+        takes_ids=True,
+        parallel=lambda: RowwiseParallel(input_layouts=Replicate()),
+    ),
+    "tp-lookup-sharded-first": Path(
+        lambda d: nn.Embedding(VOCAB, DIM, dtype=d),
+        _ids,
+        takes_ids=True,
+        parallel=lambda: RowwiseParallel(input_layouts=Replicate()),
+        sharded_first=True,
+    ),
+    "tp-lookup-columns": Path(
+        lambda d: nn.Embedding(VOCAB, DIM, dtype=d),
+        _ids,
+        takes_ids=True,
+        parallel=lambda: ColwiseParallel(output_layouts=Replicate()),
+    ),
+    "tp-head": Path(
+        lambda d: nn.Linear(DIM, VOCAB, dtype=d),
+        _features,
+        parallel=lambda: ColwiseParallel(output_layouts=Replicate()),
+    ),
+    "tp-head-columns": Path(
+        lambda d: nn.Linear(DIM, VOCAB, dtype=d),
+        _features,
+        parallel=lambda: RowwiseParallel(input_layouts=Replicate()),
+    ),
 }
+
+
+@pytest.fixture(autouse=True)
+def _one_rank_group(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A process group of one rank around each case of a tensor-parallel path."""
+    callspec = getattr(request.node, "callspec", None)
+    path = callspec.params.get("path") if callspec is not None else None
+    if path is None or PATHS[path].parallel is None:
+        yield
+        return
+    backend = "nccl" if DEVICE.type == "cuda" else "gloo"
+    store = dist.HashStore()  # type: ignore[attr-defined]
+    dist.init_process_group(backend, store=store, rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 @dataclass
@@ -167,7 +249,11 @@ class Case:
         return tuple(t.requires_grad_() if t.is_floating_point() else t for t in inputs)
 
     def run_plain(self, free: Tensor, inputs: tuple[Tensor, ...]) -> Tensor:
-        weight = plain_read(self.reference, free, self.rows)
+        weight: Tensor
+        if isinstance(free, DTensor):
+            weight = plain_parallel_read(self.reference, free, self.rows)
+        else:
+            weight = plain_read(self.reference, free, self.rows)
         out: Tensor = functional_call(self.plain, {self.path.name: weight}, inputs)
         return out
 
@@ -193,13 +279,40 @@ def make_case(path: str, layout: str, storage: str, dtype: torch.dtype) -> Case:
     owner, _, attr = spec.name.rpartition(".")
     trailing = getattr(plain.get_submodule(owner), attr).shape[1:]
     reference = torch.randn(FIXED, *trailing, dtype=dtype).to(DEVICE)
-    fix_rows(fast, reference, name=spec.name, rows=LAYOUTS[layout])
+    if spec.parallel is None:
+        fix_rows(fast, reference, name=spec.name, rows=LAYOUTS[layout])
+    else:
+        mesh = init_device_mesh(DEVICE.type, (1,))
+        parallelize_module(plain, mesh, spec.parallel())
+        if spec.sharded_first:
+            parallelize_module(fast, mesh, spec.parallel())
+            fix_rows(fast, reference, name=spec.name, rows=LAYOUTS[layout])
+        else:
+            fix_rows(fast, reference, name=spec.name, rows=LAYOUTS[layout])
+            parallelize_fixed(fast, mesh, spec.parallel())
     case = Case(spec, fast, plain, reference, LAYOUTS[layout], dtype)
     with torch.no_grad():
-        case.free.copy_(torch.randn_like(case.free))
+        case.free.copy_(_randn_like(case.free))
         if storage == "apart":
             case.free.data = case.free.data.clone()
     return case
+
+
+def assert_close(got: Any, expected: Any, **tolerances: Any) -> None:
+    """``torch.testing.assert_close``, with DTensors compared by value: a gradient of a
+    tensor-parallel weight may come in another placement than the plain read's."""
+    if isinstance(got, DTensor) or isinstance(expected, DTensor):
+        assert type(got) is type(expected)
+        got, expected = got.full_tensor(), expected.full_tensor()
+    torch.testing.assert_close(got, expected, **tolerances)
+
+
+def _randn_like(tensor: Tensor) -> Tensor:
+    """``torch.randn_like``, for a DTensor too: random values in its local shard."""
+    if isinstance(tensor, DTensor):
+        local = torch.randn_like(tensor.to_local())
+        return DTensor.from_local(local, tensor.device_mesh, tensor.placements)
+    return torch.randn_like(tensor)
 
 
 def _loss(out: Tensor) -> Tensor:
@@ -245,10 +358,10 @@ def test_values_gradients_and_double_gradients(
             firsts(case.fast(*fast_in), fast_wrt)
         return
     out_fast = case.fast(*fast_in)
-    torch.testing.assert_close(out_fast, out_plain, **case.tolerances())
+    assert_close(out_fast, out_plain, **case.tolerances())
     firsts_fast = firsts(out_fast, fast_wrt)
     for got, expected in zip(firsts_fast, firsts_plain, strict=True):
-        torch.testing.assert_close(got, expected, **case.tolerances())
+        assert_close(got, expected, **case.tolerances())
 
     if case.dtype == torch.bfloat16:
         # Second derivatives of a bfloat16 loss amplify single roundings past any tolerance
@@ -271,7 +384,7 @@ def test_values_gradients_and_double_gradients(
     for second, expected_second in zip(seconds(firsts_fast, fast_wrt), seconds_plain, strict=True):
         assert (second is None) == (expected_second is None)
         if second is not None:
-            torch.testing.assert_close(second, expected_second, **case.tolerances())
+            assert_close(second, expected_second, **case.tolerances())
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -297,13 +410,13 @@ def test_gradcheck_and_gradgradcheck_in_float64(path: str, layout: str) -> None:
 
     fast, plain = call(fast_read), call(case.run_plain)
     free = case.free.detach().clone().requires_grad_()
-    assert torch.autograd.gradcheck(fast, (free, *floats))
-    plain_error = _error_of(lambda: torch.autograd.gradgradcheck(plain, (free, *floats)))
-    if plain_error is None:
-        assert torch.autograd.gradgradcheck(fast, (free, *floats))
-    else:  # torch does not differentiate an embedding bag's backward
-        with pytest.raises(plain_error):
-            torch.autograd.gradgradcheck(fast, (free, *floats))
+    for check in (torch.autograd.gradcheck, torch.autograd.gradgradcheck):
+        plain_error = _error_of(lambda: check(plain, (free, *floats)))  # noqa: B023
+        if plain_error is None:
+            assert check(fast, (free, *floats))
+        else:  # torch does not differentiate an embedding bag's backward, checks no DTensor
+            with pytest.raises(plain_error):
+                check(fast, (free, *floats))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -323,7 +436,7 @@ def test_torch_func_grad_vmap_jvp_and_forward_ad(path: str, layout: str) -> None
         return case.run_plain(free, detached)
 
     free = case.free.detach().clone()
-    tangent = torch.randn_like(free)
+    tangent = _randn_like(free)
     batch = torch.stack((free, free.flip(0)))
 
     def forward_mode(read: Callable[[Tensor], Tensor]) -> Tensor | None:
@@ -347,7 +460,7 @@ def test_torch_func_grad_vmap_jvp_and_forward_ad(path: str, layout: str) -> None
             continue
         got = transform(fast)
         assert type(got) is type(expected), name
-        torch.testing.assert_close(got, expected)
+        assert_close(got, expected)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -367,14 +480,14 @@ def test_autocast_matches_the_plain_read(path: str, layout: str, storage: str, d
         out_plain = case.run_plain(free, plain_in)
     assert out_fast.dtype == out_plain.dtype
     tolerances: dict[str, Any] = {"rtol": 5e-2, "atol": 5e-2} if dtype == "float32" else {}
-    torch.testing.assert_close(out_fast, out_plain, **tolerances)
+    assert_close(out_fast, out_plain, **tolerances)
     fast_wrt = _differentiable(case, case.fast, case.free, fast_in)
     plain_wrt = _differentiable(case, case.plain, free, plain_in)
     got = torch.autograd.grad(_loss(out_fast.float()), fast_wrt)
     expected = torch.autograd.grad(_loss(out_plain.float()), plain_wrt)
     for g, e in zip(got, expected, strict=True):
         assert g.dtype == e.dtype
-        torch.testing.assert_close(g, e, **tolerances)
+        assert_close(g, e, **tolerances)
 
 
 @pytest.mark.parametrize("storage", STORAGE)
@@ -396,13 +509,13 @@ def test_torch_compile_matches_the_plain_read(path: str, layout: str, storage: s
     compiled = torch.compile(forward, backend="aot_eager", fullgraph=True)
     out_fast = compiled(*fast_in)
     out_plain = case.run_plain(free, plain_in)
-    torch.testing.assert_close(out_fast, out_plain)
+    assert_close(out_fast, out_plain)
     fast_wrt = _differentiable(case, case.fast, case.free, fast_in)
     plain_wrt = _differentiable(case, case.plain, free, plain_in)
     got = torch.autograd.grad(_loss(out_fast), fast_wrt)
     expected = torch.autograd.grad(_loss(out_plain), plain_wrt)
     for g, e in zip(got, expected, strict=True):
-        torch.testing.assert_close(g, e)
+        assert_close(g, e)
 
 
 BAD_IDS = {
@@ -436,7 +549,7 @@ def test_bad_ids_fail_as_in_the_plain_module(path: str, layout: str, bad: str) -
     if plain_error is None:  # accepted by the plain module: the same values
         with torch.no_grad():
             expected = case.run_plain(case.free.detach(), bad_inputs)
-            torch.testing.assert_close(case.fast(*bad_inputs), expected)
+            assert_close(case.fast(*bad_inputs), expected)
     else:
         with pytest.raises(plain_error):
             case.fast(*bad_inputs)
@@ -483,10 +596,10 @@ def test_random_layouts_and_ids_match_the_plain_read(data: st.DataObject) -> Non
             fast(*inputs)
         return
     out_fast, out_plain = fast(*inputs), plain_read_of(free)
-    torch.testing.assert_close(out_fast, out_plain)
+    assert_close(out_fast, out_plain)
     (grad_fast,) = torch.autograd.grad(_loss(out_fast), [stored(fast)])
     (grad_plain,) = torch.autograd.grad(_loss(out_plain), [free])
-    torch.testing.assert_close(grad_fast, grad_plain)
+    assert_close(grad_fast, grad_plain)
 
 
 @pytest.mark.parametrize("inputs_need_grad", [True, False], ids=["input-grad", "no-input-grad"])
@@ -545,7 +658,7 @@ def test_changing_the_stored_rows_before_the_backward_acts_as_the_plain_module(
     else:
         fast_backward()
     for g, e in zip(got, expected, strict=True):
-        torch.testing.assert_close(g, e)
+        assert_close(g, e)
 
 
 # Every option of the module classes that the fast reads stand in for (their `__constants__`),
@@ -639,7 +752,7 @@ def test_options_set_after_fix_rows_match_the_plain_read(
         free_rows = [r for r in range(whole.shape[0]) if r not in case.rows]
         expected = (out, grads[0].to_dense()[free_rows], *grads[1:])
         for g, e in zip(got, expected, strict=True):
-            torch.testing.assert_close(g.to_dense() if g.is_sparse else g, e)
+            assert_close(g.to_dense() if g.is_sparse else g, e)
     elif plain_error is not None:
         with pytest.raises(plain_error):
             run(lambda: case.fast(*fast_in), fast_wrt)
@@ -647,10 +760,10 @@ def test_options_set_after_fix_rows_match_the_plain_read(
         got = run(lambda: case.fast(*fast_in), fast_wrt)
         expected = run(lambda: case.run_plain(free, plain_in), plain_wrt)
         for g, e in zip(got, expected, strict=True):
-            torch.testing.assert_close(g, e)
+            assert_close(g, e)
     # Checked at every forward: with the options back as they were, the fast read is back.
     for module in (case.fast, case.plain):
         for name, value in before.items():
             setattr(module, name, value)
     free = case.free.detach().clone().requires_grad_()
-    torch.testing.assert_close(case.fast(*fast_in), case.run_plain(free, plain_in))
+    assert_close(case.fast(*fast_in), case.run_plain(free, plain_in))

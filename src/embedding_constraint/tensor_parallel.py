@@ -116,7 +116,7 @@ class _FixedShard(nn.Module):
         rows, reference = self.here(stored)
         local = stored.to_local()
         pinned = local.index_put((rows,), reference.to(local.dtype))
-        return DTensor.from_local(
+        weight = DTensor.from_local(
             pinned,
             stored.device_mesh,
             stored.placements,
@@ -124,6 +124,13 @@ class _FixedShard(nn.Module):
             shape=stored.shape,
             stride=stored.stride(),
         )
+        if not (torch.is_grad_enabled() and stored.requires_grad):
+            return weight
+        # A no-op forward. Its backward brings the gradient into the stored placements
+        # differentiably: from_local's own backward redistributes a gradient in another
+        # placement (a vocabulary-split lookup's comes replicated) as a constant, which would
+        # lose the second derivatives (a gradient penalty) that the unconstrained module keeps.
+        return weight.redistribute(stored.device_mesh, stored.placements)
 
     def right_inverse(self, value: Tensor) -> Tensor:
         return value
