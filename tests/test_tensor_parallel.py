@@ -112,6 +112,26 @@ def test_tensor_parallel_trains_exactly_and_bakes(runs: Runs, layout: str) -> No
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "layout", [*tp_fit.LAYOUTS, *(f"{layout}/after" for layout in tp_fit.CONSTRAINED_AFTER)]
+)
+def test_second_derivatives_are_the_unconstrained_models(runs: Runs, layout: str) -> None:
+    # A gradient penalty on 2 ranks and in one process, against the same weights without the
+    # constraint in the same layout (torch's own tensor-parallel second derivatives are not
+    # one process's). The fixed rows' second derivatives are zero (tp_fit checks them), the
+    # free rows' and every other parameter's equal the unconstrained model's, in the model and
+    # for the lookup read alone ("lookup": there torch keeps the lookup's second derivatives).
+    ranks, single = runs
+    for result in (*(rank[layout] for rank in ranks), single[layout.partition("/")[0]]):
+        assert "error" not in result, result.get("error")
+        assert list(result["penalty"]) == list(result["penalty_unconstrained"])
+        assert any(v.abs().max() > 1e-3 for v in result["penalty"].values())  # not all zero
+        torch.testing.assert_close(
+            result["penalty"], result["penalty_unconstrained"], rtol=1e-6, atol=1e-6
+        )
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", list(tp_fit.LAYOUTS))
 def test_fully_shard_over_tensor_parallel_trains_exactly_and_bakes_into_its_groups(
     runs: Runs, runs_2d: list[dict[str, Any]], layout: str

@@ -56,6 +56,7 @@ VOCAB, DIM, HIDDEN = 10, 4, 6
 WORLD, BATCH, STEPS, MORE = 2, 8, 3, 2
 ROWS = [9, 0, 4, 2, 7, 5]  # the embedding's fixed rows, scattered over both ranks' slices
 HEAD_ROWS = [8, 3]  # the head's (weight and bias: a reference module)
+CONSTRAINED = ("tok_embeddings.weight", "output.weight", "output.bias")
 # name: (the embedding's fixed rows, the embedding's style, the head's output layout)
 LAYOUTS: dict[str, tuple[list[int] | None, str, str]] = {
     "vocab-replicated-logits": (ROWS, "rowwise", "replicate"),
@@ -169,6 +170,49 @@ def train(
     return losses
 
 
+def penalty_gradients(model: nn.Module, tokens: Tensor, layout: str) -> dict[str, Tensor]:
+    """The gradients of a gradient penalty (second derivatives), whole, by plain name; of the
+    constrained tensors, at their free rows only (the fixed rows of a tensor-parallel stored
+    tensor, whose gradients are zero, checked here; those of a plain twin's weight)."""
+    named = dict(model.named_parameters())
+    split = isinstance(model.get_submodule("output").weight, DTensor)
+    with loss_parallel() if LAYOUTS[layout][2] == "loss-parallel" and split else nullcontext():
+        loss = loss_of(model(tokens), tokens)
+        firsts = torch.autograd.grad(loss, list(named.values()), create_graph=True)
+        free = [_free_rows(name, g, layout) for name, g in zip(named, firsts, strict=True)]
+        penalty = torch.stack([(g**2).sum() for g in free]).sum()
+        seconds = torch.autograd.grad(penalty, list(named.values()))
+    out = {}
+    for name, second in zip(named, seconds, strict=True):
+        plain = name.replace("parametrizations.", "").removesuffix(".original")
+        out[plain] = _free_rows(name, second, layout, zero_at_fixed=name != plain).detach()
+    # The lookup alone: in the model, torch's own tensor-parallel backward gives the
+    # embedding's gradient no graph (constrained or not); read alone, it keeps one.
+    embedding = model.get_submodule("tok_embeddings")
+    ((name, weight),) = embedding.named_parameters()
+    hidden = embedding(tokens)
+    (first,) = torch.autograd.grad((hidden * hidden.tanh()).sum(), [weight], create_graph=True)
+    free_first = _free_rows(f"tok_embeddings.{name}", first, layout)
+    (second,) = torch.autograd.grad((free_first**2).sum(), [weight])
+    zero = name != "weight"
+    out["lookup"] = _free_rows(f"tok_embeddings.{name}", second, layout, zero_at_fixed=zero)
+    return out
+
+
+def _free_rows(name: str, grad: Tensor, layout: str, *, zero_at_fixed: bool = False) -> Tensor:
+    """``grad`` whole; of a constrained tensor, at its free rows (where it holds fixed ones:
+    a tensor-parallel stored tensor, a plain twin's weight). ``zero_at_fixed``: check that
+    the gradient at the fixed rows is zero."""
+    whole = grad.full_tensor() if isinstance(grad, DTensor) else grad
+    plain = name.replace("parametrizations.", "").removesuffix(".original")
+    if plain not in CONSTRAINED or whole.shape[0] != VOCAB:
+        return whole
+    fixed = HEAD_ROWS if plain.startswith("output") else LAYOUTS[layout][0]
+    fixed = list(range(len(ROWS))) if fixed is None else fixed
+    assert not zero_at_fixed or not whole[fixed].any(), name
+    return whole[[r for r in range(VOCAB) if r not in fixed]]
+
+
 def full_state(model: nn.Module) -> dict[str, Tensor]:
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     return {k: v.detach().clone() for k, v in state.items() if isinstance(v, Tensor)}
@@ -213,7 +257,20 @@ def fit(
     if world > 1 and not constrain_after:
         assert mesh is not None
         parallelize_fixed(model, mesh, plan(layout))
-    result: dict[str, Any] = {"losses": train(model, STEPS, seed=3, layout=layout)}
+    # A gradient penalty, against the same weights unconstrained in the same layout: torch's
+    # own tensor-parallel second derivatives differ from one process's (by 30% here, for
+    # unconstrained models too), so one process is no reference for them.
+    tokens = batches(1, 11)[0]
+    twin = build(layout)
+    bake(twin)
+    if world > 1:
+        assert mesh is not None
+        parallelize_module(twin, mesh, plan(layout))
+    result: dict[str, Any] = {
+        "penalty": penalty_gradients(model, tokens, layout),
+        "penalty_unconstrained": penalty_gradients(twin, tokens, layout),
+    }
+    result["losses"] = train(model, STEPS, seed=3, layout=layout)
     result["trained"] = full_state(model)
     if world > 1:
         result["held"] = held(model)
