@@ -27,7 +27,7 @@ from torch.distributed.tensor.parallel import (
 )
 from torch.nn.utils import parametrize
 
-from embedding_constraint import bake, fix_rows
+from embedding_constraint import bake, fix_rows, is_fixed
 from embedding_constraint.tensor_parallel import bake_parallelized, parallelize_fixed
 
 SCRIPT = Path(__file__).with_name("tp_fit.py")
@@ -401,6 +401,10 @@ def test_state_dict_is_plain_and_loading_checks_the_fixed_rows() -> None:
     weight = model[0].weight
     assert isinstance(weight, DTensor)
     assert torch.equal(weight.full_tensor()[[7, 1, 4]], reference)
+    assert is_fixed(model, "0.weight")
+    assert not is_fixed(model, "0.bias")
+    bake_parallelized(model)
+    assert not is_fixed(model, "0.weight")
 
 
 @pytest.mark.usefixtures("group")
@@ -437,6 +441,7 @@ def test_fix_rows_constrains_a_model_that_tensor_parallelism_sharded_first() -> 
     reference, head = torch.randn(3, 4), nn.Linear(4, 2)
     fix_rows(model[0], reference, rows=[8, 1, 5])
     fix_rows(model[1], head, rows=[0, 9])  # weight and bias
+    assert all(is_fixed(model, name) for name in ("0.weight", "1.weight", "1.bias"))
     weight = model[0].weight
     assert isinstance(weight, DTensor)
     assert torch.equal(weight.full_tensor()[[8, 1, 5]], reference)
@@ -450,6 +455,7 @@ def test_fix_rows_constrains_a_model_that_tensor_parallelism_sharded_first() -> 
     assert grad.full_tensor()[[0, 2]].abs().sum() > 0
     bake_parallelized(model)
     assert [n for n, _ in model.named_parameters()] == ["0.weight", "1.weight", "1.bias"]
+    assert not any(is_fixed(model, name) for name in ("0.weight", "1.weight", "1.bias"))
     baked = model[0].weight
     assert isinstance(baked, DTensor)
     assert torch.equal(baked.full_tensor()[[8, 1, 5]], reference)

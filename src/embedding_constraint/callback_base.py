@@ -457,9 +457,7 @@ class EmbeddingConstraintHooks(_Base):
                 weights to after ``setup`` (``"16-true"`` precision, say).
         """
         for root, name in self._fixed:
-            if root is not pl_module or not (
-                is_fixed(pl_module, name) or _tensor_parallel(pl_module, name)
-            ):
+            if root is not pl_module or not (is_fixed(pl_module, name)):
                 raise RuntimeError(
                     f"Expected {name!r} to be constrained when the fit starts. Got a module "
                     "without the constraint: LightningModule.setup or configure_model, which "
@@ -576,10 +574,10 @@ class EmbeddingConstraintHooks(_Base):
     def _release(self) -> None:
         while self._fixed:
             root, name = self._fixed.pop()
-            if is_fixed(root, name):
+            if _tensor_parallel(root, name):
+                # Sharded by `parallelize_fixed` in configure_model: a plain DTensor weight.
+                bake_parallelized(root, name=name)
+            elif is_fixed(root, name):
                 # `bake`, and under FSDP2 the baked weight joins the group that trained it,
                 # so the model evaluates and fits again as a plain sharded one.
                 bake_fully_sharded(root, name=name)
-            elif _tensor_parallel(root, name):
-                # Sharded by `parallelize_fixed` in configure_model: a plain DTensor weight.
-                bake_parallelized(root, name=name)

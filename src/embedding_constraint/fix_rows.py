@@ -31,7 +31,12 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrize import ParametrizationList
 
-from embedding_constraint.fixed_rows import FixedRows, parametrization_list, sharded
+from embedding_constraint.fixed_rows import (
+    FixedRows,
+    RowConstraint,
+    parametrization_list,
+    sharded,
+)
 from embedding_constraint.reads import FAST_FORWARDS
 from embedding_constraint.state_dict import (
     plain_parameter_order,
@@ -303,7 +308,8 @@ def keep_copies_apart(cls: type) -> None:
 
 
 def is_fixed(module: nn.Module, name: str = "weight") -> bool:
-    """Return whether ``module.<name>`` is constrained by `FixedRows`.
+    """Return whether ``module.<name>`` holds fixed rows: constrained by `FixedRows`, or on
+    its tensor-parallel shards (`parallelize_fixed`, `fix_rows` on a sharded model).
 
     Raises:
         TypeError: ``module`` is not an ``nn.Module`` or ``name`` is not a non-empty str.
@@ -317,7 +323,7 @@ def is_fixed(module: nn.Module, name: str = "weight") -> bool:
         return False
     if not parametrize.is_parametrized(owner, attr):
         return False
-    return any(isinstance(p, FixedRows) for p in parametrization_list(owner, attr))
+    return any(isinstance(p, RowConstraint) for p in parametrization_list(owner, attr))
 
 
 def fix_rows(

@@ -361,7 +361,12 @@ def _keeps_state(method: _Method) -> _Method:
     return cast(_Method, run)
 
 
-class FixedRows(nn.Module):
+class RowConstraint(nn.Module):
+    """A parametrization that holds rows of a tensor at reference values: `FixedRows`, and the
+    tensor-parallel shard's (`embedding_constraint.tensor_parallel`). `is_fixed` asks this."""
+
+
+class FixedRows(RowConstraint):
     r"""Hold rows of a tensor at reference values while the other rows train.
 
     Register it with `torch.nn.utils.parametrize.register_parametrization`. The

@@ -57,7 +57,7 @@ from embedding_constraint.fix_rows import (
     reorder_parameters,
     share_parametrization,
 )
-from embedding_constraint.fixed_rows import FixedRows, parametrization_list
+from embedding_constraint.fixed_rows import FixedRows, RowConstraint, parametrization_list
 from embedding_constraint.state_dict import (
     any_on_mesh,
     narrower_dtype,
@@ -79,7 +79,7 @@ __all__ = ["bake_parallelized", "fix_parallelized", "parallelize_fixed"]
 _INPUT_OUTPUT_ONLY = (PrepareModuleInput, PrepareModuleOutput, PrepareModuleInputOutput)
 
 
-class _FixedShard(nn.Module):
+class _FixedShard(RowConstraint):
     """The parametrization of one rank's shard: the reference at the fixed rows it holds.
 
     ``ids`` are the fixed rows the rank's tensor-parallel shard holds (their rows of the whole
