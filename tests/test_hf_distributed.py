@@ -39,7 +39,7 @@ def _torchrun(script: str, out: Path) -> str:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node", "2", str(HERE / script), "--out", str(out)]  # fmt: skip
     done = subprocess.run(
-        command, env=env, timeout=240, capture_output=True, text=True, check=False
+        command, env=env, timeout=600, capture_output=True, text=True, check=False
     )
     return (done.stdout + done.stderr)[-3000:]
 
