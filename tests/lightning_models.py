@@ -5,6 +5,7 @@ The body is written once (`_Body`) and put in front of each flavour's LightningM
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,3 +126,29 @@ def tokens(vocab: int = 10, size: int = 64, seed: int = 0) -> Tensor:
 def loader(vocab: int = 10, size: int = 64, batch_size: int = 8, seed: int = 0) -> DataLoader[Any]:
     """Batches of `tokens(vocab, size, seed)`, in order."""
     return DataLoader(TensorDataset(tokens(vocab, size, seed)), batch_size=batch_size)
+
+
+def cpu_deepspeed(flavour: Flavour, **kwargs: Any) -> Any:
+    """Lightning's ``DeepSpeedStrategy(**kwargs)``, made to run on the CPU (``DS_ACCELERATOR=cpu``).
+
+    Lightning refuses it without CUDA: ``setup_environment`` wants a ``CUDAAccelerator``,
+    ``setup_distributed`` wants a device index per rank, and ``deepspeed.initialize`` gets
+    ``root_device.index`` (None on the CPU). This skips those three checks and nothing else:
+    the engine, its ZeRO optimizer, the hooks and the checkpoints are Lightning's and
+    DeepSpeed's own code.
+    """
+    strategies = importlib.import_module(f"{flavour.name}.strategies")
+
+    class CPUDeepSpeedStrategy(strategies.DeepSpeedStrategy):  # type: ignore[misc,name-defined]
+        def setup_environment(self) -> None:
+            strategies.DDPStrategy.setup_environment(self)
+
+        def setup_distributed(self) -> None:
+            self.set_world_ranks()
+            self._init_deepspeed_distributed()
+
+        @property
+        def root_device(self) -> torch.device:
+            return torch.device("cpu", self.local_rank)
+
+    return CPUDeepSpeedStrategy(process_group_backend="gloo", **kwargs)

@@ -24,6 +24,10 @@ SCRIPT = Path(__file__).with_name("deepspeed_fit.py")
 sys.path.insert(0, str(SCRIPT.parent))
 
 from deepspeed_fit import OFFLOADED, ROWS, STAGES, build, references
+from deepspeed_lightning_fit import CASES as LIGHTNING_CASES
+from deepspeed_lightning_fit import ROWS as LIGHTNING_ROWS
+
+LIGHTNING_SCRIPT = SCRIPT.with_name("deepspeed_lightning_fit.py")
 
 FREE = [r for r in range(10) if r not in ROWS]
 PLAIN_KEYS = ["embedding.weight", "head.weight", "head.bias"]
@@ -144,31 +148,137 @@ def test_bake_under_zero3_gathers_the_weights_and_a_new_engine_trains_on(
 
 @pytest.mark.parametrize("package", ["pytorch_lightning", "lightning.pytorch"])
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_callback_takes_deepspeed_strategy_up_to_zero2_and_refuses_zero3(
-    package: str, stage: int
-) -> None:
+def test_callback_takes_deepspeed_strategy_at_every_zero_stage(package: str, stage: int) -> None:
     from types import SimpleNamespace
 
     from lightning_models import FLAVOURS
-    from torch import nn
 
     flavour = FLAVOURS[package]
     strategy = importlib.import_module(f"{package}.strategies").DeepSpeedStrategy(stage=stage)
     model = flavour.model()
     callback = flavour.callback(model.embedding, torch.zeros(2, 4))
     trainer = SimpleNamespace(strategy=strategy, callbacks=[callback], world_size=1)
-    if stage == 3:
-        with pytest.raises(
-            RuntimeError, match="Expected DeepSpeedStrategy at ZeRO stage 0, 1 or 2"
-        ):
-            callback.setup(trainer, model, "fit")
-        assert type(model.embedding.weight) is nn.Parameter  # left as it was
-        return
     callback.setup(trainer, model, "fit")
     assert torch.equal(model.embedding.weight[:2], torch.zeros(2, 4))
     assert [n for n, _ in model.embedding.named_parameters()] == [
         "parametrizations.weight.original"
     ]
+
+
+@pytest.fixture(scope="module")
+def lightning_fits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """``deepspeed_lightning_fit.py`` on 2 ranks (every case) and on one device."""
+    out = tmp_path_factory.mktemp("deepspeed-lightning")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "DS_ACCELERATOR": "cpu"}
+    results: dict[str, Any] = {}
+    for devices in (2, 1):
+        command = [sys.executable, str(LIGHTNING_SCRIPT), "--devices", str(devices)]
+        command += ["--out", str(out / str(devices))]
+        done = subprocess.run(
+            command, check=False, env=env, timeout=600, capture_output=True, text=True
+        )
+        if done.returncode:  # show why, not only that
+            pytest.fail(
+                f"{LIGHTNING_SCRIPT.name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+            )
+        ranks = [
+            torch.load(out / str(devices) / f"rank{r}.pt", weights_only=False)
+            for r in range(devices)
+        ]
+        results[str(devices)] = ranks
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(LIGHTNING_CASES))
+def test_lightning_deepspeed_fits_as_one_process(case: str, lightning_fits: dict[str, Any]) -> None:
+    """Lightning's DeepSpeedStrategy with the callback, at each ZeRO stage on 2 ranks: the
+    fixed rows exact after every step, a plain module after the fit (tied if it was), the
+    ranks equal and as one device within 1e-5, after the fit and after training on."""
+    tied = LIGHTNING_CASES[case][1]
+    ranks = [rank[case] for rank in lightning_fits["2"]]
+    (single,) = [rank["single-tied" if tied else "single"] for rank in lightning_fits["1"]]
+    reference = single["reference"]
+    for result in [*ranks, single]:
+        assert result["exact_each_step"] == [True] * 16  # 2 epochs of 8 batches
+        assert result["plain"]
+        assert result["tied"] is tied
+        for phase in ("fitted", "trained_on"):
+            assert list(result[phase]) == ["embedding.weight", "head.weight", "head.bias"]
+        assert torch.equal(result["fitted"]["embedding.weight"][LIGHTNING_ROWS], reference)
+        if tied:
+            assert torch.equal(
+                result["fitted"]["head.weight"], result["fitted"]["embedding.weight"]
+            )
+    for phase in ("fitted", "trained_on"):
+        for key, value in ranks[0][phase].items():
+            assert torch.equal(ranks[1][phase][key], value), f"ranks differ in {phase} {key}"
+            torch.testing.assert_close(value, single[phase][key], rtol=1e-5, atol=1e-5)
+    # Trained on without the constraint, the old rows move; the free rows moved in the fit.
+    trained_on = ranks[0]["trained_on"]["embedding.weight"]
+    assert not torch.allclose(trained_on[LIGHTNING_ROWS], reference)
+    torch.manual_seed(0)
+    torch.randn(len(LIGHTNING_ROWS), 4)
+    free = [r for r in range(10) if r not in LIGHTNING_ROWS]
+    initial = torch.nn.Embedding(10, 4).weight.detach()[free]
+    assert not torch.allclose(ranks[0]["fitted"]["embedding.weight"][free], initial)
+    # Each rank validates its half of the batches: their mean is one device's loss.
+    mean = (ranks[0]["val_loss"] + ranks[1]["val_loss"]) / 2
+    torch.testing.assert_close(mean, single["val_loss"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(LIGHTNING_CASES))
+def test_save_checkpoint_after_a_deepspeed_fit_is_refused_from_zero1_on(
+    case: str, lightning_fits: dict[str, Any]
+) -> None:
+    """After the fit its engine holds the stored rows that the bake replaced: from stage 1 on
+    ``trainer.save_checkpoint`` is refused on every rank and writes nothing; at stage 0 it
+    writes the model's (plain) state dict."""
+    ranks = [rank[case] for rank in lightning_fits["2"]]
+    if LIGHTNING_CASES[case][0] == 0:
+        assert [r["save_after_fit"] for r in ranks] == [None, None]
+        assert ranks[0]["wrote_after_fit"]
+        module, fitted = ranks[0]["after_fit_module"], ranks[0]["fitted"]
+        assert list(module) == list(fitted)
+        for key, value in fitted.items():
+            assert torch.equal(module[key], value), key
+        return
+    for result in ranks:
+        assert result["save_after_fit"].startswith(
+            "Expected trainer.save_checkpoint during a DeepSpeed fit with fixed rows."
+        )
+        assert "ModelCheckpoint(save_last=True)" in result["save_after_fit"]
+        assert not result["wrote_after_fit"]
+
+
+@pytest.mark.slow
+def test_lightning_zero3_checkpoint_consolidates_to_the_plain_model(
+    lightning_fits: dict[str, Any],
+) -> None:
+    """Lightning's ``convert_zero_checkpoint_to_fp32_state_dict`` of a ZeRO-3 checkpoint that
+    ``ModelCheckpoint`` saved at the end of the fit holds the stored free rows under the
+    constraint's name, as DeepSpeed's ``zero_to_fp32`` does; ``plain_keys`` with the same
+    constraint gives the plain model the fit left, strictly loadable."""
+    from lightning_models import FLAVOURS
+
+    from embedding_constraint import fix_rows, plain_keys
+
+    result = lightning_fits["2"][0]["zero3"]
+    converted = result["converted"]
+    assert list(converted) == [
+        "embedding.parametrizations.weight.original",
+        "head.weight",
+        "head.bias",
+    ]
+    assert converted["embedding.parametrizations.weight.original"].shape == (4, 4)
+    flavour = FLAVOURS["lightning.pytorch"]
+    constrained = flavour.model(vocab=10, dim=4)
+    fix_rows(constrained.embedding, result["reference"], rows=LIGHTNING_ROWS)
+    plain = flavour.model(vocab=10, dim=4)
+    plain.load_state_dict(plain_keys(constrained, converted))  # strict
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, result["fitted"][key]), key
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ Hooks used, in the order Lightning calls them during ``fit``:
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Hashable, Sequence
 from os import PathLike
 from pathlib import Path
@@ -63,9 +64,9 @@ else:
 # Strategies refused, and why. Each flattens the module's parameters into flat shards of its
 # own, so the stored free rows would no longer be the tensor the parametrization reads.
 # ModelParallelStrategy (FSDP2, `fully_shard` in configure_model) keeps each parameter a
-# DTensor of its own shape, and is supported. DeepSpeedStrategy is too at ZeRO stages 0 to 2,
-# which flatten a copy of the parameters for the optimizer, not the module's tensors
-# (`_check_zero_stage` refuses stage 3).
+# DTensor of its own shape, and is supported. DeepSpeedStrategy is too, at every ZeRO stage:
+# stages 1 and 2 flatten a copy of the parameters for the optimizer, not the module's tensors,
+# and stage 3 partitions each parameter (the stored free rows) and gathers it for each read.
 _REFUSED_STRATEGIES = {
     "FSDPStrategy": (
         "FSDP1 flattens parameters into FlatParameters (with use_orig_params=True too: its "
@@ -123,29 +124,11 @@ def _shards_in_configure_model(strategy: type) -> bool:
 
 
 def _zero_stage(strategy: object) -> int | None:
-    """The ZeRO stage of Lightning's ``DeepSpeedStrategy`` (None: another strategy).
-
-    DeepSpeed at stages 0 to 2 trains the stored free rows as any parameter (stages 1 and 2
-    partition the optimizer state and gradients of its flat copy, not the module's tensor).
-    """
+    """The ZeRO stage of Lightning's ``DeepSpeedStrategy`` (None: another strategy)."""
     if not any(base.__name__ == "DeepSpeedStrategy" for base in type(strategy).__mro__):
         return None
     config = getattr(strategy, "config", None) or {}
     return int(config.get("zero_optimization", {}).get("stage", 0))
-
-
-def _check_zero_stage(strategy: object) -> None:
-    """Refuse ZeRO-3: the bake at the end of the fit would leave a whole weight beside the
-    engine that Lightning keeps and checkpoints, a path no test runs."""
-    if _zero_stage(strategy) == 3:
-        raise RuntimeError(
-            "Expected DeepSpeedStrategy at ZeRO stage 0, 1 or 2. Got stage 3: ZeRO-3 "
-            "partitions the stored free rows across ranks, and the callback's bake at the end "
-            "of the fit would leave a whole plain weight beside the engine that Lightning "
-            "keeps and checkpoints, which is not supported. Use stage 2 (or 1), or, under "
-            "ZeRO-3, call fix_rows before deepspeed.initialize and bake after it yourself "
-            "(every rank; see docs/distributed.md)."
-        )
 
 
 class EmbeddingConstraintHooks(_Base):
@@ -202,6 +185,9 @@ class EmbeddingConstraintHooks(_Base):
         self._name: str | None = None
         # Optimizer states of a checkpoint being resumed, until they are checked.
         self._resumed_optimizer_states: list[Any] = []
+        # The DeepSpeed engine (ZeRO stage 1 to 3) of the fit that this callback baked at its
+        # end: it still holds the stored rows, not the baked weight (`on_save_checkpoint`).
+        self._engine_baked_past: weakref.ref[nn.Module] | None = None
 
     @classmethod
     def from_vocabularies(
@@ -350,8 +336,7 @@ class EmbeddingConstraintHooks(_Base):
 
         Raises:
             RuntimeError: the strategy flattens parameters into shards of its own
-                (``FSDPStrategy``, ``XLAFSDPStrategy``), or is ``DeepSpeedStrategy`` at ZeRO
-                stage 3.
+                (``FSDPStrategy``, ``XLAFSDPStrategy``).
             ValueError: ``target`` is not a submodule of ``pl_module``; another
                 EmbeddingConstraint in ``trainer.callbacks`` holds the same tensor of
                 ``target``; a ``StochasticWeightAveraging`` or ``WeightAveraging`` callback
@@ -367,16 +352,16 @@ class EmbeddingConstraintHooks(_Base):
         """
         if stage != "fit" or self._fixed:
             return
+        self._engine_baked_past = None
         strategy = type(trainer.strategy)
         for base in strategy.__mro__:
             if base.__name__ in _REFUSED_STRATEGIES:
                 raise RuntimeError(
                     "Expected a strategy that keeps each parameter a tensor of its own (single "
-                    "device, DDP, ModelParallelStrategy, DeepSpeedStrategy at ZeRO stages 0 to "
-                    f"2). Got {strategy.__name__}, which shards "
+                    "device, DDP, ModelParallelStrategy, DeepSpeedStrategy). Got "
+                    f"{strategy.__name__}, which shards "
                     "them into flat buffers. " + _REFUSED_STRATEGIES[base.__name__]
                 )
-        _check_zero_stage(trainer.strategy)
         prefix = self._qualified_name(pl_module)
         self._check_other_callbacks(trainer)
         self._name = prefix
@@ -475,17 +460,45 @@ class EmbeddingConstraintHooks(_Base):
     @override
     def on_fit_end(self, trainer: Any, pl_module: nn.Module) -> None:
         """Bake the trained rows into a plain weight."""
-        self._release()
+        self._release(trainer)
 
     @override
     def on_exception(self, trainer: Any, pl_module: nn.Module, exception: BaseException) -> None:
         """Bake, so a failed or interrupted fit leaves a plain module."""
-        self._release()
+        self._release(trainer)
 
     @override
     def teardown(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
         """Bake, for exits that skip ``on_fit_end`` (the tuners')."""
-        self._release()
+        self._release(trainer)
+
+    @override
+    def on_save_checkpoint(
+        self, trainer: Any, pl_module: nn.Module, checkpoint: dict[str, Any]
+    ) -> None:
+        """Refuse ``trainer.save_checkpoint`` after a DeepSpeed fit (ZeRO stage 1 to 3) that
+        this callback baked, before DeepSpeed writes anything.
+
+        The engine of that fit, which Lightning keeps and saves from, still holds the stored
+        free rows; the module holds the baked weight in their place. DeepSpeed would write a
+        checkpoint that does not match the module (stages 1 and 2: one that its
+        ``zero_to_fp32`` cannot consolidate) or fail inside its own code (stage 3).
+
+        Raises:
+            RuntimeError: the checkpoint is saved after such a fit, from its engine.
+        """
+        engine = self._engine_baked_past() if self._engine_baked_past is not None else None
+        if engine is not None and getattr(trainer.strategy, "model", None) is engine:
+            raise RuntimeError(
+                "Expected trainer.save_checkpoint during a DeepSpeed fit with fixed rows. Got "
+                "it after the fit: EmbeddingConstraint baked the weight into a new plain "
+                "parameter at the end of the fit, which the DeepSpeed engine that Lightning "
+                "saves from does not hold (it holds the stored free rows), so the checkpoint "
+                "would not match the model. Save during the fit "
+                "(ModelCheckpoint(save_last=True) saves the end of it), or save the model's "
+                "state dict after it (under ZeRO-3 inside "
+                "deepspeed.zero.GatheredParameters(list(model.parameters())))."
+            )
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -571,7 +584,11 @@ class EmbeddingConstraintHooks(_Base):
             f"Got a {type(self.target).__name__} that it does not contain."
         )
 
-    def _release(self) -> None:
+    def _release(self, trainer: Any) -> None:
+        stage = _zero_stage(trainer.strategy)
+        if self._fixed and stage is not None and stage > 0:
+            engine = getattr(trainer.strategy, "model", None)
+            self._engine_baked_past = weakref.ref(engine) if engine is not None else None
         while self._fixed:
             root, name = self._fixed.pop()
             if _tensor_parallel(root, name):
