@@ -238,7 +238,7 @@ def test_target_outside_the_model_fails_at_setup_and_leaves_it_plain(pl_flavour:
 def test_sharded_strategy_is_refused_at_setup(pl_flavour: Flavour) -> None:
     from pytorch_lightning.strategies import FSDPStrategy
 
-    # (DeepSpeedStrategy: taken at ZeRO stages 0 to 2, stage 3 refused; tests/test_deepspeed.py.)
+    # (DeepSpeedStrategy: taken at every ZeRO stage; tests/test_deepspeed.py.)
     class XLAFSDPStrategy:  # Lightning's needs torch_xla: a class of its name stands in for it
         pass
 

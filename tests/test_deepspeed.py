@@ -4,6 +4,8 @@ exactly, on 2 CPU processes.
 ``deepspeed_fit.py`` trains with raw ``deepspeed.initialize`` at each stage on two gloo ranks
 (``DS_ACCELERATOR=cpu``), saves a ZeRO-3 checkpoint, bakes and trains on; its parent process consolidates
 the checkpoint and trains the same model without DeepSpeed. The script runs once per session.
+``deepspeed_lightning_fit.py`` fits through Lightning's ``DeepSpeedStrategy`` with the
+callback at each stage on two ranks, and on one device without DeepSpeed, also once.
 """
 
 from __future__ import annotations

@@ -18,14 +18,16 @@ class EmbeddingConstraint(EmbeddingConstraintHooks, Callback):
     During the fit, checkpoints hold plain state dicts, and resuming from one works.
 
     The hooks refuse what the constraint cannot hold exactly (each hook's docstring lists
-    its cases). ``setup``: ``FSDPStrategy``, XLA's FSDP and DeepSpeed at
-    ZeRO stage 3 (``RuntimeError``; ``ModelParallelStrategy`` (FSDP2) and DeepSpeed at
-    stages 0 to 2 are supported), a ``target`` outside the LightningModule, a second
+    its cases). ``setup``: ``FSDPStrategy`` and XLA's FSDP (``RuntimeError``;
+    ``ModelParallelStrategy`` (FSDP2) and DeepSpeed at every ZeRO stage are supported),
+    a ``target`` outside the LightningModule, a second
     callback on the same tensor, a weight-averaging callback listed before this one, and
     ranks that hold different references or fixed rows (``ValueError``).
     ``on_load_checkpoint``, ``load_state_dict`` and ``on_fit_start``: a checkpoint saved
     without the constraint or with other fixed rows, a one-file checkpoint under
     ``ModelParallelStrategy``, and a target replaced after ``setup`` (``RuntimeError``).
+    ``on_save_checkpoint``: ``trainer.save_checkpoint`` after a DeepSpeed fit at ZeRO
+    stage 1 to 3, whose engine holds the stored rows the bake replaced (``RuntimeError``).
 
     Args:
         target (nn.Module): the ``nn.Embedding``, ``nn.EmbeddingBag`` or ``nn.Linear`` being

@@ -28,7 +28,7 @@ cuda_tests() {
     tail -15 "$out/cuda-tests.txt"
 }
 # Lightning's DeepSpeedStrategy (CUDA only, so not in the CPU tests) with EmbeddingConstraint:
-# ZeRO 1 and 2 fit and leave a plain module with the old rows exact; ZeRO-3 is refused at setup.
+# ZeRO 1 to 3 fit and leave a plain module with the old rows exact (the baked weight is whole).
 # Skipped where deepspeed is not installed. Its output goes to deepspeed-lightning.txt.
 deepspeed_lightning() {
     python3 -c "import deepspeed" 2>/dev/null || { echo "deepspeed: not installed, skipped"; return; }
@@ -48,12 +48,7 @@ for stage in (1, 2, 3):
     model = flavour.model()
     trainer = flavour.trainer(accelerator="gpu", strategy=DeepSpeedStrategy(stage=stage),
                               callbacks=[flavour.callback(model.embedding, old)])
-    try:
-        trainer.fit(model, loader())
-    except RuntimeError as error:
-        assert stage == 3 and "ZeRO stage 0, 1 or 2" in str(error), error
-        print(f"stage {stage}: refused: {str(error)[:80]}")
-        continue
+    trainer.fit(model, loader())
     weight = model.embedding.weight
     assert type(weight) is torch.nn.Parameter, type(weight)
     assert torch.equal(weight[:6].cpu(), old.weight), "old rows moved"
