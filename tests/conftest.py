@@ -10,7 +10,11 @@ import torch
 
 # Scripts that the tests run, which --doctest-modules would import: without their optional
 # packages they cannot be imported (their tests skip).
-collect_ignore = [] if importlib.util.find_spec("deepspeed") else ["deepspeed_fit.py"]
+collect_ignore = (
+    []
+    if importlib.util.find_spec("deepspeed")
+    else ["deepspeed_fit.py", "deepspeed_lightning_fit.py"]
+)
 
 
 @pytest.fixture(autouse=True)

@@ -130,11 +130,13 @@ def fit_case(flavour: Flavour, stage: int | None, tie: bool, out: Path) -> dict[
     }
     # After the fit, its engine holds the stored rows that the bake replaced: from ZeRO
     # stage 1 on, the callback refuses to save from it (before DeepSpeed writes anything).
-    try:
-        first.save_checkpoint(out / "after-fit")
-        result["save_after_fit"] = None
-    except RuntimeError as refused:
-        result["save_after_fit"] = str(refused)
+    result["save_after_fit"] = []  # the error (None: saved), weights only and whole
+    for weights_only in (True, False):
+        try:
+            first.save_checkpoint(out / "after-fit", weights_only=weights_only)
+            result["save_after_fit"].append(None)
+        except RuntimeError as refused:
+            result["save_after_fit"].append(str(refused))
     first.strategy.barrier()
     result["wrote_after_fit"] = (out / "after-fit").exists()
     if stage == 0 and rank == 0:  # the engine's module state: the model's state dict

@@ -177,7 +177,7 @@ def lightning_fits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         command = [sys.executable, str(LIGHTNING_SCRIPT), "--devices", str(devices)]
         command += ["--out", str(out / str(devices))]
         done = subprocess.run(
-            command, check=False, env=env, timeout=600, capture_output=True, text=True
+            command, check=False, env=env, timeout=900, capture_output=True, text=True
         )
         if done.returncode:  # show why, not only that
             pytest.fail(
@@ -239,7 +239,7 @@ def test_save_checkpoint_after_a_deepspeed_fit_is_refused_from_zero1_on(
     writes the model's (plain) state dict."""
     ranks = [rank[case] for rank in lightning_fits["2"]]
     if LIGHTNING_CASES[case][0] == 0:
-        assert [r["save_after_fit"] for r in ranks] == [None, None]
+        assert [r["save_after_fit"] for r in ranks] == [[None, None]] * 2
         assert ranks[0]["wrote_after_fit"]
         module, fitted = ranks[0]["after_fit_module"], ranks[0]["fitted"]
         assert list(module) == list(fitted)
@@ -247,10 +247,13 @@ def test_save_checkpoint_after_a_deepspeed_fit_is_refused_from_zero1_on(
             assert torch.equal(module[key], value), key
         return
     for result in ranks:
-        assert result["save_after_fit"].startswith(
-            "Expected trainer.save_checkpoint during a DeepSpeed fit with fixed rows."
-        )
-        assert "ModelCheckpoint(save_last=True)" in result["save_after_fit"]
+        stage = LIGHTNING_CASES[case][0]
+        assert len(result["save_after_fit"]) == 2  # weights only, and whole
+        for error in result["save_after_fit"]:
+            assert error.startswith(
+                f"Expected no checkpoint from the DeepSpeed engine (ZeRO stage {stage}) of a fit"
+            )
+            assert "ModelCheckpoint(save_last=True)" in error
         assert not result["wrote_after_fit"]
 
 

@@ -26,8 +26,8 @@ class EmbeddingConstraint(EmbeddingConstraintHooks, Callback):
     ``on_load_checkpoint``, ``load_state_dict`` and ``on_fit_start``: a checkpoint saved
     without the constraint or with other fixed rows, a one-file checkpoint under
     ``ModelParallelStrategy``, and a target replaced after ``setup`` (``RuntimeError``).
-    ``on_save_checkpoint``: ``trainer.save_checkpoint`` after a DeepSpeed fit at ZeRO
-    stage 1 to 3, whose engine holds the stored rows the bake replaced (``RuntimeError``).
+    After a DeepSpeed fit at ZeRO stage 1 to 3, ``trainer.save_checkpoint`` from its
+    engine, which holds the stored rows the bake replaced (``RuntimeError``).
 
     Args:
         target (nn.Module): the ``nn.Embedding``, ``nn.EmbeddingBag`` or ``nn.Linear`` being

@@ -21,12 +21,13 @@ Hooks used, in the order Lightning calls them during ``fit``:
 - ``on_fit_end``, ``on_exception`` and ``teardown``: bake the result into a plain weight, so a
   finished, failed or interrupted fit (an exception in ``training_step``, Ctrl-C, the learning
   rate or batch size finder that leaves from inside ``on_fit_start``) leaves a plain module
-  (a plain sharded one under FSDP2 or tensor parallelism).
+  (a plain sharded one under FSDP2 or tensor parallelism). Under DeepSpeed at ZeRO stage
+  1 to 3, the fit's engine then refuses ``save_checkpoint``: it holds the stored rows that
+  the bake replaced.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Hashable, Sequence
 from os import PathLike
 from pathlib import Path
@@ -131,6 +132,36 @@ def _zero_stage(strategy: object) -> int | None:
     return int(config.get("zero_optimization", {}).get("stage", 0))
 
 
+def _refuse_saves_from_the_fit_engine(strategy: object) -> None:
+    """Make the DeepSpeed engine of a fit at ZeRO stage 1 to 3 refuse ``save_checkpoint``.
+
+    The bake at the end of the fit gives the module a new plain Parameter in place of the
+    stored free rows, which that engine (Lightning keeps it, and saves from it) still holds:
+    at stages 1 and 2 it would write a checkpoint that its ``zero_to_fp32`` cannot
+    consolidate, at stage 3 fail inside its own code. Only this engine instance changes
+    (``trainer.save_checkpoint`` with any ``weights_only``, and direct calls); the next fit,
+    ``validate`` or ``test`` makes a new one. Nothing is written before the refusal.
+    """
+    stage = _zero_stage(strategy)
+    engine: Any = getattr(strategy, "model", None)
+    if not stage or not any(b.__name__ == "DeepSpeedEngine" for b in type(engine).__mro__):
+        return  # stage 0 saves the module's (plain) state dict; or no engine was made
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError(
+            f"Expected no checkpoint from the DeepSpeed engine (ZeRO stage {stage}) of a fit "
+            "that EmbeddingConstraint has baked. Got trainer.save_checkpoint (or "
+            "engine.save_checkpoint) after that fit: the callback baked the weight into a "
+            "new plain parameter at its end, which the engine does not hold (it holds the "
+            "stored free rows), so the checkpoint would not match the model. Save during the "
+            "fit (ModelCheckpoint(save_last=True) saves its end), or save the model's state "
+            "dict after it (under ZeRO-3 inside "
+            "deepspeed.zero.GatheredParameters(list(model.parameters())))."
+        )
+
+    engine.save_checkpoint = refuse
+
+
 class EmbeddingConstraintHooks(_Base):
     """Hold rows of a module's weight at reference values for the duration of a fit.
 
@@ -185,9 +216,6 @@ class EmbeddingConstraintHooks(_Base):
         self._name: str | None = None
         # Optimizer states of a checkpoint being resumed, until they are checked.
         self._resumed_optimizer_states: list[Any] = []
-        # The DeepSpeed engine (ZeRO stage 1 to 3) of the fit that this callback baked at its
-        # end: it still holds the stored rows, not the baked weight (`on_save_checkpoint`).
-        self._engine_baked_past: weakref.ref[nn.Module] | None = None
 
     @classmethod
     def from_vocabularies(
@@ -352,7 +380,6 @@ class EmbeddingConstraintHooks(_Base):
         """
         if stage != "fit" or self._fixed:
             return
-        self._engine_baked_past = None
         strategy = type(trainer.strategy)
         for base in strategy.__mro__:
             if base.__name__ in _REFUSED_STRATEGIES:
@@ -472,34 +499,6 @@ class EmbeddingConstraintHooks(_Base):
         """Bake, for exits that skip ``on_fit_end`` (the tuners')."""
         self._release(trainer)
 
-    @override
-    def on_save_checkpoint(
-        self, trainer: Any, pl_module: nn.Module, checkpoint: dict[str, Any]
-    ) -> None:
-        """Refuse ``trainer.save_checkpoint`` after a DeepSpeed fit (ZeRO stage 1 to 3) that
-        this callback baked, before DeepSpeed writes anything.
-
-        The engine of that fit, which Lightning keeps and saves from, still holds the stored
-        free rows; the module holds the baked weight in their place. DeepSpeed would write a
-        checkpoint that does not match the module (stages 1 and 2: one that its
-        ``zero_to_fp32`` cannot consolidate) or fail inside its own code (stage 3).
-
-        Raises:
-            RuntimeError: the checkpoint is saved after such a fit, from its engine.
-        """
-        engine = self._engine_baked_past() if self._engine_baked_past is not None else None
-        if engine is not None and getattr(trainer.strategy, "model", None) is engine:
-            raise RuntimeError(
-                "Expected trainer.save_checkpoint during a DeepSpeed fit with fixed rows. Got "
-                "it after the fit: EmbeddingConstraint baked the weight into a new plain "
-                "parameter at the end of the fit, which the DeepSpeed engine that Lightning "
-                "saves from does not hold (it holds the stored free rows), so the checkpoint "
-                "would not match the model. Save during the fit "
-                "(ModelCheckpoint(save_last=True) saves the end of it), or save the model's "
-                "state dict after it (under ZeRO-3 inside "
-                "deepspeed.zero.GatheredParameters(list(model.parameters())))."
-            )
-
     # -- helpers ----------------------------------------------------------------------------
 
     def _refresh_references(self) -> None:
@@ -585,10 +584,8 @@ class EmbeddingConstraintHooks(_Base):
         )
 
     def _release(self, trainer: Any) -> None:
-        stage = _zero_stage(trainer.strategy)
-        if self._fixed and stage is not None and stage > 0:
-            engine = getattr(trainer.strategy, "model", None)
-            self._engine_baked_past = weakref.ref(engine) if engine is not None else None
+        if self._fixed:
+            _refuse_saves_from_the_fit_engine(trainer.strategy)
         while self._fixed:
             root, name = self._fixed.pop()
             if _tensor_parallel(root, name):
