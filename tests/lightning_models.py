@@ -133,9 +133,9 @@ def cpu_deepspeed(flavour: Flavour, **kwargs: Any) -> Any:
 
     Lightning refuses it without CUDA: ``setup_environment`` wants a ``CUDAAccelerator``,
     ``setup_distributed`` wants a device index per rank, and ``deepspeed.initialize`` gets
-    ``root_device.index`` (None on the CPU). This skips those three checks and nothing else:
-    the engine, its ZeRO optimizer, the hooks and the checkpoints are Lightning's and
-    DeepSpeed's own code.
+    ``root_device.index`` (None on the CPU). This skips those three checks (and the
+    ``reset_seed`` in ``setup_distributed``, a no-op without ``seed_everything``): the engine,
+    its ZeRO optimizer, the hooks and the checkpoints are Lightning's and DeepSpeed's own code.
     """
     strategies = importlib.import_module(f"{flavour.name}.strategies")
 
